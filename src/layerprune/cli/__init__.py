@@ -1,0 +1,56 @@
+"""The ``layerprune`` command: one sub-command per stage; each lives in its own module with ``register``.
+
+The modules parse flags, call the Python API and print; they hold no logic of their own. A user error
+(:class:`~layerprune.errors.LayerpruneError`) becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import warnings
+
+from ..errors import LayerpruneError
+
+# Sub-command modules, in the order of the pipeline.
+COMMANDS = ("info", "prune")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="layerprune", description="Depth (layer) pruning of HF causal LMs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        importlib.import_module(f"{__name__}.{name}").register(sub)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("layerprune")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            if not getattr(args, "verbose", False):
+                warnings.simplefilter("ignore")
+            rc = args.func(args)
+        return int(rc or 0)
+    except LayerpruneError as e:
+        print(f"layerprune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("layerprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

