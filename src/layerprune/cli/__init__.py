@@ -8,20 +8,28 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 import warnings
 
 from ..errors import LayerpruneError
 
-# Sub-command modules, in the order of the pipeline.
-COMMANDS = ("info", "prune")
+# Every module in this package with a ``register(subparsers)`` function is a sub-command; they are listed in
+# pipeline order first, any others after.
+PIPELINE_ORDER = ("info", "download", "score", "prune", "heal", "eval", "ppl", "compare", "bench", "generate",
+                  "run")
+
+
+def _command_modules() -> list[str]:
+    found = {m.name for m in pkgutil.iter_modules(__path__) if m.name not in ("common",)}
+    return [n for n in PIPELINE_ORDER if n in found] + sorted(found - set(PIPELINE_ORDER))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="layerprune", description="Depth (layer) pruning of HF causal LMs.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
+    for name in _command_modules():
         importlib.import_module(f"{__name__}.{name}").register(sub)
     return parser
 
