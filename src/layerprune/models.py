@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .errors import LayerpruneError
@@ -111,7 +112,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
     path = resolve_model(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LayerpruneError(f"cannot load model from {name_or_path}: {msg}") from None
     if device:
@@ -193,8 +194,13 @@ def _strip_custom_code(folder: Path) -> None:
 
 def save_pretrained_atomic(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike,
                            manifest: dict | None = None, *, overwrite: bool = False,
-                           max_shard_size: str | int = "2GB", extra_files: dict[str, Any] | None = None) -> Path:
-    """Write a vanilla HF checkpoint (safetensors, sharded when large, no custom code) atomically."""
+                           max_shard_size: str | int = "2GB", extra_files: dict[str, Any] | None = None,
+                           copy_from: str | os.PathLike | None = None) -> Path:
+    """Write a vanilla HF checkpoint (safetensors, sharded when large, no custom code) atomically.
+
+    ``copy_from``: a source checkpoint folder whose tokenizer/generation files are copied where the save did
+    not already write them (keeps the tokenizer byte-identical without loading it).
+    """
     check_out_dir(out_dir, overwrite)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
@@ -205,24 +211,27 @@ def save_pretrained_atomic(model: nn.Module, tokenizer: Any, out_dir: str | os.P
             write_json(tmp / MANIFEST, manifest)
         for name, data in (extra_files or {}).items():
             write_json(tmp / name, data)
+        if copy_from is not None:
+            copy_aux_files(Path(copy_from), tmp, overwrite=False)
     return Path(out_dir)
 
 
 def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, manifest: dict,
-                *, overwrite: bool = False, max_shard_size: str | int = "2GB") -> Path:
-    """Save a pruned model plus its ``layerprune.json`` manifest, atomically."""
+                *, overwrite: bool = False, max_shard_size: str | int = "2GB",
+                copy_from: str | os.PathLike | None = None) -> Path:
+    """Save a pruned model plus its ``layerprune.json`` manifest, atomically (see save_pretrained_atomic)."""
     return save_pretrained_atomic(model, tokenizer, out_dir, manifest, overwrite=overwrite,
-                                  max_shard_size=max_shard_size)
+                                  max_shard_size=max_shard_size, copy_from=copy_from)
 
 
-def copy_aux_files(src: Path, dst: Path) -> list[str]:
+def copy_aux_files(src: Path, dst: Path, overwrite: bool = True) -> list[str]:
     """Copy tokenizer / generation files (everything but weights, config, custom code and our manifest)."""
     copied = []
     skip_suffix = (".safetensors", ".bin", ".pt", ".pth", ".py", ".gguf", ".msgpack", ".h5")
     for f in sorted(src.iterdir()):
         if not f.is_file() or f.name in ("config.json", MANIFEST, "model.safetensors.index.json"):
             continue
-        if f.name.endswith(skip_suffix) or f.name.startswith("."):
+        if f.name.endswith(skip_suffix) or f.name.startswith(".") or (not overwrite and (dst / f.name).exists()):
             continue
         shutil.copy2(f, dst / f.name)
         copied.append(f.name)

@@ -46,6 +46,12 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not getattr(args, "verbose", False):
+        # Loading bars of transformers are noise for a 1-second load; our own long-running bars stay.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
     try:
         with warnings.catch_warnings():
             if not getattr(args, "verbose", False):

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..arch import layer_count
 from ..errors import LayerpruneError
-from ..models import build_manifest, count_parameters, load, parse_dtype, resolve_model, save_pruned
+from ..models import build_manifest, count_parameters, load_model, parse_dtype, resolve_model, save_pruned
 from .streaming import prune_checkpoint_streaming
 from .surgery import PruneRecord, parse_layer_list, prune_layers, tail_layers, validate_removal
 
@@ -28,13 +28,16 @@ def prune_checkpoint(model: str | os.PathLike, out_dir: str | os.PathLike, *, re
     path = resolve_model(model)
     if (remove is None) == (tail is None):
         raise LayerpruneError("give exactly one of --remove or --tail")
-    if tail is not None:
-        cfg_file = Path(path) / "config.json"
-        if not cfg_file.is_file():
-            raise LayerpruneError(f"not a model folder (no config.json): {path}")
-        remove = tail_layers(layer_count(json.loads(cfg_file.read_text())), tail)
-        method = method or "reverse"
-        method_params = method_params or {"k": tail}
+    cfg_file = Path(path) / "config.json"
+    if cfg_file.is_file():  # validate against the config before any (slow) load
+        n = layer_count(json.loads(cfg_file.read_text()))
+        if tail is not None:
+            remove = tail_layers(n, tail)
+            method = method or "reverse"
+            method_params = method_params or {"k": tail}
+        remove = validate_removal(remove, n)
+    elif tail is not None:
+        raise LayerpruneError(f"--tail needs a local model folder with config.json: {path}")
     method = method or "manual"
     if streaming:
         dt = parse_dtype(dtype)
@@ -44,10 +47,11 @@ def prune_checkpoint(model: str | os.PathLike, out_dir: str | os.PathLike, *, re
     from ..io import check_out_dir
 
     check_out_dir(out_dir, overwrite)  # fail before the (slow) load
-    m, tok = load(path, dtype=dtype)
+    m = load_model(path, dtype=dtype)
     before = count_parameters(m)
     record = prune_layers(m, remove)
     manifest = build_manifest(str(model), record, method=method, params=method_params, scores=scores,
                               params_before=before, params_after=count_parameters(m), mode="in-memory")
-    save_pruned(m, tok, out_dir, manifest, overwrite=overwrite)
+    # The tokenizer files are copied, not re-serialised, so they stay byte-identical to the source.
+    save_pruned(m, None, out_dir, manifest, overwrite=overwrite, copy_from=path)
     return record

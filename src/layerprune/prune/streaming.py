@@ -19,7 +19,7 @@ from typing import Any, BinaryIO
 import torch
 from tqdm.auto import tqdm
 
-from ..arch import Adapter, adapter_for_type, layer_count, sliced_config
+from ..arch import Adapter, adapter_for_config, layer_count, sliced_config
 from ..errors import LayerpruneError
 from ..io import atomic_dir, check_out_dir, write_json
 from ..models import MANIFEST, build_manifest, copy_aux_files
@@ -227,7 +227,7 @@ def prune_checkpoint_streaming(model_dir: str | os.PathLike, remove: list[int], 
     if not (src / "config.json").is_file():
         raise LayerpruneError(f"not a model folder (no config.json): {src}")
     cfg = json.loads((src / "config.json").read_text())
-    adapter = adapter_for_type(cfg.get("model_type", "?"))
+    adapter = adapter_for_config(cfg)
     check_out_dir(out_dir, overwrite)
     shards, meta, record = _plan(src, remove, cfg, adapter)
     new_cfg = {**cfg, **sliced_config(cfg, record.kept_layers, adapter)}

@@ -1,0 +1,7 @@
+"""python -m layerprune."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+"""CLI for prune/info: user mistakes give one line on stderr, exit status 2, and no output folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import make_tiny, tiny_tokenizer
+
+from layerprune.cli import main
+
+
+@pytest.fixture
+def src(tmp_path):
+    folder = tmp_path / "src"
+    make_tiny("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _err(capsys, argv):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert err.startswith("layerprune: error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("remove,msg", [("6", "out of range"), ("-1", "negative"), ("2,2", "duplicate"),
+                                        ("0-5", "cannot remove all"), ("a", "not an integer"),
+                                        ("1.5", "not an integer")])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_bad_indices(src, tmp_path, capsys, remove, msg, streaming):
+    argv = ["prune", str(src), "--remove", remove, "--out", str(tmp_path / "o")] + (["--streaming"] if streaming else [])
+    assert msg in _err(capsys, argv)
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_path_and_existing_output(src, tmp_path, capsys):
+    assert "not found" in _err(capsys, ["prune", str(tmp_path / "nope"), "--remove", "1", "--out", str(tmp_path / "o")])
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "f").write_text("x")
+    assert "not empty" in _err(capsys, ["prune", str(src), "--remove", "1", "--out", str(out)])
+    assert "--tail must be" in _err(capsys, ["prune", str(src), "--tail", "6", "--out", str(tmp_path / "o2")])
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_unsupported_architecture(src, tmp_path, capsys, streaming):
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"] = "not_a_real_arch"
+    (src / "config.json").write_text(json.dumps(cfg))
+    argv = ["prune", str(src), "--remove", "1", "--out", str(tmp_path / "o")] + (["--streaming"] if streaming else [])
+    err = _err(capsys, argv)
+    assert "not_a_real_arch" in err
+    if streaming:
+        assert "supported model types" in err and "llama" in err
+
+
+def test_corrupt_checkpoint(src, tmp_path, capsys):
+    f = src / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:1000])
+    _err(capsys, ["prune", str(src), "--remove", "1", "--out", str(tmp_path / "o")])
+    _err(capsys, ["prune", str(src), "--remove", "1", "--out", str(tmp_path / "o"), "--streaming"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_prune_tail_and_info(src, tmp_path, capsys):
+    assert main(["prune", str(src), "--tail", "2", "--out", str(tmp_path / "o")]) == 0
+    m = json.loads((tmp_path / "o" / "layerprune.json").read_text())
+    assert m["removed_layers"] == [4, 5] and m["method"] == "reverse" and m["original_num_layers"] == 6
+    assert (tmp_path / "o" / "tokenizer.json").is_file()
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "o"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["num_layers"] == 4 and info["adapter"] == "llama" and info["layers_path"] == "model.layers"
+
+
+def test_console_script_has_no_traceback(tmp_path):
+    exe = [sys.executable, "-m", "layerprune"]
+    r = subprocess.run(exe + ["prune", str(tmp_path / "missing"), "--remove", "1", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
