@@ -1,0 +1,276 @@
+"""Zero-shot suite through lm-evaluation-harness, in process, on an already-loaded model.
+
+``evaluate(model, tokenizer, tasks)`` wraps the model in lm-eval's ``HFLM`` and calls ``simple_evaluate`` with a
+task manager that indexes only the requested tasks (see :mod:`.tasks`). With a data folder the tasks read
+local files and nothing touches the network.
+
+``--limit N`` (``limit=N``) means N documents **per reported task**: a plain task scores its first N documents;
+a group (MMLU: 57 subjects, CMMLU: 67) spreads N over its subtasks as evenly as their sizes allow (the first
+documents of each subject) and reports the group score over those N. lm-eval's own ``--limit`` applies per
+*subtask* (MMLU ``--limit 100`` = 5,700 documents); ``limit_per_subtask=True`` gives that behaviour.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import LayerpruneError
+from .tasks import SPECS, SUITE, TaskSource, fingerprint, parse_tasks
+
+# Batch size used for "auto" on CPU: lm-eval's auto detection runs 5 forwards at up to 64 x longest request,
+# minutes on a CPU, and larger batches buy almost nothing there.
+CPU_AUTO_BATCH = 8
+METRICS = ("acc", "acc_norm")
+
+
+@contextlib.contextmanager
+def quiet(verbose: bool = False) -> Iterator[None]:
+    """Silence lm-eval's and datasets' INFO/WARNING chatter (not errors) unless ``verbose``."""
+    if verbose:
+        yield
+        return
+    names = ("lm_eval", "lm-eval", "datasets", "transformers")
+    old = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        import datasets
+
+        was = datasets.utils.logging.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+    except Exception:  # pragma: no cover - datasets always present with lm-eval
+        was = None
+    try:
+        yield
+    finally:
+        for n, lv in old.items():
+            logging.getLogger(n).setLevel(lv)
+        if was:
+            import datasets
+
+            datasets.enable_progress_bars()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+def make_lm(model: nn.Module | str, tokenizer: Any = None, *, batch_size: int | str = "auto",
+            max_batch_size: int = 64, model_args: dict[str, Any] | None = None) -> Any:
+    """An lm-eval ``HFLM`` around ``model``.
+
+    ``model`` is an already-loaded module (the normal case; ``parallelize`` is then impossible, an lm-eval
+    restriction) or a path/Hub id that HFLM loads itself with ``model_args`` (``parallelize=True``,
+    ``max_memory_per_gpu``, ``peft``, ``dtype`` ..., or data parallel under ``accelerate launch``).
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    kwargs = dict(model_args or {})
+    if isinstance(model, (str, os.PathLike)):
+        on_cpu = not torch.cuda.is_available() or str(kwargs.get("device", "")).startswith("cpu")
+    else:
+        if kwargs.get("parallelize"):
+            raise LayerpruneError("parallelize needs the model path (lm-eval cannot re-shard a loaded model); "
+                                  "pass the path instead of a loaded model")
+        on_cpu = _device_of(model).type == "cpu"
+    if str(batch_size).startswith("auto") and on_cpu:
+        batch_size = CPU_AUTO_BATCH
+    if isinstance(model, (str, os.PathLike)):
+        return HFLM(pretrained=str(model), tokenizer=tokenizer, batch_size=batch_size,
+                    max_batch_size=max_batch_size, **kwargs)
+    if tokenizer is None:
+        raise LayerpruneError("a loaded model needs its tokenizer for evaluation")
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=max_batch_size,
+                **kwargs)
+
+
+def _spread(n: int, sizes: list[int]) -> list[int]:
+    """Split ``n`` documents over subtasks of the given sizes as evenly as possible (water-filling)."""
+    take = [0] * len(sizes)
+    left = min(n, sum(sizes))
+    while left > 0:
+        open_ = [i for i, s in enumerate(sizes) if take[i] < s]
+        share = max(1, left // len(open_))
+        for i in open_:
+            add = min(share, sizes[i] - take[i], left)
+            take[i] += add
+            left -= add
+            if left == 0:
+                break
+    return take
+
+
+def sample_plan(loaded: dict[str, Any], names: Sequence[str], limit: int) -> dict[str, list[int]]:
+    """Doc indices per leaf task so that each *requested* task (or group) scores ``limit`` documents."""
+    plan: dict[str, list[int]] = {}
+    groups = loaded.get("groups", {})
+    for name in names:
+        if name in groups:
+            leaves = sorted(groups[name].get_all_tasks(), key=lambda t: t.task_name)
+            sizes = [len(t.eval_docs) for t in leaves]
+            for t, k in zip(leaves, _spread(limit, sizes), strict=True):
+                plan[t.task_name] = list(range(k))
+        elif name in loaded["tasks"]:
+            t = loaded["tasks"][name]
+            plan[name] = list(range(min(limit, len(t.eval_docs))))
+    # lm-eval treats a task missing from `samples` as "all documents": give leftovers (tags) the limit too.
+    for tname, t in loaded["tasks"].items():
+        plan.setdefault(tname, list(range(min(limit, len(t.eval_docs)))))
+    # An empty selection would also mean "all documents": keep at least one per leaf.
+    return {k: (v or [0]) for k, v in plan.items()}
+
+
+def _metric(entry: dict[str, Any], key: str) -> float | None:
+    v = entry.get(f"{key},none")
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def summarize(res: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """Per requested task: acc/acc_norm with stderr, sample count, kind; plus the unweighted mean of acc."""
+    rows: dict[str, Any] = {}
+    n_samples = res.get("n-samples", {})
+    subtasks = res.get("group_subtasks", {})
+    for name in names:
+        entry = (res.get("groups") or {}).get(name) or res["results"].get(name)
+        if entry is None:
+            continue
+        row: dict[str, Any] = {"kind": "group" if name in subtasks and subtasks[name] else "task"}
+        for m in METRICS:
+            v = _metric(entry, m)
+            if v is not None:
+                row[m] = v
+                se = entry.get(f"{m}_stderr,none")
+                row[f"{m}_stderr"] = float(se) if isinstance(se, (int, float)) else None
+        if row["kind"] == "group":
+            leaves = _leaves(name, subtasks)
+            row["subtasks"] = len(leaves)
+            row["n"] = sum(int(n_samples.get(t, {}).get("effective", 0)) for t in leaves)
+        else:
+            row["n"] = int(n_samples.get(name, {}).get("effective", 0))
+        rows[name] = row
+    accs = [r["acc"] for r in rows.values() if "acc" in r]
+    return {"tasks": rows, "mean_acc": sum(accs) / len(accs) if accs else None,
+            "mean_acc_over": [n for n, r in rows.items() if "acc" in r]}
+
+
+def _leaves(name: str, subtasks: dict[str, list[str]]) -> list[str]:
+    out: list[str] = []
+    for child in subtasks.get(name, []):
+        out.extend(_leaves(child, subtasks) if subtasks.get(child) else [child])
+    return out
+
+
+def predictions(res: dict[str, Any]) -> dict[str, dict[int, dict[str, int]]]:
+    """Multiple-choice picks per leaf task and doc: ``{task: {doc_id: {"acc": i, "acc_norm": j}}}``.
+
+    ``acc`` is the argmax of the summed log-likelihoods, ``acc_norm`` of the byte-length-normalised ones
+    (lm-eval's definitions). Needs ``log_samples=True``.
+    """
+    out: dict[str, dict[int, dict[str, int]]] = {}
+    for task, samples in (res.get("samples") or {}).items():
+        per: dict[int, dict[str, int]] = {}
+        for s in samples:
+            lls = [float(r[0]) for r in s["filtered_resps"]]
+            choices = [a[1] for a in s["arguments"]]
+            pick = {"acc": max(range(len(lls)), key=lls.__getitem__)}
+            if choices and len(choices) == len(lls):
+                normed = [ll / max(1, len(c.encode("utf-8"))) for ll, c in zip(lls, choices, strict=True)]
+                pick["acc_norm"] = max(range(len(normed)), key=normed.__getitem__)
+            per[int(s["doc_id"])] = pick
+        out[task] = per
+    return out
+
+
+def evaluate(model: nn.Module | str, tokenizer: Any = None, tasks: str | Sequence[str] | None = None, *,
+             num_fewshot: int = 0, limit: int | float | None = None, limit_per_subtask: bool = False,
+             batch_size: int | str = "auto", data_dir: str | os.PathLike | None = None,
+             model_args: dict[str, Any] | None = None, log_samples: bool = False, bootstrap_iters: int = 100000,
+             verbose: bool = False) -> dict[str, Any]:
+    """Run the lm-eval zero-shot suite on ``model`` and return a summary.
+
+    Args:
+        model: a loaded causal LM (wrapped in HFLM as is; a PEFT model works too) or a model path/Hub id that
+            lm-eval loads itself with ``model_args`` (multi-GPU: ``{"parallelize": True}``).
+        tokenizer: the model's tokenizer (required for a loaded model).
+        tasks: comma list or sequence of lm-eval task/group names (default: the seed's 8-task suite).
+        num_fewshot: few-shot examples (the seed uses 0).
+        limit: documents per requested task (groups spread it over subtasks); a float < 1 is a fraction.
+        limit_per_subtask: apply ``limit`` per leaf subtask instead, as lm-eval's own ``--limit`` does.
+        data_dir: local data folder (``eval/<task>/<split>.jsonl``); None reads the Hugging Face Hub.
+        log_samples: keep lm-eval's per-document records under ``"samples"`` (needed for :func:`predictions`).
+
+    Returns:
+        ``{"tasks": {name: {acc, acc_stderr, acc_norm?, acc_norm_stderr?, n, kind}}, "mean_acc",
+        "mean_acc_over", "config": {...}, "lm_eval": <lm-eval results, all subtasks>}``
+        (+ ``"samples"`` with ``log_samples``).
+    """
+    import lm_eval
+
+    names = parse_tasks(tasks)
+    t0 = time.perf_counter()
+    with quiet(verbose), TaskSource(names, data_dir, num_fewshot) as src:
+        lm = make_lm(model, tokenizer, batch_size=batch_size, model_args=model_args)
+        loaded = src.load()
+        top = [loaded["groups"][n] if n in loaded.get("groups", {}) else loaded["tasks"].get(n, n) for n in names]
+        kwargs: dict[str, Any] = {}
+        if limit is not None:
+            if limit <= 0:
+                raise LayerpruneError("--limit must be positive")
+            if limit_per_subtask or (isinstance(limit, float) and limit < 1):
+                kwargs["limit"] = limit
+            else:
+                kwargs["samples"] = sample_plan(loaded, names, int(limit))
+        t_load = time.perf_counter() - t0
+        res = lm_eval.simple_evaluate(model=lm, tasks=top, task_manager=src.manager, num_fewshot=num_fewshot,
+                                      log_samples=log_samples, bootstrap_iters=bootstrap_iters, **kwargs)
+    summary = summarize(res, names)
+    summary["config"] = {
+        "tasks": names, "num_fewshot": num_fewshot, "limit": limit,
+        "limit_semantics": None if limit is None else ("per subtask (lm-eval)" if "limit" in kwargs
+                                                       else "per requested task; groups spread over subtasks"),
+        "batch_size": getattr(lm, "batch_size_per_gpu", batch_size),
+        "data": "local" if data_dir is not None else "hub",
+        "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
+        "data_files": fingerprint([n for n in names if n in SPECS], data_dir, num_fewshot) if data_dir else None,
+        "metric_for_mean": "acc",
+        "dtype": str(getattr(lm.model, "dtype", "")).replace("torch.", ""),
+        "device": str(lm.device),
+        "lm_eval_version": getattr(lm_eval, "__version__", None),
+        "seconds_task_load": round(t_load, 2),
+        "seconds_total": round(time.perf_counter() - t0, 2),
+        "is_default_suite": list(names) == list(SUITE),
+    }
+    summary["lm_eval"] = {k: res[k] for k in ("results", "groups", "group_subtasks", "n-shot", "n-samples",
+                                              "versions") if k in res}
+    if log_samples:
+        summary["samples"] = res.get("samples", {})
+    return summary
+
+
+def markdown_table(summary: dict[str, Any]) -> str:
+    """The summary as a markdown table: task | acc ± | acc_norm ± | n; then the mean of acc."""
+    lines = ["| task | acc | ± | acc_norm | ± | n |", "|---|---:|---:|---:|---:|---:|"]
+
+    def f(x: Any) -> str:
+        return "" if x is None else f"{x:.4f}"
+
+    for name, r in summary["tasks"].items():
+        label = f"{name} ({r['subtasks']} subtasks)" if r.get("kind") == "group" else name
+        lines.append(f"| {label} | {f(r.get('acc'))} | {f(r.get('acc_stderr'))} | {f(r.get('acc_norm'))} | "
+                     f"{f(r.get('acc_norm_stderr'))} | {r.get('n', '')} |")
+    if summary.get("mean_acc") is not None:
+        k = len(summary["mean_acc_over"])
+        lines.append(f"| **Avg Acc** (unweighted mean of acc, {k} tasks) | {f(summary['mean_acc'])} | | | | |")
+    return "\n".join(lines) + "\n"

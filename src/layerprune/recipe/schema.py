@@ -1,0 +1,172 @@
+"""The recipe schema: every key, its type and default, in one table. Validation errors name the key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import LayerpruneError
+
+# Marker types for the schema table.
+NUM = (int, float)
+OPT_STR = (str, type(None))
+OPT_INT = (int, type(None))
+OPT_NUM = (int, float, type(None))
+LIST_STR = "list[str]"
+LIST_INT = "list[int]"
+
+# key -> (accepted types, default). Nested dicts are sections. This table is the documentation of record
+# (docs/recipes.md mirrors it).
+SCHEMA: dict[str, Any] = {
+    "name": (str, "recipe"),
+    "model": (str, "default"),  # local folder, Hub id, or "default" (embedded SmolLM2-135M-Instruct)
+    "seed": (int, 42),
+    "dtype": (str, "float32"),  # load dtype for scoring/pruning/evaluation
+    "data_dir": (OPT_STR, None),  # offline data folder; default $LAYERPRUNE_DATA, else the Hub
+    "prune": {
+        "metric": (str, "reverse"),
+        "num_layers": (OPT_INT, None),  # how many layers to remove ...
+        "ratio": (OPT_NUM, 0.25),  # ... or which fraction (rounded to the nearest layer)
+        "metric_params": (dict, {}),  # e.g. {p: 1, seed_compat: false}
+        "protect_first": (int, 0),
+        "protect_last": (int, 0),
+        "calib": (str, "c4"),
+        "calib_split": (OPT_STR, None),
+        "nsamples": (int, 10),
+        "seqlen": (int, 128),
+        "iterative": (bool, False),  # score -> prune step -> heal -> re-score ... until the target
+        "step": (int, 1),
+    },
+    "heal": {
+        "method": (str, "partial"),  # partial | lora | dora | qlora | full | none
+        "layers": (str, "last3"),  # partial: last3 | last1 | lm_head | 20,21 ...
+        "data": (str, "alpaca"),
+        "template": (OPT_STR, None),
+        "epochs": (NUM, 2),
+        "max_steps": (OPT_INT, None),
+        "lr": (NUM, 1e-5),
+        "warmup_steps": (int, 100),
+        "batch_size": (int, 64),
+        "micro_batch_size": (int, 4),
+        "cutoff_len": (int, 256),
+        "val_size": (OPT_INT, None),
+        "eval_steps": (int, 100),
+        "max_train_samples": (OPT_INT, None),
+        "teacher": (OPT_STR, None),  # distillation from this model ("dense" = the unpruned source)
+        "kd_temperature": (NUM, 2.0),
+        "kd_alpha": (NUM, 0.5),
+        "lora_r": (int, 8),
+        "lora_alpha": (int, 16),
+        "lora_dropout": (NUM, 0.05),
+    },
+    "evaluate": {
+        "models": (LIST_STR, ["dense", "pruned", "healed"]),
+        "tasks": (LIST_STR, ["mmlu", "cmmlu", "piqa", "openbookqa", "winogrande", "hellaswag", "arc_easy",
+                             "arc_challenge"]),
+        "limit": (OPT_INT, None),
+        "num_fewshot": (int, 0),
+        "batch_size": (int, 8),
+        "ppl": (LIST_STR, ["wikitext2"]),
+        "ppl_seqlen": (int, 128),
+        "ppl_max_tokens": (OPT_INT, None),
+    },
+    "measure": {
+        "enabled": (bool, True),
+        "seqlen": (int, 64),
+        "batch": (LIST_INT, [1]),
+        "new_tokens": (int, 32),
+        "repeats": (int, 3),
+    },
+}
+
+
+def _type_name(types: Any) -> str:
+    if isinstance(types, str):
+        return types
+    names = [t.__name__.replace("NoneType", "null") for t in (types if isinstance(types, tuple) else (types,))]
+    return " or ".join(names)
+
+
+def _check(value: Any, types: Any, key: str) -> Any:
+    if isinstance(types, str):  # list[str] / list[int]
+        inner = str if types == LIST_STR else int
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            value = [v.strip() for v in str(value).split(",") if v.strip()] if inner is str else [value]
+        if not isinstance(value, list) or not all(isinstance(v, inner) and not isinstance(v, bool) for v in value):
+            raise LayerpruneError(f"recipe: '{key}' must be a {types}, got {value!r}")
+        return value
+    tt = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, bool) and bool not in tt:
+        raise LayerpruneError(f"recipe: '{key}' must be {_type_name(types)}, got {value!r}")
+    if not isinstance(value, tt):
+        raise LayerpruneError(f"recipe: '{key}' must be {_type_name(types)}, got {value!r}")
+    return value
+
+
+def _validate(data: Any, schema: dict[str, Any], prefix: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise LayerpruneError(f"recipe: '{prefix.rstrip('.') or 'recipe'}' must be a mapping")
+    out: dict[str, Any] = {}
+    for k in data:
+        if k not in schema:
+            raise LayerpruneError(f"recipe: unknown key '{prefix}{k}'")
+    for k, spec in schema.items():
+        if isinstance(spec, dict):
+            out[k] = _validate(data.get(k) if data.get(k) is not None else {}, spec, f"{prefix}{k}.")
+        elif k in data:
+            out[k] = _check(data[k], spec[0], f"{prefix}{k}")
+        else:
+            out[k] = copy.deepcopy(spec[1])
+    return out
+
+
+def validate(data: Any) -> dict[str, Any]:
+    """Fill defaults and check every key and type; raises a one-line LayerpruneError naming the key."""
+    rec = _validate(data if data is not None else {}, SCHEMA, "")
+    p = rec["prune"]
+    if p["num_layers"] is not None and p["num_layers"] < 1:
+        raise LayerpruneError("recipe: 'prune.num_layers' must be >= 1")
+    if p["num_layers"] is None and not (p["ratio"] and 0 < p["ratio"] < 1):
+        raise LayerpruneError("recipe: 'prune.ratio' must be in (0, 1) when prune.num_layers is not set")
+    if p["step"] < 1:
+        raise LayerpruneError("recipe: 'prune.step' must be >= 1")
+    bad = set(rec["evaluate"]["models"]) - {"dense", "pruned", "healed"}
+    if bad:
+        raise LayerpruneError(f"recipe: 'evaluate.models' has unknown entries {sorted(bad)}; use dense, pruned, healed")
+    return rec
+
+
+def _parse_scalar(text: str) -> Any:
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (YAML-parsed values) to raw recipe data."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise LayerpruneError(f"override '{item}' must look like key=value (e.g. heal.max_steps=50)")
+        key, value = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise LayerpruneError(f"override '{key}': '{part}' is not a section")
+        node[parts[-1]] = _parse_scalar(value)
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Read, override and validate a recipe YAML file."""
+    p = Path(path)
+    if not p.is_file():
+        raise LayerpruneError(f"recipe not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise LayerpruneError(f"recipe {p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    return validate(apply_overrides(data or {}, overrides or []))
