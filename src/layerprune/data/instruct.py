@@ -173,7 +173,7 @@ def render(ex: Example, template: str, tokenizer: Any = None) -> Rendered:
 # --------------------------------------------------------------------------------------------------- encoding
 
 
-def encode(tokenizer: Any, rendered: Rendered, *, cutoff_len: int = 256, train_on_inputs: bool = False,
+def encode(tokenizer: Any, rendered: Rendered, *, cutoff_len: int | None = 256, train_on_inputs: bool = False,
            overflow: str = "truncate") -> dict[str, list[int]] | None:
     """Tokenize one sample; returns ``input_ids``/``labels`` or None when the sample is dropped.
 
@@ -182,12 +182,24 @@ def encode(tokenizer: Any, rendered: Rendered, *, cutoff_len: int = 256, train_o
     ``overflow="truncate"`` keeps the first ``cutoff_len`` tokens (the EOS is then cut, as in the seed),
     ``"drop"`` drops the sample. A sample left with no trained token is dropped either way.
     """
+    return apply_cutoff(encode_full(tokenizer, rendered, train_on_inputs), cutoff_len, overflow)
+
+
+def encode_full(tokenizer: Any, rendered: Rendered, train_on_inputs: bool = False) -> dict[str, list[int]]:
+    """Ids and labels of a whole sample (EOS appended when missing), before the cutoff."""
     ids, n_prompt = _tokenize_with_boundary(tokenizer, rendered)
     eos = tokenizer.eos_token_id
     if eos is not None and (not ids or ids[-1] != eos):
         ids = ids + [eos]
     labels = list(ids) if train_on_inputs else [IGNORE_INDEX] * n_prompt + ids[n_prompt:]
-    if len(ids) > cutoff_len:
+    return {"input_ids": ids, "labels": labels}
+
+
+def apply_cutoff(sample: dict[str, list[int]], cutoff_len: int | None,
+                 overflow: str = "truncate") -> dict[str, list[int]] | None:
+    """Truncate or drop a sample longer than ``cutoff_len``; None when dropped or left with nothing to train."""
+    ids, labels = sample["input_ids"], sample["labels"]
+    if cutoff_len is not None and len(ids) > cutoff_len:
         if overflow == "drop":
             return None
         ids, labels = ids[:cutoff_len], labels[:cutoff_len]
@@ -442,15 +454,15 @@ def build_instruct_data(tokenizer: Any, data: str = "alpaca", *, data_dir: str |
     def enc(indices: list[int]) -> list[dict[str, list[int]]]:
         out = []
         for i in indices:
-            r = render(kept[i], template, tokenizer)
-            full = encode(tokenizer, r, cutoff_len=10**9, train_on_inputs=train_on_inputs)
-            if full is not None and len(full["input_ids"]) > cutoff_len:
-                stats["truncated" if overflow == "truncate" else "too_long_dropped"] += 1
-            e = encode(tokenizer, r, cutoff_len=cutoff_len, train_on_inputs=train_on_inputs, overflow=overflow)
+            full = encode_full(tokenizer, render(kept[i], template, tokenizer), train_on_inputs)
+            too_long = len(full["input_ids"]) > cutoff_len
+            e = apply_cutoff(full, cutoff_len, overflow)
             if e is not None:
                 out.append(e)
-            elif overflow == "truncate":
-                stats["too_long_dropped"] += 1  # the prompt alone filled the cutoff
+                stats["truncated"] += too_long
+            else:
+                # Dropped: too long under overflow=drop, or the prompt alone filled the cutoff.
+                stats["too_long_dropped"] += 1
         return out
 
     train, val = enc(train_idx), enc(val_idx)
@@ -473,5 +485,6 @@ def build_instruct_data(tokenizer: Any, data: str = "alpaca", *, data_dir: str |
 
 
 __all__ = ["FORMATS", "IGNORE_INDEX", "PRESETS", "TEMPLATES", "EncodedDataset", "Example", "InstructData",
-           "PadCollator", "Preset", "Rendered", "build_instruct_data", "detect_format", "encode", "pad_id_for",
+           "PadCollator", "Preset", "Rendered", "apply_cutoff", "build_instruct_data", "detect_format", "encode",
+           "encode_full", "pad_id_for",
            "parse_fields", "read_rows", "render", "resolve_source", "split_rows", "to_example"]
