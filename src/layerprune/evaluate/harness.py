@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -49,9 +50,17 @@ def quiet(verbose: bool = False) -> Iterator[None]:
         datasets.disable_progress_bars()
     except Exception:  # pragma: no cover - datasets always present with lm-eval
         was = None
+    # lm-eval draws one progress bar per (sub)task while building requests: 130 bars for the suite.
+    import functools
+
+    import lm_eval.api.task as lm_task
+
+    old_tqdm = lm_task.tqdm
+    lm_task.tqdm = functools.partial(old_tqdm, disable=True)
     try:
         yield
     finally:
+        lm_task.tqdm = old_tqdm
         for n, lv in old.items():
             logging.getLogger(n).setLevel(lv)
         if was:
@@ -128,8 +137,31 @@ def sample_plan(loaded: dict[str, Any], names: Sequence[str], limit: int) -> dic
     # lm-eval treats a task missing from `samples` as "all documents": give leftovers (tags) the limit too.
     for tname, t in loaded["tasks"].items():
         plan.setdefault(tname, list(range(min(limit, len(t.eval_docs)))))
-    # An empty selection would also mean "all documents": keep at least one per leaf.
-    return {k: (v or [0]) for k, v in plan.items()}
+    return plan
+
+
+def drop_unsampled(loaded: dict[str, Any], plan: dict[str, list[int]]) -> None:
+    """Remove leaf tasks with no planned documents (and groups left empty) from the loaded groups.
+
+    lm-eval reads an empty selection as "all documents", so a group with fewer documents requested than
+    subtasks must lose the unsampled subtasks instead.
+    """
+    from lm_eval.api.group import Group
+
+    def prune(g: Any) -> bool:
+        for child in list(g):
+            if isinstance(child, Group):
+                if not prune(child):
+                    g.pop(child.name)
+            elif not plan.get(child.task_name):
+                g.pop(child.task_name)
+        return len(g) > 0
+
+    for g in list(loaded.get("groups", {}).values()):
+        prune(g)
+    for name in [t for t, docs in plan.items() if not docs]:
+        loaded["tasks"].pop(name, None)
+        plan.pop(name)
 
 
 def _metric(entry: dict[str, Any], key: str) -> float | None:
@@ -157,6 +189,13 @@ def summarize(res: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
             leaves = _leaves(name, subtasks)
             row["subtasks"] = len(leaves)
             row["n"] = sum(int(n_samples.get(t, {}).get("effective", 0)) for t in leaves)
+            for m in METRICS:
+                # lm-eval pools subtask stderrs and gives 'N/A' once a subtask has a single document (small
+                # --limit): fall back to the binomial stderr of the pooled documents.
+                if m in row and row.get(f"{m}_stderr") is None and row["n"] > 1:
+                    p = row[m]
+                    row[f"{m}_stderr"] = math.sqrt(p * (1 - p) / (row["n"] - 1))
+                    row["stderr_note"] = "binomial over pooled documents (lm-eval pooled stderr undefined)"
         else:
             row["n"] = int(n_samples.get(name, {}).get("effective", 0))
         rows[name] = row
@@ -232,6 +271,7 @@ def evaluate(model: nn.Module | str, tokenizer: Any = None, tasks: str | Sequenc
                 kwargs["limit"] = limit
             else:
                 kwargs["samples"] = sample_plan(loaded, names, int(limit))
+                drop_unsampled(loaded, kwargs["samples"])
         t_load = time.perf_counter() - t0
         res = lm_eval.simple_evaluate(model=lm, tasks=top, task_manager=src.manager, num_fewshot=num_fewshot,
                                       log_samples=log_samples, bootstrap_iters=bootstrap_iters, **kwargs)

@@ -1,0 +1,71 @@
+"""``layerprune compare``: agreement of a pruned model with its dense teacher."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import add_data_dir_arg, add_dtype_arg, add_model_arg, add_verbose
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="KL and top-1 agreement with the dense teacher; changed MC answers",
+                       description="Mean KL(teacher || pruned) per token and top-1 next-token agreement on held-out "
+                                   "text; optionally the fraction of lm-eval multiple-choice answers that changed.")
+    add_model_arg(p, "pruned")
+    p.add_argument("--teacher", required=True, help="the dense model (folder, Hub id or 'default')")
+    p.add_argument("--data", default="wikitext2", help="held-out text: wikitext2, ptb or a .jsonl/.txt file")
+    p.add_argument("--split", default=None, help="split (default: test; PTB validation under the seed preset)")
+    p.add_argument("--seqlen", type=int, default=128, help="window length (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=16384,
+                   help="tokens of held-out text to use; 0 = all (default: %(default)s)")
+    p.add_argument("--tasks", default=None, help="lm-eval tasks whose multiple-choice picks are compared, "
+                                                 "e.g. arc_easy,hellaswag (default: none)")
+    p.add_argument("--task-limit", type=int, default=100, help="documents per task (default: %(default)s)")
+    add_data_dir_arg(p)
+    add_dtype_arg(p)
+    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    p.add_argument("--run-dir", default=None, help="run folder with calibration records (see ppl)")
+    p.add_argument("--force", action="store_true", help="allow held-out text that was used for calibration")
+    p.add_argument("--out", default=None, help="folder for compare.json and compare.md (default: print only)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing compare.json")
+    add_verbose(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.presets import resolve_data_dir
+    from ..evaluate.agreement import compare
+    from ..evaluate.perplexity import PRESETS, check_not_calibration
+    from ..evaluate.report import load_for_eval, model_info, write_report
+    from ..evaluate.tasks import parse_tasks
+
+    data_dir = resolve_data_dir(args.data_dir)
+    split = args.split or PRESETS["seed"].split_for(args.data)
+    model_dir = Path(args.pruned) if Path(args.pruned).is_dir() else None
+    overlap = check_not_calibration(args.data, split, model_dir, args.run_dir, force=args.force)
+    teacher, tok = load_for_eval(args.teacher, args.dtype, args.device)
+    pruned, _ = load_for_eval(args.pruned, args.dtype, args.device)
+    tasks = parse_tasks(args.tasks) if args.tasks else None
+    res = compare(pruned, teacher, tok, args.data, split=split, data_dir=data_dir, seq_len=args.seqlen,
+                  max_tokens=args.max_tokens or None, tasks=tasks, task_limit=args.task_limit)
+    res["text"]["same_split_as_calibration"] = overlap
+    res["pruned"] = model_info(pruned, args.pruned)
+    res["teacher"] = model_info(teacher, args.teacher)
+    t = res["text"]
+    lines = ["| metric | value |", "|---|---:|",
+             f"| mean KL(teacher‖pruned) per token [nats] | {t['kl_teacher_pruned']:.4f} |",
+             f"| top-1 next-token agreement | {t['top1_agreement']:.4f} |",
+             f"| teacher NLL / pruned NLL | {t['teacher_nll']:.4f} / {t['pruned_nll']:.4f} |",
+             f"| tokens ({t['dataset']} {t['split']}, seq {t['seq_len']}) | {t['tokens']:,} |"]
+    for task, r in (res.get("multiple_choice") or {}).items():
+        frac = r["changed_fraction"]
+        lines.append(f"| {task}: changed MC answers ({r['documents']} docs) | "
+                     f"{'n/a' if frac is None else f'{frac:.4f}'} |")
+    table = "\n".join(lines) + "\n"
+    print(table, end="")
+    if args.out:
+        path = write_report(args.out, "compare", res, f"# Teacher agreement: {args.pruned} vs {args.teacher}\n\n"
+                            f"{table}", args.overwrite)
+        print(f"wrote {path}")
+    return 0

@@ -1,0 +1,123 @@
+"""``layerprune heal``: fine-tune or distil a pruned model and save a standard HF checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import LayerpruneError
+from .common import add_data_dir_arg, add_dtype_arg, add_model_arg, add_out_args, add_verbose
+
+_METHODS = ("partial", "lora", "dora", "qlora", "full", "distill")
+
+
+def _val_size(text: str) -> int | float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+    return v if 0 < v < 1 else int(v)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "heal", help="recover a pruned model: partial-layer / LoRA / DoRA / QLoRA / full fine-tuning, distillation",
+        description="Fine-tune (or distil into) a pruned model on instruction data and save a standard HF "
+                    "checkpoint with heal.json. Defaults follow the seed: AdamW, lr 1e-5, 100 warm-up steps, "
+                    "2 epochs, batch 64 (micro 4), eval every 100 steps, best validation checkpoint kept.")
+    add_model_arg(p)
+    add_out_args(p)
+    g = p.add_argument_group("method")
+    g.add_argument("--method", default="partial", choices=_METHODS, help="default: %(default)s")
+    g.add_argument("--layers", default="last3",
+                   help="partial: lastK, lm_head (norm + head only), all, or indices like 18,19,21 "
+                        "(default: %(default)s)")
+    g.add_argument("--untie", action=argparse.BooleanOptionalAction, default=None,
+                   help="partial on a tied-embedding model: give the head its own copy so the input embeddings "
+                        "stay frozen (default: on)")
+    g.add_argument("--lora-r", type=int, default=8)
+    g.add_argument("--lora-alpha", type=int, default=16)
+    g.add_argument("--lora-dropout", type=float, default=0.05)
+    g.add_argument("--lora-targets", default=None,
+                   help="comma-separated module names (default: every linear layer in the decoder layers)")
+    g.add_argument("--save-adapter", action="store_true", help="lora/dora/qlora: also keep the adapter in OUT/adapter")
+    g.add_argument("--teacher", default=None,
+                   help="distillation teacher (default for --method distill: the unpruned source model)")
+    g.add_argument("--distill-base", default="partial", choices=[m for m in _METHODS if m != "distill"],
+                   help="what --method distill trains (default: %(default)s)")
+    g.add_argument("--distill-temperature", type=float, default=2.0)
+    g.add_argument("--distill-weight", type=float, default=0.5, help="weight of the KL term (LM loss: 1 - w)")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--data", default="alpaca",
+                   help="preset (alpaca, dolly), local JSON/JSONL/Parquet file or folder, or Hub id "
+                        "(default: %(default)s)")
+    add_data_dir_arg(d)
+    d.add_argument("--template", default=None, choices=("alpaca", "dolly", "chat"),
+                   help="prompt template (default: the dataset format's own)")
+    d.add_argument("--fields", default=None, help="field mapping, e.g. instruction=question,input=ctx,output=answer")
+    d.add_argument("--train-on-inputs", action="store_true", help="also train on the prompt tokens")
+    d.add_argument("--cutoff-len", type=int, default=256)
+    d.add_argument("--overflow", default="truncate", choices=("truncate", "drop"),
+                   help="samples longer than the cutoff (default: %(default)s)")
+    d.add_argument("--val-size", type=_val_size, default=None,
+                   help="validation rows (or a fraction); default 2000 Alpaca / 200 Dolly, capped on small sets")
+    d.add_argument("--max-train-samples", type=int, default=None)
+
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=float, default=2.0)
+    t.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    t.add_argument("--batch-size", type=int, default=64, help="global batch (default: %(default)s)")
+    t.add_argument("--micro-batch-size", type=int, default=4, help="per process and pass (default: %(default)s)")
+    t.add_argument("--lr", type=float, default=1e-5)
+    t.add_argument("--warmup-steps", type=int, default=100)
+    t.add_argument("--lr-scheduler", default="linear")
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--max-grad-norm", type=float, default=1.0)
+    t.add_argument("--optim", default=None, help="Trainer optimizer name (default: adamw_torch; "
+                                                 "paged_adamw_8bit for qlora on CUDA)")
+    t.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--eval-steps", type=int, default=100)
+    t.add_argument("--save-steps", type=int, default=None, help="default: --eval-steps")
+    t.add_argument("--save-total-limit", type=int, default=2)
+    t.add_argument("--logging-steps", type=int, default=10)
+    t.add_argument("--eval-batch-size", type=int, default=None)
+    t.add_argument("--no-eval-before", dest="eval_before", action="store_false",
+                   help="skip measuring the validation loss before training")
+    t.add_argument("--checkpoint-dir", default=None, help="default: OUT.checkpoints")
+    t.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoint folder after success")
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint of an interrupted run")
+    add_dtype_arg(t)
+    t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_verbose(p)
+    p.set_defaults(func=run)
+
+
+_OPTION_KEYS = ("method", "layers", "untie", "lora_r", "lora_alpha", "lora_dropout", "save_adapter", "teacher",
+                "distill_base", "distill_temperature", "distill_weight", "data", "data_dir", "template", "fields",
+                "train_on_inputs", "cutoff_len", "overflow", "val_size", "max_train_samples", "epochs",
+                "max_steps", "batch_size", "micro_batch_size", "lr", "warmup_steps", "lr_scheduler",
+                "weight_decay", "max_grad_norm", "optim", "gradient_checkpointing", "seed", "eval_steps",
+                "save_steps", "save_total_limit", "logging_steps", "eval_batch_size", "eval_before",
+                "checkpoint_dir", "keep_checkpoints", "resume", "dtype", "device", "overwrite", "progress")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..heal import heal
+
+    opts = {k: getattr(args, k) for k in _OPTION_KEYS}
+    if args.lora_targets:
+        opts["lora_targets"] = [s.strip() for s in args.lora_targets.split(",") if s.strip()]
+    if args.method != "distill" and args.teacher is None and args.distill_base != "partial":
+        raise LayerpruneError("--distill-base applies to --method distill only")
+    r = heal(args.model, args.out, **opts)
+
+    def f(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.4f}"
+
+    print(f"healed with {r['method']}: {r['trainable_params']:,} trainable parameters, {r['steps']} steps, "
+          f"{r['tokens_per_s']:.0f} tokens/s")
+    print(f"validation loss {f(r['val_loss_before'])} -> {f(r['val_loss_best'])} (best, step {r['best_step']})"
+          f" -> {args.out}")
+    return 0

@@ -1,0 +1,400 @@
+"""``heal()``: load a (pruned) model, prepare it with a method, train with the Trainer, save a plain checkpoint.
+
+Order matters for failing fast: options, output folder and data are checked before the (slow) model load.
+Only the main process writes the output; checkpoints live in ``<out>.checkpoints`` until the run succeeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..arch import parts
+from ..data.instruct import EncodedDataset, InstructData, PadCollator, build_instruct_data, pad_id_for
+from ..errors import LayerpruneError
+from ..io import check_out_dir, read_json, write_json
+from ..models import (
+    MANIFEST,
+    count_parameters,
+    library_versions,
+    load_model,
+    load_tokenizer,
+    parse_dtype,
+    resolve_model,
+    save_pretrained_atomic,
+)
+from .config import HealConfig
+from .distill import check_vocab, load_teacher
+from .methods import ExportContext, get_method, resolved, trainable_parameters
+from .train import EvalAtEnd, HealProgress, HealTrainer, PeakMemory, world_size
+
+HEAL_FILE = "heal.json"
+RUN_FILE = "run.json"  # in the checkpoint folder: what a --resume must match
+# Settings that do not change the result; a resume may differ in these.
+_RUNTIME_KEYS = {"resume", "overwrite", "progress", "keep_checkpoints", "checkpoint_dir", "extra", "eval_before"}
+_STR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def heal(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, callbacks: list | None = None,
+         **options: Any) -> dict[str, Any]:
+    """Heal ``model_dir`` (usually a pruned checkpoint) and write a standard HF checkpoint to ``out_dir``.
+
+    ``options`` are :class:`~layerprune.heal.config.HealConfig` fields (method, layers, data, epochs,
+    max_steps, lr, ...). ``callbacks`` are extra ``transformers.TrainerCallback`` objects. Returns the
+    heal.json content (also written beside the model; the pruned model's layerprune.json is carried over with a
+    ``heal`` section added).
+    """
+    cfg = HealConfig.from_kwargs(**options)
+    with _quiet_hf_bars():
+        return _Run(model_dir, out_dir, cfg, callbacks or []).execute()
+
+
+@contextlib.contextmanager
+def _quiet_hf_bars() -> Iterator[None]:
+    """transformers' own load/save bars would interleave with the training bar."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _device(cfg: HealConfig) -> str:
+    if cfg.device:
+        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+            raise LayerpruneError("--device cuda requested but no CUDA device is available")
+        return "cuda" if cfg.device.startswith("cuda") else cfg.device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _checkpoint_dtype(path: str) -> torch.dtype:
+    """The dtype a checkpoint was saved in (the healed model is saved in it too); float32 when unknown."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return torch.float32
+    return _STR_DTYPES.get(str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"), torch.float32)
+
+
+class _Run:
+    def __init__(self, model_dir: str | os.PathLike, out_dir: str | os.PathLike, cfg: HealConfig,
+                 callbacks: list):
+        self.model_dir = model_dir
+        self.out = Path(out_dir)
+        self.cfg = cfg
+        self.callbacks = callbacks
+        self.method = get_method(cfg.method)
+        self.behaviour = resolved(self.method, cfg)
+        self.device = _device(cfg)
+        self.ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else \
+            self.out.resolve().with_name(self.out.resolve().name + ".checkpoints")
+        self.main = int(os.environ.get("RANK", "0")) == 0
+
+    # ------------------------------------------------------------------------------------------ stages
+
+    def execute(self) -> dict[str, Any]:
+        t_start = time.perf_counter()
+        cfg = self.cfg
+        check_out_dir(self.out, cfg.overwrite)
+        src = resolve_model(self.model_dir)
+        self.behaviour.check(cfg, self.device)
+        from transformers import set_seed
+
+        set_seed(cfg.seed)
+        tok = load_tokenizer(src)
+        data = build_instruct_data(tok, cfg.data, data_dir=cfg.data_dir, template=cfg.template, fields=cfg.fields,
+                                   cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs,
+                                   overflow=cfg.overflow, val_size=cfg.val_size,
+                                   max_train_samples=cfg.max_train_samples, seed=cfg.seed)
+        resume_from = self._checkpoint_setup(src, data)
+
+        load_dtype = parse_dtype(cfg.dtype)
+        if load_dtype == "auto" and self.device == "cpu":
+            load_dtype = torch.float32  # no autocast on CPU: train and keep weights in fp32
+        model = load_model(src, dtype=load_dtype, **self.behaviour.load_kwargs(cfg, self.device))
+        total_params = count_parameters(model)
+        head = parts(model).head
+        teacher = self._teacher(src, load_dtype)
+        if teacher is not None:
+            check_vocab(model, teacher)
+        set_seed(cfg.seed)  # adapter initialisation is seeded
+        prepared = self.method.prepare(model, cfg)
+        trainable = trainable_parameters(prepared.model)
+        if trainable == 0:
+            raise LayerpruneError("nothing to train: the method left no trainable parameter")
+
+        progress = HealProgress(enabled=cfg.progress, desc=f"heal {cfg.method}")
+        trainer = self._trainer(prepared.model, tok, data, head, teacher, progress)
+        val_before = self._val_before(trainer, data, resume_from)
+        mem = PeakMemory(self.device)
+        mem.start()
+        t_train = time.perf_counter()
+        out = trainer.train(resume_from_checkpoint=resume_from)
+        train_wall = time.perf_counter() - t_train
+        peak = mem.read()
+
+        state = trainer.state
+        logs = state.log_history
+        train_losses = [e["loss"] for e in logs if "loss" in e]
+        evals = [e["eval_loss"] for e in logs if "eval_loss" in e]
+        best_step = None
+        if state.best_model_checkpoint:
+            try:
+                best_step = int(Path(state.best_model_checkpoint).name.rsplit("-", 1)[1])
+            except (IndexError, ValueError):
+                best_step = None
+        ga = self._grad_accum()
+        result: dict[str, Any] = {
+            "method": cfg.method,
+            "base_method": self.behaviour.name,
+            "source_model": str(self.model_dir),
+            "source_path": str(src),
+            "trainable_params": trainable,
+            "total_params": total_params,
+            "trainable_fraction": trainable / total_params if total_params else None,
+            "method_info": prepared.info,
+            "data": data.info,
+            "data_fingerprint": data.fingerprint,
+            "steps": state.global_step,
+            "max_steps": state.max_steps,
+            "epochs": state.epoch,
+            "global_batch": cfg.micro_batch_size * ga * world_size(),
+            "micro_batch": cfg.micro_batch_size,
+            "grad_accum": ga,
+            "world_size": world_size(),
+            "train_loss_final": train_losses[-1] if train_losses else None,
+            "train_loss_mean": out.training_loss,
+            "val_loss_before": val_before,
+            "val_loss_best": state.best_metric,
+            "val_loss_final": evals[-1] if evals else None,
+            "best_step": best_step,
+            "resumed_from": str(resume_from) if resume_from else None,
+            "wall_time_s": None,  # filled below
+            "train_wall_time_s": train_wall,
+            "train_step_time_s": progress.step_time,
+            "tokens_trained": progress.tokens,
+            "tokens_per_s": progress.tokens_per_s,
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": mem.kind,
+            "device": self.device,
+            "mixed_precision": "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "no",
+            "config": cfg.to_dict(),
+            "library_versions": library_versions(),
+        }
+        self._save(trainer, tok, src, result, t_start)
+        if self.main and not cfg.keep_checkpoints:
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        trainer.selector.remove()
+        return result
+
+    # ------------------------------------------------------------------------------------------ pieces
+
+    def _grad_accum(self) -> int:
+        ws = world_size()
+        per_step = self.cfg.micro_batch_size * ws
+        if self.cfg.batch_size % per_step:
+            raise LayerpruneError(f"batch size {self.cfg.batch_size} is not a multiple of micro-batch "
+                                  f"{self.cfg.micro_batch_size} x {ws} processes")
+        return self.cfg.batch_size // per_step
+
+    def _teacher(self, src: str, load_dtype: Any) -> torch.nn.Module | None:
+        cfg = self.cfg
+        if cfg.teacher is None and cfg.method != "distill":
+            return None
+        path = cfg.teacher
+        if path is None:
+            manifest = Path(src) / MANIFEST
+            if not manifest.is_file():
+                raise LayerpruneError("method distill needs --teacher (no layerprune.json names the unpruned model)")
+            path = read_json(manifest).get("source_model")
+            if not path:
+                raise LayerpruneError("layerprune.json names no source model; give --teacher")
+        return load_teacher(resolve_model(path), load_dtype, self.device)
+
+    def _run_config(self, src: str, data: InstructData) -> dict[str, Any]:
+        keep = {k: v for k, v in self.cfg.to_dict().items() if k not in _RUNTIME_KEYS}
+        return {"source": str(Path(src).resolve()) if Path(src).exists() else src,
+                "data_fingerprint": data.fingerprint, "config": keep, "world_size": world_size()}
+
+    def _checkpoint_setup(self, src: str, data: InstructData) -> str | None:
+        """Validate the checkpoint folder; return the checkpoint to resume from (or None)."""
+        from transformers.trainer_utils import get_last_checkpoint
+
+        run = self._run_config(src, data)
+        run_file = self.ckpt_dir / RUN_FILE
+        exists = self.ckpt_dir.is_dir() and any(self.ckpt_dir.iterdir())
+        if self.cfg.resume and exists:
+            if run_file.is_file():
+                old = read_json(run_file)
+                diff = sorted(k for k in set(old.get("config", {})) | set(run["config"])
+                              if old.get("config", {}).get(k) != run["config"].get(k))
+                if old.get("data_fingerprint") != run["data_fingerprint"]:
+                    diff.append("data")
+                if old.get("source") != run["source"]:
+                    diff.append("model")
+                if diff:
+                    raise LayerpruneError(f"cannot resume from {self.ckpt_dir}: the run differs in {diff}")
+                self._val_before_saved = old.get("val_loss_before")
+            last = get_last_checkpoint(str(self.ckpt_dir))
+            if last is not None:
+                return last
+        elif exists and not self.cfg.resume:
+            if not self.cfg.overwrite:
+                raise LayerpruneError(f"checkpoint folder exists: {self.ckpt_dir} (use --resume to continue or "
+                                      "--overwrite to start over)")
+            if self.main:
+                shutil.rmtree(self.ckpt_dir)
+        if self.main:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_file, run)
+        return None
+
+    def _val_before(self, trainer: HealTrainer, data: InstructData, resume_from: str | None) -> float | None:
+        if not data.val or not self.cfg.eval_before:
+            return None
+        if resume_from is not None:
+            return getattr(self, "_val_before_saved", None)
+        value = float(trainer.evaluate()["eval_loss"])
+        if self.main:
+            run_file = self.ckpt_dir / RUN_FILE
+            run = read_json(run_file)
+            run["val_loss_before"] = value
+            write_json(run_file, run)
+        return value
+
+    def _trainer(self, model: torch.nn.Module, tok: Any, data: InstructData, head: torch.nn.Module,
+                 teacher: torch.nn.Module | None, progress: HealProgress) -> HealTrainer:
+        from transformers import TrainingArguments
+
+        cfg = self.cfg
+        has_val = bool(data.val)
+        cuda = self.device == "cuda"
+        bf16 = cuda and torch.cuda.is_bf16_supported()
+        fp16 = cuda and not bf16
+        if not cuda and any(p.dtype == torch.bfloat16 and p.requires_grad is False for p in model.parameters()):
+            bf16 = True  # bf16 weights on CPU need autocast to meet the fp32 trainable layers
+        optim = cfg.optim or ("paged_adamw_8bit" if self.behaviour.quantized and cuda else "adamw_torch")
+        gc = bool(cfg.gradient_checkpointing) and not self.behaviour.quantized  # qlora enables it itself
+        args = dict(
+            output_dir=str(self.ckpt_dir), overwrite_output_dir=True,
+            per_device_train_batch_size=cfg.micro_batch_size,
+            per_device_eval_batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
+            gradient_accumulation_steps=self._grad_accum(),
+            num_train_epochs=cfg.epochs, max_steps=cfg.max_steps or -1,
+            learning_rate=cfg.lr, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps,
+            weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm, optim=optim,
+            bf16=bf16, fp16=fp16, use_cpu=not cuda,
+            eval_strategy="steps" if has_val else "no", eval_steps=cfg.eval_steps,
+            save_strategy="steps", save_steps=cfg.save_steps or cfg.eval_steps,
+            save_total_limit=cfg.save_total_limit, save_safetensors=True, save_only_model=False,
+            load_best_model_at_end=has_val, metric_for_best_model="eval_loss", greater_is_better=False,
+            logging_strategy="steps", logging_steps=cfg.logging_steps, logging_first_step=True,
+            logging_nan_inf_filter=False, report_to=[], disable_tqdm=True,
+            seed=cfg.seed, data_seed=cfg.seed, remove_unused_columns=False,
+            include_num_input_tokens_seen="non_padding", prediction_loss_only=True,
+            ddp_find_unused_parameters=False, dataloader_pin_memory=cuda,
+        )
+        if gc:
+            # transformers 5 renamed gradient_checkpointing to activation_checkpointing.
+            name = "activation_checkpointing" if "activation_checkpointing" in _params(TrainingArguments) \
+                else "gradient_checkpointing"
+            args.update({name: True, f"{name}_kwargs": {"use_reentrant": False}})
+        targs = TrainingArguments(**_supported(TrainingArguments, args))
+        if teacher is not None:
+            teacher.to(targs.device)
+        trainer = HealTrainer(
+            model=model, args=targs, train_dataset=EncodedDataset(data.train),
+            eval_dataset=EncodedDataset(data.val) if has_val else None,
+            data_collator=PadCollator(pad_id_for(tok)), processing_class=tok,
+            callbacks=[progress, EvalAtEnd(), *self.callbacks], head=head, teacher=teacher,
+            teacher_head=parts(teacher).head if teacher is not None else None,
+            distill_temperature=cfg.distill_temperature, distill_weight=cfg.distill_weight)
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # our bar reports; the printer would dump every log dict
+        return trainer
+
+    def _save(self, trainer: HealTrainer, tok: Any, src: str, result: dict[str, Any], t_start: float) -> None:
+        cfg = self.cfg
+        model = _full_model(trainer)
+        if not self.main:
+            return
+        ctx = ExportContext(source=src, save_dtype=_checkpoint_dtype(src))
+        adapter_tmp = None
+        if self.behaviour.uses_peft and cfg.save_adapter:
+            adapter_tmp = self.out.resolve().with_name(f".{self.out.name}.adapter-{os.getpid()}")
+            ctx.adapter_dir = adapter_tmp
+        try:
+            exported = self.method.export(model, cfg, ctx)
+            manifest = None
+            if (Path(src) / MANIFEST).is_file():
+                manifest = read_json(Path(src) / MANIFEST)
+                manifest["heal"] = _heal_summary(result)
+            result["wall_time_s"] = time.perf_counter() - t_start
+            save_pretrained_atomic(exported, tok, self.out, manifest, overwrite=cfg.overwrite,
+                                   extra_files={HEAL_FILE: result})
+            if adapter_tmp is not None:
+                shutil.move(str(adapter_tmp), str(self.out / "adapter"))
+        finally:
+            if adapter_tmp is not None and adapter_tmp.exists():
+                shutil.rmtree(adapter_tmp, ignore_errors=True)
+
+
+def _full_model(trainer: HealTrainer) -> torch.nn.Module:
+    """The trained model with full (unsharded) weights: under FSDP gather the state dict on the main process
+    and load it into a fresh model built from the config there."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return model
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return model
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_config(model.config)
+    fresh.load_state_dict(state, strict=False)
+    return fresh
+
+
+def _params(cls: type) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(cls.__init__).parameters)
+
+
+def _supported(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Drop arguments this transformers version does not know (e.g. ``save_safetensors`` is gone in 5.x)."""
+    params = _params(cls)
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def _heal_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The part of heal.json recorded in the carried-over layerprune.json."""
+    keys = ("method", "base_method", "trainable_params", "data_fingerprint", "steps", "val_loss_before",
+            "val_loss_best", "train_loss_final", "tokens_per_s")
+    out = {k: result.get(k) for k in keys}
+    out["layers"] = result.get("method_info", {}).get("layers")
+    out["data"] = result.get("data", {}).get("source")
+    out["details"] = HEAL_FILE
+    return out
+
+
+def config_digest(cfg: dict[str, Any]) -> str:
+    """A short stable hash of a settings dict (for recipes that cache stages)."""
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+__all__ = ["HEAL_FILE", "config_digest", "heal"]

@@ -1,0 +1,256 @@
+"""Training engine: transformers' Trainer with the loss, callbacks and bookkeeping healing needs.
+
+* The loss is computed on the trained (response) positions only, and the head is applied only there: a forward
+  pre-hook on the output head selects those hidden states, so logits for prompt and padding positions are never
+  materialised (with a 49k-152k vocabulary they dominate activation memory).
+* A NaN/inf loss aborts at once with one line, before the optimizer could apply it.
+* The final step is always evaluated and saved, so ``load_best_model_at_end`` chooses among every evaluation.
+* Step time, tokens and peak memory are measured for heal.json and the progress bar (loss, tokens/s, ETA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import resource
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from ..data.instruct import IGNORE_INDEX
+from ..errors import LayerpruneError
+from .distill import kd_loss_sum, mixed_loss_sum
+
+
+class HeadSelector:
+    """Applies the output head only at selected positions (``keep``: bool ``[B, T]``) while active."""
+
+    def __init__(self, head: nn.Module):
+        self._keep: torch.Tensor | None = None
+        self.handle = head.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module: nn.Module, args: tuple) -> tuple | None:
+        keep = self._keep
+        if keep is None or not args:
+            return None
+        h = args[0]
+        if not torch.is_tensor(h) or h.dim() != 3 or h.shape[:2] != keep.shape:
+            return None
+        return (h[keep],) + tuple(args[1:])
+
+    @contextlib.contextmanager
+    def select(self, keep: torch.Tensor) -> Iterator[None]:
+        self._keep = keep
+        try:
+            yield
+        finally:
+            self._keep = None
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def _selected(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    # The hook engaged: logits are already [N, V]; otherwise select from [B, T, V].
+    return logits if logits.dim() == 2 else logits[keep]
+
+
+class NonFiniteLoss(LayerpruneError):
+    """Training produced a NaN or infinite loss."""
+
+
+class HealTrainer(Trainer):
+    """Trainer with a response-only loss (+ optional distillation) and a NaN/inf guard."""
+
+    def __init__(self, *args: Any, head: nn.Module, teacher: nn.Module | None = None,
+                 teacher_head: nn.Module | None = None, distill_temperature: float = 2.0,
+                 distill_weight: float = 0.5, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.selector = HeadSelector(head)
+        self.teacher = teacher
+        self.teacher_selector = HeadSelector(teacher_head) if teacher is not None and teacher_head else None
+        self.distill_temperature = distill_temperature
+        self.distill_weight = distill_weight
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None) -> Any:
+        labels = inputs["labels"]
+        fwd = {k: v for k, v in inputs.items() if k != "labels"}
+        targets = labels[:, 1:]
+        sel = targets.ne(IGNORE_INDEX)
+        keep = F.pad(sel, (0, 1), value=False)  # logits at t predict token t+1
+        with self.selector.select(keep):
+            out = model(**fwd, use_cache=False)
+        logits = _selected(out.logits, keep)
+        loss_sum = F.cross_entropy(logits.float(), targets[sel], reduction="sum")
+        if self.teacher is not None and model.training:
+            # Distillation shapes training only; evaluation reports the plain LM loss so validation losses
+            # compare across methods and with the loss before healing.
+            ctx = self.teacher_selector.select(keep) if self.teacher_selector else contextlib.nullcontext()
+            with torch.no_grad(), ctx:
+                t_logits = _selected(self.teacher(**fwd, use_cache=False).logits, keep)
+            kd = kd_loss_sum(logits, t_logits, self.distill_temperature)
+            loss_sum = mixed_loss_sum(loss_sum, kd, self.distill_weight)
+        # Same normalisation as transformers' own causal-LM loss: by the trained tokens of the whole
+        # accumulated (and, across processes, gathered) batch when the Trainer counted them.
+        denom = num_items_in_batch if num_items_in_batch is not None else sel.sum().clamp(min=1)
+        loss = loss_sum / denom
+        if (self.args.average_tokens_across_devices and self.model_accepts_loss_kwargs
+                and num_items_in_batch is not None):
+            loss = loss * self.accelerator.num_processes
+        return (loss, out) if return_outputs else loss
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any],
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        bad = torch.tensor(0.0 if torch.isfinite(loss).all() else 1.0, device=loss.device)
+        if self.args.world_size > 1:
+            # Every process must stop together, or the others wait forever in the next all-reduce.
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item() > 0:
+            raise NonFiniteLoss(f"training loss became {loss.item()} at step {self.state.global_step + 1}; "
+                                "aborted before the update (lower --lr, check the data, or use float32)")
+        return loss
+
+
+class HealProgress(TrainerCallback):
+    """Progress bar (loss, tokens/s, ETA), eval lines, step timing and tokens for heal.json."""
+
+    def __init__(self, enabled: bool = True, desc: str = "heal"):
+        self.enabled = enabled
+        self.desc = desc
+        self.bar: Any = None
+        self.step_time = 0.0
+        self._t0: float | None = None
+        self.tokens_start = 0
+        self.tokens_end = 0
+        self.last_loss: float | None = None
+        self.last_eval: float | None = None
+        self.evals: list[tuple[int, float]] = []
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.tokens_start = self.tokens_end = state.num_input_tokens_seen
+        if self.enabled and state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
+                            dynamic_ncols=True)
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self._t0 is not None:
+            self.step_time += time.perf_counter() - self._t0
+            self._t0 = None
+        self.tokens_end = state.num_input_tokens_seen
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+            self.bar.set_postfix(self._postfix(), refresh=False)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any) -> None:
+        if logs and "loss" in logs:
+            self.last_loss = float(logs["loss"])
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kw: Any) -> None:
+        if not metrics or "eval_loss" not in metrics:
+            return
+        v = float(metrics["eval_loss"])
+        if not math.isfinite(v):
+            raise NonFiniteLoss(f"validation loss is {v} at step {state.global_step}; aborted")
+        self.last_eval = v
+        self.evals.append((state.global_step, v))
+        if self.bar is not None:
+            self.bar.write(f"step {state.global_step}: val loss {v:.4f}")
+            self.bar.set_postfix(self._postfix())
+
+    def _postfix(self) -> dict[str, str]:
+        post = {}
+        if self.last_loss is not None:
+            post["loss"] = f"{self.last_loss:.4f}"
+        if self.last_eval is not None:
+            post["val"] = f"{self.last_eval:.4f}"
+        post["tok/s"] = f"{self.tokens_per_s:.0f}"
+        return post
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    @property
+    def tokens(self) -> int:
+        return int(self.tokens_end - self.tokens_start)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.step_time if self.step_time > 0 else 0.0
+
+
+class EvalAtEnd(TrainerCallback):
+    """Evaluate and save at the last step too, so the best checkpoint is chosen among all evaluations."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
+        if state.global_step >= state.max_steps and args.eval_strategy != "no":
+            control.should_evaluate = True
+            control.should_save = True
+        return control
+
+
+class PeakMemory:
+    """Peak memory over a region: CUDA allocator peak, else the process's resident-set high-water mark (reset
+    through /proc/self/clear_refs where the kernel allows, else the lifetime peak)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.kind = "none"
+
+    def start(self) -> None:
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            self.kind = "cuda_max_allocated"
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.kind = "rss_peak"
+        except OSError:
+            self.kind = "rss_peak_process_lifetime"
+
+    def read(self) -> int:
+        if self.kind == "cuda_max_allocated":
+            return int(torch.cuda.max_memory_allocated())
+        if self.kind == "rss_peak":
+            try:
+                for line in Path("/proc/self/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def current_rss() -> int:
+    """Resident memory now (bytes); 0 where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+__all__ = ["EvalAtEnd", "HeadSelector", "HealProgress", "HealTrainer", "NonFiniteLoss", "PeakMemory",
+           "current_rss", "world_size"]
