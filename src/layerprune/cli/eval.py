@@ -58,7 +58,7 @@ def _parse_model_args(text: str | None) -> dict[str, object]:
 def run(args: argparse.Namespace) -> int:
     from ..data.presets import resolve_data_dir
     from ..evaluate.harness import evaluate, markdown_table
-    from ..evaluate.report import load_for_eval, model_info, write_report
+    from ..evaluate.report import default_device, load_for_eval, model_info, write_report
     from ..models import resolve_model
 
     data_dir = resolve_data_dir(args.data_dir)
@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
             model_args["parallelize"] = True
         if args.peft:
             model_args["peft"] = args.peft
-        if args.device and not args.parallelize:
-            model_args.setdefault("device", args.device)
+        if not args.parallelize:
+            model_args.setdefault("device", args.device or default_device())
         model, tok = resolve_model(args.model), None
         info = {"source": args.model, "peft": args.peft, "loaded_by": "lm-eval", "model_args": model_args}
     else:
@@ -88,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
                        limit_per_subtask=args.limit_per_subtask, batch_size=args.batch_size, data_dir=data_dir,
                        model_args=model_args if lm_eval_loads else None, log_samples=args.log_samples,
                        verbose=args.verbose)
+    if summary.get("rank"):  # other processes of a data-parallel launch stay silent
+        return 0
     summary["model"] = info
     table = markdown_table(summary)
     print(table, end="")

@@ -1,32 +1,93 @@
-"""``layerprune prune``: remove layers and save a vanilla HF checkpoint."""
+"""``layerprune prune``: remove layers (given, the tail, or chosen by a metric) and save a vanilla HF checkpoint.
+
+``--remove`` is an index list (``24,25,26-31``) without ``--metric``; with ``--metric`` it is a COUNT K (a
+single integer, also spelled ``--num K``), or give ``--ratio``.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from ..prune import parse_layer_list, prune_checkpoint
+from ..errors import LayerpruneError
+from ..prune import parse_layer_list, prune_by_metric, prune_checkpoint
 from .common import add_dtype_arg, add_model_arg, add_out_args, add_verbose
+from .score import (
+    add_calib_args,
+    add_metric_option_args,
+    add_protect_args,
+    calib_spec_from_args,
+    metric_options_from_args,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ..metrics import metric_names
+
     p = sub.add_parser("prune", help="remove decoder layers and save a vanilla HF checkpoint",
-                       description="Remove decoder layers (0-based original indices) and save the result.")
+                       description="Remove decoder layers (0-based original indices) and save the result: "
+                                   "give the indices (--remove 24,25), the tail (--tail K), or a metric that "
+                                   "chooses them (--metric taylor --remove 8 | --ratio 0.25).")
     add_model_arg(p)
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--remove", help="comma-separated 0-based layer indices, ranges allowed: 24,25,26-31")
+    g.add_argument("--remove", help="0-based layer indices, ranges allowed (24,25,26-31); with --metric: the "
+                                    "number of layers to remove (a single integer)")
     g.add_argument("--tail", type=int, help="remove the last K layers (reverse-order pruning)")
+    g.add_argument("--num", type=int, default=None, metavar="K", help="with --metric: remove K layers")
+    g.add_argument("--ratio", type=float, default=None,
+                   help="with --metric: remove floor(RATIO * layers) layers")
     add_out_args(p)
     p.add_argument("--streaming", action="store_true",
                    help="rewrite the safetensors shards without loading the model (about one tensor of memory)")
+    s = p.add_argument_group("selection by a metric")
+    s.add_argument("--metric", default=None, help=f"score layers and remove the least important: "
+                                                  f"{', '.join(metric_names())}")
+    s.add_argument("--iterative", action="store_true",
+                   help="re-score the pruned model after every --step removals (SLEB-style, no healing)")
+    s.add_argument("--step", type=int, default=1, help="layers removed per iteration (default: 1)")
+    add_protect_args(s)  # type: ignore[arg-type]
+    s.add_argument("--score-mode", default="memory", choices=("memory", "dispatch", "layerwise"),
+                   help="how scoring holds the model (see 'layerprune score --mode'; default: memory)")
+    s.add_argument("--device", default=None, help="device for scoring (default: cuda if any)")
+    s.add_argument("--offload-folder", default=None, help="dispatch scoring: folder for disk-offloaded weights")
+    s.add_argument("--no-cache", action="store_true", help="recompute scores instead of using the cache")
+    add_calib_args(p)
+    add_metric_option_args(p)
     add_dtype_arg(p)
     add_verbose(p)
     p.set_defaults(func=run)
 
 
+def _count(text: str) -> int:
+    t = str(text).strip()
+    if not t.isdigit():
+        raise LayerpruneError(f"with --metric, --remove is the NUMBER of layers to remove (a single integer), "
+                              f"got '{text}'; to remove given indices, drop --metric")
+    return int(t)
+
+
 def run(args: argparse.Namespace) -> int:
-    remove = parse_layer_list(args.remove) if args.remove is not None else None
-    rec = prune_checkpoint(args.model, args.out, remove=remove, tail=args.tail, streaming=args.streaming,
-                           dtype=args.dtype, overwrite=args.overwrite)
-    print(f"removed layers {rec.removed_layers} of {rec.original_num_layers}; "
-          f"{len(rec.kept_layers)} kept -> {args.out}")
+    if args.metric is None:
+        if args.num is not None or args.ratio is not None:
+            raise LayerpruneError("--num and --ratio choose layers by a metric: add --metric NAME")
+        if args.iterative:
+            raise LayerpruneError("--iterative needs --metric")
+        remove = parse_layer_list(args.remove) if args.remove is not None else None
+        rec = prune_checkpoint(args.model, args.out, remove=remove, tail=args.tail, streaming=args.streaming,
+                               dtype=args.dtype, overwrite=args.overwrite)
+        print(f"removed layers {rec.removed_layers} of {rec.original_num_layers}; "
+              f"{len(rec.kept_layers)} kept -> {args.out}")
+        return 0
+    if args.tail is not None:
+        raise LayerpruneError("--tail is reverse-order pruning; with --metric use --remove K / --num K / --ratio")
+    k = _count(args.remove) if args.remove is not None else args.num
+    rec, sel = prune_by_metric(args.model, args.out, metric=args.metric, k=k, ratio=args.ratio,
+                               metric_options=metric_options_from_args(args), iterative=args.iterative,
+                               step=args.step, protect_first=args.protect_first, protect_last=args.protect_last,
+                               calib=calib_spec_from_args(args), score_mode=args.score_mode,
+                               streaming=args.streaming, dtype=args.dtype, batch_size=args.batch_size,
+                               overwrite=args.overwrite, cache=not args.no_cache, device=args.device,
+                               offload_folder=args.offload_folder)
+    how = f"iterative, step {sel.step}" if sel.iterative else "one-shot"
+    print(f"{sel.metric} ({how}): removed layers {rec.removed_layers} of {rec.original_num_layers} "
+          f"(removal order {sel.order}); {len(rec.kept_layers)} kept -> {args.out}")
     return 0

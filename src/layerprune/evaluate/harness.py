@@ -214,18 +214,21 @@ def _leaves(name: str, subtasks: dict[str, list[str]]) -> list[str]:
 def predictions(res: dict[str, Any]) -> dict[str, dict[int, dict[str, int]]]:
     """Multiple-choice picks per leaf task and doc: ``{task: {doc_id: {"acc": i, "acc_norm": j}}}``.
 
-    ``acc`` is the argmax of the summed log-likelihoods, ``acc_norm`` of the byte-length-normalised ones
-    (lm-eval's definitions). Needs ``log_samples=True``.
+    ``acc`` is the argmax of the summed log-likelihoods, ``acc_norm`` of the log-likelihoods divided by the
+    choice's character length (lm-eval's definitions; the continuation minus its one-space target delimiter).
+    Needs ``log_samples=True``.
     """
     out: dict[str, dict[int, dict[str, int]]] = {}
     for task, samples in (res.get("samples") or {}).items():
         per: dict[int, dict[str, int]] = {}
         for s in samples:
             lls = [float(r[0]) for r in s["filtered_resps"]]
-            choices = [a[1] for a in s["arguments"]]
             pick = {"acc": max(range(len(lls)), key=lls.__getitem__)}
-            if choices and len(choices) == len(lls):
-                normed = [ll / max(1, len(c.encode("utf-8"))) for ll, c in zip(lls, choices, strict=True)]
+            conts = [a[1] for a in s["arguments"]]
+            # One continuation per choice after a shared context (winogrande varies the context instead).
+            if len({a[0] for a in s["arguments"]}) == 1 and len(conts) == len(lls):
+                lens = [max(1, len(c[1:] if c.startswith(" ") else c)) for c in conts]
+                normed = [ll / n for ll, n in zip(lls, lens, strict=True)]
                 pick["acc_norm"] = max(range(len(normed)), key=normed.__getitem__)
             per[int(s["doc_id"])] = pick
         out[task] = per
@@ -275,6 +278,9 @@ def evaluate(model: nn.Module | str, tokenizer: Any = None, tasks: str | Sequenc
         t_load = time.perf_counter() - t0
         res = lm_eval.simple_evaluate(model=lm, tasks=top, task_manager=src.manager, num_fewshot=num_fewshot,
                                       log_samples=log_samples, bootstrap_iters=bootstrap_iters, **kwargs)
+    if res is None:  # a non-zero rank under accelerate/torchrun: rank 0 gathers and reports
+        return {"tasks": {}, "mean_acc": None, "mean_acc_over": [], "rank": int(getattr(lm, "rank", 0)),
+                "config": {"tasks": names}}
     summary = summarize(res, names)
     summary["config"] = {
         "tasks": names, "num_fewshot": num_fewshot, "limit": limit,

@@ -141,7 +141,7 @@ def load_text(dataset: str, split: str, data_dir: str | os.PathLike | None, join
         rows = _read_rows(f, src.field)
         return join.join(rows), {"source": "local", "path": str(f.resolve()), "file_sha256": _sha256_file(f),
                                  "rows": len(rows)}
-    from .. data.presets import hub_reachable
+    from ..data.presets import hub_reachable
 
     if not hub_reachable():
         raise LayerpruneError(f"{dataset}: no --data-dir / $LAYERPRUNE_DATA and the Hub is off (HF_HUB_OFFLINE=1)")

@@ -31,7 +31,15 @@ from tqdm.auto import tqdm
 
 from ..arch import adapter_for_type, layer_count, parts, sliced_config
 from ..errors import LayerpruneError
-from ._forward import LayerCall, StopForward, call_layer, finish_fn, model_inputs, nll_from_hidden, record_call
+from ._forward import (
+    LayerCall,
+    StopForward,
+    call_layer,
+    finish_fn,
+    model_inputs,
+    nll_from_hidden,
+    record_call,
+)
 from .base import Metric, MetricResult, ScoreContext
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -103,6 +111,15 @@ def _weight_files(path: Path) -> dict[str, Path]:
     return out
 
 
+def setattr_path(root: nn.Module, path: str, value: nn.Module) -> None:
+    """``root.a.b.c = value`` for the dotted ``path``."""
+    *head, last = path.split(".")
+    obj: Any = root
+    for part in head:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
 def resolve_local(model: str | Path) -> Path:
     """A local folder for ``model`` (a Hub id is downloaded when the Hub is reachable)."""
     from ..data.presets import hub_reachable
@@ -124,7 +141,7 @@ class LayerwiseModel:
     def __init__(self, model: str | Path, dtype: Any = "auto", device: str | torch.device | None = None,
                  attn_implementation: str | None = None):
         from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         from ..models import parse_dtype
 
@@ -143,30 +160,39 @@ class LayerwiseModel:
             kw["attn_implementation"] = attn_implementation
         try:
             with _quiet_transformers():
-                shell = AutoModelForCausalLM.from_pretrained(self.path, config=zero, **kw)
+                # transformers loads the non-layer weights (key conversions, tying) into a 0-layer model...
+                donor = AutoModelForCausalLM.from_pretrained(self.path, config=zero, **kw)
         except (OSError, ValueError, KeyError, RuntimeError) as e:
             raise LayerpruneError(f"cannot load {model} without its layers: {str(e).splitlines()[0]}") from None
-        # The shell computes masks for, and loops over, the full layer count again.
-        configs = {id(c): c for c in (getattr(m, "config", None) for m in shell.modules())
-                   if isinstance(c, PretrainedConfig)}
-        for c in configs.values():
-            for k in changes:
-                setattr(c, k, copy.deepcopy(getattr(cfg, k)))
-        self.shell = shell.to(self.device).eval()
-        self.dtype = parts(self.shell).embed.weight.dtype
-        full_cfg = copy.deepcopy(self.shell.config)
+        attn = donor.config._attn_implementation
+        # ...which are moved into the full model built on the meta device (buffers such as rotary inv_freq are
+        # computed for real): its forward then sees the full config (layer types, masks, rotary variants).
         with init_empty_weights(include_buffers=False), _quiet_transformers():
-            skeleton = AutoModelForCausalLM.from_config(
-                full_cfg, attn_implementation=self.shell.config._attn_implementation)
-        self.layers = parts(skeleton).layers
+            shell = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=attn,
+                                                     dtype=donor.dtype)
+        missing, unexpected = shell.load_state_dict(donor.state_dict(), strict=False, assign=True)
+        if unexpected:
+            raise LayerpruneError(f"layer-by-layer mode: unexpected non-layer tensors {unexpected[:3]}")
+        if parts(donor).tied:
+            p = parts(shell)
+            p.head.weight = p.embed.weight
+        del donor
+        p = parts(shell)
+        self.layers = p.layers
+        left = [n for n, t in shell.named_parameters() if t.device.type == "meta"
+                and not n.startswith(self.adapter.layers + ".")]
+        if left:
+            raise LayerpruneError(f"layer-by-layer mode: weights not found in the checkpoint: {left[:3]}")
         for layer in self.layers:
             layer.eval()
+        # The shell's own ModuleList gets recorders; the real (meta) layers live on in self.layers.
+        setattr_path(shell, self.adapter.layers, nn.ModuleList(
+            [_Recorder(pos, self, self.layers[pos]) for pos in range(self.num_layers)]))
+        self.shell = shell.to(self.device).eval()
+        self.dtype = parts(self.shell).embed.weight.dtype
         self.files = _weight_files(self.path)
         self.prefix = self.adapter.layers + "."
         self._recording: dict[str, Any] = {}
-        shell_layers = parts(self.shell).layers
-        for pos in range(self.num_layers):
-            shell_layers.append(_Recorder(pos, self, self.layers[pos]))
 
     # ---------------------------------------------------------------------------------------------- weights
 

@@ -19,6 +19,7 @@ natural log of the product, which ranks identically (``extra['log_scale'] = True
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from ..arch import parts
+from ..errors import LayerpruneError
 from .base import Metric, MetricResult, ScoreContext, register_metric
 
 REDUCTIONS = ("sum", "mean", "max", "prod")
@@ -165,20 +167,28 @@ register_metric(Magnitude, name="magnitude_l2", p=2)
 
 
 class _resident:
-    """Context manager: weights of an accelerate-offloaded layer materialised on its execution device."""
+    """Context manager: weights of an accelerate-offloaded layer materialised while inside.
+
+    accelerate puts its offload hooks on the leaf modules (or on the layer), so every submodule that holds
+    offloaded parameters is aligned to its execution device.
+    """
 
     def __init__(self, layer: nn.Module):
         self.layer = layer
-        self.cm: Any = None
+        self.stack = contextlib.ExitStack()
 
     def __enter__(self) -> nn.Module:
         if any(p.device.type == "meta" for p in self.layer.parameters()):
-            from accelerate.utils import align_module_device
+            from accelerate.utils import align_module_device, has_offloaded_params
 
-            self.cm = align_module_device(self.layer)
-            self.cm.__enter__()
+            for mod in self.layer.modules():
+                if has_offloaded_params(mod):
+                    self.stack.enter_context(align_module_device(mod))
+            if any(p.device.type == "meta" for p in self.layer.parameters()):
+                self.stack.close()
+                raise LayerpruneError("magnitude: some layer weights are on the meta device and not offloaded "
+                                      "through accelerate; use --mode layerwise")
         return self.layer
 
     def __exit__(self, *exc: Any) -> None:
-        if self.cm is not None:
-            self.cm.__exit__(*exc)
+        self.stack.close()

@@ -1,0 +1,126 @@
+"""``layerprune score``: compute layer-importance metrics and write scores.json / .csv / .png.
+
+Also home of the calibration and metric flags that ``layerprune prune --metric`` shares.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..data.calibration import DEFAULT_SOURCE, CalibSpec
+from .common import add_data_dir_arg, add_dtype_arg, add_model_arg, add_out_args, add_verbose
+
+
+def add_calib_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("calibration data")
+    g.add_argument("--calib", default=DEFAULT_SOURCE,
+                   help="preset (c4, wikitext2, ptb, bookcorpus), local .jsonl/.json/.txt/.parquet file or "
+                        "folder, or a Hub dataset id (default: %(default)s; offline: the local C4 sample)")
+    g.add_argument("--nsamples", type=int, default=10, help="number of calibration windows (default: 10)")
+    g.add_argument("--seqlen", type=int, default=128, help="tokens per window (default: 128)")
+    g.add_argument("--seed", type=int, default=42,
+                   help="seed of the calibration sampler and of the random metric (default: 42)")
+    g.add_argument("--calib-split", default=None, help="dataset split (default: train)")
+    g.add_argument("--calib-field", default=None, help="text field of JSON/Parquet rows (default: text)")
+    g.add_argument("--calib-config", default=None, help="dataset config name for a Hub dataset id")
+    g.add_argument("--calib-mode", default="auto", choices=("auto", "documents", "stream"),
+                   help="documents: random long document then a window (the seed's sampler); stream: join all "
+                        "rows and take windows (default for wikitext2/ptb)")
+    g.add_argument("--allow-eval-overlap", action="store_true",
+                   help="allow calibrating on a dataset's evaluation split (test)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="calibration samples per forward (default: all in one batch)")
+    add_data_dir_arg(g)  # type: ignore[arg-type]
+
+
+def add_metric_option_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("metric parameters (each metric takes the ones it has)")
+    g.add_argument("--p", type=int, choices=(1, 2), default=None,
+                   help="norm order for magnitude (default 2; magnitude_l1/_l2 fix it) and taylor (default 1)")
+    g.add_argument("--weight-reduction", choices=("sum", "mean", "max", "prod"), default=None,
+                   help="magnitude/taylor: reduction over a matrix's outputs (default: sum)")
+    g.add_argument("--block-reduction", choices=("sum", "mean", "max", "prod"), default=None,
+                   help="magnitude/taylor: reduction over a layer's matrices (default: sum)")
+    g.add_argument("--no-norms", dest="include_norms", action="store_false", default=None,
+                   help="magnitude/taylor: leave normalisation weights out")
+    g.add_argument("--seed-compat", action="store_true", default=None,
+                   help="reproduce the seed: magnitude/taylor ||W||_p^p, bi as one global cosine")
+    g.add_argument("--angular-tokens", dest="tokens", choices=("all", "last"), default=None,
+                   help="angular: average over all tokens (default) or the last token of each sample")
+    g.add_argument("--naive-ppl", dest="reuse_prefix", action="store_false", default=None,
+                   help="ppl: run the naive remove-one loop instead of prefix reuse (same scores, slower)")
+
+
+def add_protect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--protect-first", type=int, default=0, metavar="M",
+                   help="never remove the first M layers (all metrics but random/reverse)")
+    p.add_argument("--protect-last", type=int, default=0, metavar="N",
+                   help="never remove the last N layers (all metrics but random/reverse)")
+
+
+def add_mode_args(p: argparse.ArgumentParser, flag: str = "--mode") -> None:
+    p.add_argument(flag, dest="score_mode", default="memory", choices=("memory", "dispatch", "layerwise"),
+                   help="memory: load the model; dispatch: accelerate device_map=auto with CPU/disk offload; "
+                        "layerwise: read one decoder layer at a time from safetensors (default: memory)")
+    p.add_argument("--device", default=None, help="device for memory/layerwise modes (default: cuda if any)")
+    p.add_argument("--offload-folder", default=None, help="dispatch mode: folder for disk-offloaded weights")
+    p.add_argument("--no-cache", action="store_true", help="recompute instead of using the score cache")
+
+
+def calib_spec_from_args(args: argparse.Namespace) -> CalibSpec:
+    return CalibSpec(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                     split=args.calib_split, field=args.calib_field, mode=args.calib_mode, data_dir=args.data_dir,
+                     allow_eval_overlap=args.allow_eval_overlap, hub_config=args.calib_config)
+
+
+def metric_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    opts = {k: getattr(args, k, None) for k in ("p", "weight_reduction", "block_reduction", "include_norms",
+                                                 "seed_compat", "tokens", "reuse_prefix")}
+    opts["seed"] = args.seed
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from ..metrics import metric_names
+
+    p = sub.add_parser("score", help="compute layer-importance scores (bi, angular, ppl, taylor, ...)",
+                       description="Score every decoder layer with one or more metrics and write scores.json, "
+                                   "scores.csv, scores.png (and similarity.png for cka/angular). Scores are "
+                                   "indexed by 0-based original layer; higher = more important.")
+    add_model_arg(p)
+    p.add_argument("--metric", action="append", required=True,
+                   help=f"metric name, repeatable or comma-separated: {', '.join(metric_names())}")
+    add_out_args(p)
+    k = p.add_mutually_exclusive_group()
+    k.add_argument("--remove", "--num", dest="num", type=int, default=None, metavar="K",
+                   help="highlight the K layers one-shot selection would remove (default: --ratio 0.25)")
+    k.add_argument("--ratio", type=float, default=None, help="highlight this fraction of layers")
+    add_protect_args(p)
+    add_calib_args(p)
+    add_metric_option_args(p)
+    add_mode_args(p)
+    add_dtype_arg(p)
+    add_verbose(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..metrics import parse_metric_list
+    from ..score import score_and_write
+
+    metrics = parse_metric_list(args.metric)
+    ratio = args.ratio if (args.ratio is not None or args.num is not None) else 0.25
+    res, k = score_and_write(args.model, metrics, args.out, calib=calib_spec_from_args(args), k=args.num,
+                             ratio=None if args.num is not None else ratio, protect_first=args.protect_first,
+                             protect_last=args.protect_last, overwrite=args.overwrite, mode=args.score_mode,
+                             batch_size=args.batch_size, cache=not args.no_cache, dtype=args.dtype,
+                             device=args.device, offload_folder=args.offload_folder,
+                             metric_options=metric_options_from_args(args))
+    sel = res.selections(k, args.protect_first, args.protect_last)
+    for name, r in res.results.items():
+        tag = " (cached)" if r.cached else f" ({r.elapsed_s:.1f}s)"
+        print(f"{name}{tag}: removal order {r.removal_order()[:12]}{' ...' if r.num_layers > 12 else ''}; "
+              f"k={k} -> {sel.get(name)}")
+    print(f"wrote scores.json, scores.csv, scores.png -> {args.out}")
+    return 0
