@@ -195,3 +195,11 @@ def test_peft_adapter_in_process_matches_lm_eval_loading(tmp_path, data_dir, no_
                                                                      "dtype": "float32"}, **kw)
     assert lls(ours) != pytest.approx(lls(base), abs=1e-4)
     assert lls(ours) == pytest.approx(lls(theirs), abs=1e-4)
+
+
+def test_no_data_and_hub_off_is_one_line_error(tiny_llama):
+    from layerprune.errors import LayerpruneError
+
+    model, tok = tiny_llama
+    with pytest.raises(LayerpruneError, match="Hub is off"):
+        evaluate(model, tok, ["piqa"])

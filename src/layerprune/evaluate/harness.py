@@ -260,7 +260,12 @@ def evaluate(model: nn.Module | str, tokenizer: Any = None, tasks: str | Sequenc
     """
     import lm_eval
 
+    from ..data.presets import hub_reachable
+
     names = parse_tasks(tasks)
+    if data_dir is None and not hub_reachable():
+        raise LayerpruneError("no local data folder (--data-dir / $LAYERPRUNE_DATA) and the Hub is off "
+                              "(HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1)")
     t0 = time.perf_counter()
     with quiet(verbose), TaskSource(names, data_dir, num_fewshot) as src:
         lm = make_lm(model, tokenizer, batch_size=batch_size, model_args=model_args)

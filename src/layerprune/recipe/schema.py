@@ -41,7 +41,7 @@ SCHEMA: dict[str, Any] = {
         "step": (int, 1),
     },
     "heal": {
-        "method": (str, "partial"),  # partial | lora | dora | qlora | full | none
+        "method": (str, "partial"),  # partial | lora | dora | qlora | full | distill | none
         "layers": (str, "last3"),  # partial: last3 | last1 | lm_head | 20,21 ...
         "data": (str, "alpaca"),
         "template": (OPT_STR, None),
@@ -55,9 +55,10 @@ SCHEMA: dict[str, Any] = {
         "val_size": (OPT_INT, None),
         "eval_steps": (int, 100),
         "max_train_samples": (OPT_INT, None),
-        "teacher": (OPT_STR, None),  # distillation from this model ("dense" = the unpruned source)
-        "kd_temperature": (NUM, 2.0),
-        "kd_alpha": (NUM, 0.5),
+        "teacher": (OPT_STR, None),  # method=distill: teacher model (default: the unpruned source)
+        "distill_base": (str, "partial"),  # trainable parameters under distillation
+        "distill_temperature": (NUM, 2.0),
+        "distill_weight": (NUM, 0.5),  # weight of the KL term; the LM loss gets 1 - weight
         "lora_r": (int, 8),
         "lora_alpha": (int, 16),
         "lora_dropout": (NUM, 0.05),
@@ -99,6 +100,12 @@ def _check(value: Any, types: Any, key: str) -> Any:
             raise LayerpruneError(f"recipe: '{key}' must be a {types}, got {value!r}")
         return value
     tt = types if isinstance(types, tuple) else (types,)
+    if isinstance(value, str) and float in tt:
+        # PyYAML reads "1e-5" (no dot) as a string: accept it as the number it plainly is.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if isinstance(value, bool) and bool not in tt:
         raise LayerpruneError(f"recipe: '{key}' must be {_type_name(types)}, got {value!r}")
     if not isinstance(value, tt):

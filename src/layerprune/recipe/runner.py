@@ -1,0 +1,356 @@
+"""Execute a recipe: score -> select -> prune -> heal -> evaluate -> measure -> report, resumable.
+
+Run-directory layout (every folder is one stage's atomic output; ``state.json`` holds fingerprints)::
+
+    RUN/recipe.yaml          the validated recipe with every default filled in
+    RUN/score/               scores.json, scores.csv, scores.png, similarity.png   (one-shot)
+    RUN/pruned/              pruned checkpoint + layerprune.json
+    RUN/model/               the final model (healed, or the pruned one when heal.method is none) + README.md
+    RUN/rounds/round-NN/     iterative mode: score/, pruned/, healed/ of each round
+    RUN/eval-{dense,pruned,healed}/   eval.json (zero-shot + perplexity with protocol cards)
+    RUN/measure/             bench.json (dense and pruned) and the speedup
+    RUN/layerprune.json      the run manifest;  RUN/report.md, report.html, plots/, exports/
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import LayerpruneError
+from ..io import check_out_dir, read_json, write_json
+from ..models import MANIFEST, library_versions, resolve_model
+from .schema import load_recipe
+from .state import RunState, folder_fingerprint
+
+FINAL = "model"
+NO_HEAL = "none"
+
+
+def _layer_count(path: str) -> int:
+    from ..arch import layer_count
+
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise LayerpruneError(f"not a model folder (no config.json): {path}")
+    return layer_count(json.loads(cfg.read_text()))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link a checkpoint folder's files (free), falling back to a copy across file systems."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file():
+            try:
+                os.link(f, dst / f.name)
+            except OSError:
+                shutil.copy2(f, dst / f.name)
+
+
+class RecipeRun:
+    """One execution of a recipe in a run directory."""
+
+    def __init__(self, recipe: dict[str, Any], run_dir: Path, *, resume: bool = False,
+                 log: Callable[[str], None] = print) -> None:
+        self.r = recipe
+        self.dir = run_dir
+        self.log = log
+        self.state = RunState(run_dir, resume, log)
+        self.source = resolve_model(recipe["model"])
+        self.source_fp = folder_fingerprint(self.source)
+        from ..data.presets import resolve_data_dir
+
+        dd = resolve_data_dir(recipe["data_dir"])
+        self.data_dir = str(dd) if dd else None
+        self.n0 = _layer_count(self.source)
+        p = recipe["prune"]
+        from ..select import resolve_k
+
+        self.k = resolve_k(self.n0, p["num_layers"], None if p["num_layers"] is not None else p["ratio"])
+        self.timings: dict[str, float] = {}
+
+    # ---- stages -------------------------------------------------------------------------------------------
+    def _score(self, model_path: str, name: str, k: int, inputs: dict, layer_map: list[int] | None = None
+               ) -> dict[str, Any]:
+        """Score ``model_path`` with the recipe's metric and select ``k`` layers (original indices)."""
+        p = self.r["prune"]
+
+        def fn(tmp: Path) -> dict[str, Any]:
+            from ..data.calibration import CalibSpec
+            from ..score import score
+            from ..select import select_one_shot
+
+            spec = CalibSpec(source=p["calib"], nsamples=p["nsamples"], seqlen=p["seqlen"], seed=self.r["seed"],
+                             split=p["calib_split"], data_dir=self.data_dir)
+            metric = (p["metric"], dict(p["metric_params"])) if p["metric_params"] else p["metric"]
+            kw: dict[str, Any] = {"dtype": self.r["dtype"]}
+            if layer_map is not None:
+                from ..models import load
+
+                model, tok = load(model_path, dtype=self.r["dtype"])
+                res = score(model, [metric], spec, tokenizer=tok, layer_map=layer_map, num_layers=self.n0,
+                            cache=False)
+            else:
+                res = score(model_path, [metric], spec, **kw)
+            label = next(iter(res.results))
+            sel = select_one_shot(res.results[label], k, protect_first=p["protect_first"],
+                                  protect_last=p["protect_last"], metric=res.metric_objects.get(label))
+            res.write(tmp, k=None, overwrite=True)
+            # Highlight what was actually removed (iterative rounds select among the remaining layers).
+            data = read_json(tmp / "scores.json")
+            data["metrics"][label]["selected"] = sel.removed
+            write_json(tmp / "scores.json", data)
+            return {"metric": label, "removed": sorted(sel.removed), "scores": data["metrics"][label],
+                    "calibration": data.get("calibration")}
+
+        return self.state.run(name, inputs, fn)
+
+    def _prune(self, model_path: str, remove_positions: list[int], name: str, inputs: dict) -> dict[str, Any]:
+        def fn(tmp: Path) -> dict[str, Any]:
+            from ..prune import prune_checkpoint
+
+            out = tmp / "ckpt"
+            rec = prune_checkpoint(model_path, out, remove=remove_positions, dtype=self.r["dtype"],
+                                   method=self.r["prune"]["metric"])
+            for f in out.iterdir():  # flatten: the stage folder is the checkpoint
+                f.rename(tmp / f.name)
+            out.rmdir()
+            return rec.to_dict()
+
+        return self.state.run(name, inputs, fn)
+
+    def _heal(self, model_path: str, name: str, inputs: dict) -> dict[str, Any]:
+        h = self.r["heal"]
+
+        def fn(tmp: Path) -> dict[str, Any]:
+            from ..heal import heal
+
+            opts = {k: v for k, v in h.items() if v is not None}
+            if opts["method"] == "distill" and not opts.get("teacher"):
+                opts["teacher"] = self.source
+            out = tmp / "ckpt"
+            res = heal(model_path, out, data_dir=self.data_dir, seed=self.r["seed"],
+                       checkpoint_dir=str(self.dir / f".{name.replace('/', '_')}.checkpoints"),
+                       resume=True, **opts)
+            for f in out.iterdir():
+                f.rename(tmp / f.name)
+            out.rmdir()
+            return res
+
+        return self.state.run(name, inputs, fn)
+
+    def _evaluate(self, which: str, model_path: str, fp: str) -> dict[str, Any]:
+        e = self.r["evaluate"]
+        inputs = {"model": fp, "evaluate": e, "data_dir": self.data_dir}
+
+        def fn(tmp: Path) -> dict[str, Any]:
+            from ..evaluate import check_not_calibration, evaluate, perplexity
+            from ..models import load
+
+            model, tok = load(model_path, dtype=self.r["dtype"])
+            out: dict[str, Any] = {"ppl": {}}
+            for ds in e["ppl"]:
+                r = perplexity(model, tok, ds, "seed", data_dir=self.data_dir, seq_len=e["ppl_seqlen"],
+                               max_tokens=e["ppl_max_tokens"])
+                check_not_calibration(ds, r["card"].get("split", "test"), self.dir)
+                out["ppl"][ds] = r
+            if e["tasks"]:
+                out["zero_shot"] = evaluate(model, tok, e["tasks"], num_fewshot=e["num_fewshot"], limit=e["limit"],
+                                            batch_size=e["batch_size"], data_dir=self.data_dir)
+            write_json(tmp / "eval.json", out)
+            return out
+
+        return self.state.run(f"eval-{which}", inputs, fn)
+
+    def _measure(self, paths: dict[str, str], fps: dict[str, str]) -> dict[str, Any]:
+        m = self.r["measure"]
+        inputs = {"models": fps, "measure": m}
+
+        def fn(tmp: Path) -> dict[str, Any]:
+            from ..measure import measure, speedup
+            from ..models import load_model
+
+            out: dict[str, Any] = {}
+            for which, path in paths.items():
+                model = load_model(path, dtype=self.r["dtype"])
+                out[which] = measure(model, seq_len=m["seqlen"], batches=tuple(m["batch"]),
+                                     new_tokens=m["new_tokens"], repeats=m["repeats"])
+                del model
+            if "dense" in out and "pruned" in out:
+                out["speedup"] = speedup(out["dense"], out["pruned"])
+            write_json(tmp / "bench.json", out)
+            return out
+
+        return self.state.run("measure", inputs, fn)
+
+    # ---- pipeline -----------------------------------------------------------------------------------------
+    def execute(self) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "recipe.yaml").write_text(yaml.safe_dump(self.r, sort_keys=False))
+        p, h = self.r["prune"], self.r["heal"]
+        heal_on = h["method"] != NO_HEAL
+        scores: dict[str, Any] = {}
+        rounds: list[dict[str, Any]] = []
+
+        if not p["iterative"]:
+            base = {"model": self.source_fp, "prune": p, "seed": self.r["seed"], "dtype": self.r["dtype"],
+                    "k": self.k, "data_dir": self.data_dir}
+            sc = self._score(self.source, "score", self.k, base)
+            removed = sc["removed"]
+            scores[sc["metric"]] = sc["scores"]
+            pr = self._prune(self.source, removed, "pruned", {**base, "removed": removed})
+            pruned_path = str(self.dir / "pruned")
+            pruned_fp = self.state.stages["pruned"]["fingerprint"]
+            final_fp = pruned_fp
+            if heal_on:
+                self._heal(pruned_path, FINAL, {"pruned": pruned_fp, "heal": h, "seed": self.r["seed"],
+                                                "data_dir": self.data_dir})
+                final_fp = self.state.stages[FINAL]["fingerprint"]
+            kept = pr["kept_layers"]
+        else:
+            removed, kept, current, cur_fp = [], list(range(self.n0)), self.source, self.source_fp
+            pruned_path, pruned_fp = None, None
+            r = 0
+            while len(removed) < self.k:
+                r += 1
+                step = min(p["step"], self.k - len(removed))
+                rd = f"rounds/round-{r:02d}"
+                base = {"model": cur_fp, "prune": p, "seed": self.r["seed"], "kept": kept, "step": step,
+                        "data_dir": self.data_dir}
+                sc = self._score(current, f"{rd}/score", step, base, layer_map=kept)
+                chosen = sc["removed"]
+                positions = [kept.index(i) for i in chosen]
+                self._prune(current, positions, f"{rd}/pruned", {**base, "removed": chosen})
+                current = str(self.dir / rd / "pruned")
+                cur_fp = self.state.stages[f"{rd}/pruned"]["fingerprint"]
+                if r == 1:  # the first cut is the "pruned, not healed" reference for evaluation
+                    pruned_path, pruned_fp = current, cur_fp
+                if heal_on:
+                    self._heal(current, f"{rd}/healed", {"pruned": cur_fp, "heal": h, "seed": self.r["seed"],
+                                                         "data_dir": self.data_dir})
+                    current = str(self.dir / rd / "healed")
+                    cur_fp = self.state.stages[f"{rd}/healed"]["fingerprint"]
+                removed = sorted(removed + chosen)
+                kept = [i for i in kept if i not in set(chosen)]
+                scores[f"{sc['metric']}@round{r}"] = sc["scores"]
+                rounds.append({"round": r, "removed_layers": chosen, "kept_layers": list(kept)})
+            # The final model of the last round becomes RUN/model (hard links, no copy).
+            final_fp = cur_fp
+            if (self.dir / FINAL).exists():
+                shutil.rmtree(self.dir / FINAL)
+            _link_or_copy(Path(current), self.dir / FINAL)
+            # An iterative "pruned" reference with all k layers removed but never healed does not exist; the
+            # first round's cut is evaluated as "pruned" and labelled so in the report.
+        if not heal_on and not p["iterative"]:
+            if (self.dir / FINAL).exists():
+                shutil.rmtree(self.dir / FINAL)
+            _link_or_copy(self.dir / "pruned", self.dir / FINAL)
+
+        # Evaluation and measurement.
+        paths = {"dense": self.source, "pruned": pruned_path, "healed": str(self.dir / FINAL)}
+        fps = {"dense": self.source_fp, "pruned": pruned_fp, "healed": final_fp}
+        if not heal_on:
+            paths.pop("healed")
+        results: dict[str, Any] = {}
+        for which in self.r["evaluate"]["models"]:
+            if which in paths and paths[which]:
+                results[which] = {"eval": self._evaluate(which, paths[which], fps[which])}
+        bench = None
+        if self.r["measure"]["enabled"]:
+            bench = self._measure({"dense": self.source, "pruned": str(self.dir / FINAL)},
+                                  {"dense": self.source_fp, "pruned": final_fp})
+
+        manifest = self._manifest(removed, kept, scores, rounds, results, bench)
+        manifest["timings"]["total_s"] = round(time.perf_counter() - t0, 1)
+        self._finish(manifest)
+        return manifest
+
+    # ---- outputs ------------------------------------------------------------------------------------------
+    def _manifest(self, removed: list[int], kept: list[int], scores: dict[str, Any], rounds: list[dict],
+                  results: dict[str, Any], bench: dict[str, Any] | None) -> dict[str, Any]:
+        out_results: dict[str, Any] = {}
+        for which, r in results.items():
+            ev = r["eval"]
+            row: dict[str, Any] = {"ppl": {ds: {"ppl": v["ppl"], "card": v["card"]} for ds, v in ev["ppl"].items()}}
+            zs = ev.get("zero_shot")
+            if zs:
+                row["zero_shot"] = zs["tasks"]
+                row["avg_acc"] = zs.get("mean_acc")
+            out_results[which] = row
+        if bench:
+            for which, key in (("dense", "dense"), ("pruned", "pruned"), ("healed", "pruned")):
+                if key in bench and (which in out_results or which != "healed"):
+                    b = bench[key]
+                    sp = (b.get("speed") or [{}])[0]
+                    out_results.setdefault(which, {}).update({
+                        "params": b["params"]["total"], "non_embedding_params": b["params"].get("non_embedding"),
+                        "macs": b["macs"]["total"],
+                        "prefill_ms": sp.get("prefill_seconds", {}).get("median", math.nan) * 1000,
+                        "decode_tok_s": sp.get("decode_tokens_per_s")})
+        heal_stage = self.state.stages.get(FINAL, {}).get("result") if self.r["heal"]["method"] != NO_HEAL else None
+        if self.r["prune"]["iterative"] and self.r["heal"]["method"] != NO_HEAL:
+            last = max((k for k in self.state.stages if k.endswith("/healed")), default=None)
+            heal_stage = self.state.stages[last]["result"] if last else None
+        sim = None
+        score_dir = self.dir / "score"
+        if (score_dir / "scores.json").is_file():
+            for m in read_json(score_dir / "scores.json")["metrics"].values():
+                mat = (m.get("extra") or {}).get("matrix")
+                if mat is not None:
+                    sim = {"cka" if "cka" in m.get("name", "") else "similarity": mat}
+        return {
+            "model": self.r["model"], "source_model": self.source, "recipe": self.r,
+            "original_num_layers": self.n0, "removed_layers": sorted(removed), "kept_layers": kept,
+            "scores": scores, "similarity": sim, "heal": heal_stage, "results": out_results,
+            "measure": bench, "rounds": rounds or None,
+            "stages": {k: {"fingerprint": v["fingerprint"], "seconds": v["seconds"], "inputs": v["inputs"]}
+                       for k, v in self.state.stages.items()},
+            "timings": {k: v["seconds"] for k, v in self.state.stages.items()},
+            "library_versions": library_versions(), "final_model": str(self.dir / FINAL),
+        }
+
+    def _finish(self, manifest: dict[str, Any]) -> None:
+        from ..report import model_card, write_exports, write_report
+
+        write_json(self.dir / MANIFEST, manifest)
+        final = self.dir / FINAL
+        # The final model's own manifest speaks in original indices of the source model.
+        mf = final / MANIFEST
+        m = read_json(mf) if mf.is_file() else {}
+        m.update({"source_model": self.r["model"], "original_num_layers": self.n0,
+                  "removed_layers": manifest["removed_layers"], "kept_layers": manifest["kept_layers"],
+                  "recipe": self.r["name"]})
+        if mf.is_file():
+            mf.unlink()  # may be a hard link shared with a round folder: never write through it
+        write_json(mf, m)
+        card = final / "README.md"
+        if card.exists():
+            card.unlink()
+        card.write_text(model_card(manifest), encoding="utf-8")
+        write_report(self.dir, manifest)
+        write_exports(self.dir, manifest)
+
+
+def run_recipe(recipe: str | os.PathLike | dict[str, Any], out_dir: str | os.PathLike | None = None, *,
+               overrides: list[str] | None = None, resume: bool = False, overwrite: bool = False,
+               log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run a recipe file (or an already validated dict) into ``out_dir`` (default ``runs/<name>``)."""
+    from .schema import apply_overrides, validate
+
+    rec = validate(apply_overrides(recipe, overrides or [])) if isinstance(recipe, dict) else \
+        load_recipe(recipe, overrides)
+    out = Path(out_dir or Path("runs") / rec["name"])
+    if not resume:
+        check_out_dir(out, overwrite)
+        if out.exists():
+            shutil.rmtree(out)
+    return RecipeRun(rec, out, resume=resume, log=log).execute()
