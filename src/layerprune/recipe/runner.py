@@ -232,8 +232,6 @@ class RecipeRun:
                 self._prune(current, positions, f"{rd}/pruned", {**base, "removed": chosen})
                 current = str(self.dir / rd / "pruned")
                 cur_fp = self.state.stages[f"{rd}/pruned"]["fingerprint"]
-                if r == 1:  # the first cut is the "pruned, not healed" reference for evaluation
-                    pruned_path, pruned_fp = current, cur_fp
                 if heal_on:
                     self._heal(current, f"{rd}/healed", {"pruned": cur_fp, "heal": h, "seed": self.r["seed"],
                                                          "data_dir": self.data_dir})
@@ -243,13 +241,12 @@ class RecipeRun:
                 kept = [i for i in kept if i not in set(chosen)]
                 scores[f"{sc['metric']}@round{r}"] = sc["scores"]
                 rounds.append({"round": r, "removed_layers": chosen, "kept_layers": list(kept)})
-            # The final model of the last round becomes RUN/model (hard links, no copy).
+            # The final model of the last round becomes RUN/model (hard links, no copy). Iterative mode has no
+            # "all k layers removed, never healed" model, so only dense and final are evaluated.
             final_fp = cur_fp
             if (self.dir / FINAL).exists():
                 shutil.rmtree(self.dir / FINAL)
             _link_or_copy(Path(current), self.dir / FINAL)
-            # An iterative "pruned" reference with all k layers removed but never healed does not exist; the
-            # first round's cut is evaluated as "pruned" and labelled so in the report.
         if not heal_on and not p["iterative"]:
             if (self.dir / FINAL).exists():
                 shutil.rmtree(self.dir / FINAL)
@@ -258,8 +255,10 @@ class RecipeRun:
         # Evaluation and measurement.
         paths = {"dense": self.source, "pruned": pruned_path, "healed": str(self.dir / FINAL)}
         fps = {"dense": self.source_fp, "pruned": pruned_fp, "healed": final_fp}
-        if not heal_on:
+        if not heal_on:  # the final model is the pruned one
             paths.pop("healed")
+            if p["iterative"]:
+                paths["pruned"], fps["pruned"] = str(self.dir / FINAL), final_fp
         results: dict[str, Any] = {}
         for which in self.r["evaluate"]["models"]:
             if which in paths and paths[which]:

@@ -1,0 +1,108 @@
+"""Scoring speed on the real SmolLM2-135M (30 layers), all numbers measured in this one run.
+
+1. ``ppl``: remove-one perplexity with prefix reuse vs the naive remove-one loop (layer skipped in place,
+   whole model run per removal). Both use the same head/loss code, so the ratio isolates prefix reuse.
+   Prints the time ratio (goal <= 0.65), whether the rankings are identical, the largest relative NLL
+   difference, and the ratio predicted from the measured cost of one layer and of the head+loss:
+   ``(L + L(L-1)/2 + (L+1)h) / (L(L-1) + Lh)`` with h = head cost in layers (SmolLM2's 49k-vocabulary head
+   costs about ten decoder layers, which bounds the achievable ratio).
+2. ``bi`` + ``angular`` + ``cka`` in one forward vs each alone.
+
+Usage: python bench/score_speed.py [--model default] [--nsamples 10] [--seqlen 128] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported: one thread, comparable timings
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from layerprune.arch import parts  # noqa: E402
+from layerprune.data.calibration import CalibSpec, build_calibration  # noqa: E402
+from layerprune.metrics import remove_one_nll_naive, remove_one_nll_prefix  # noqa: E402
+from layerprune.metrics._forward import capture, finish_fn, nll_from_hidden  # noqa: E402
+from layerprune.models import load  # noqa: E402
+from layerprune.score import score  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _timed(fn, *a, **kw):
+    t = time.perf_counter()
+    out = fn(*a, **kw)
+    return time.perf_counter() - t, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--nsamples", type=int, default=10)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--data-dir", default=os.environ.get("LAYERPRUNE_DATA") or str(REPO.parent / "shared" / "data"))
+    ap.add_argument("--json", default=None, help="also write the numbers here")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    model, tok = load(args.model, dtype="float32")
+    cal = build_calibration(tok, CalibSpec("c4", nsamples=args.nsamples, seqlen=args.seqlen,
+                                           data_dir=args.data_dir))
+    L = parts(model).num_layers
+    print(f"model {args.model}: {L} layers; calibration {args.nsamples} x {args.seqlen} tokens (C4 sample); "
+          f"torch threads {torch.get_num_threads()}")
+
+    # Warm-up (first-call allocations), then the cost model: one layer vs one head+loss evaluation.
+    batches = cal.batches()
+    t_cap, cap = _timed(capture, model, batches)
+    t_cap, cap = _timed(capture, model, batches)
+    finish = finish_fn(model)
+    t_head, _ = _timed(lambda: [nll_from_hidden(finish, cap.final[b], *batches[b]) for b in range(len(batches))])
+    layer = t_cap / L
+    h = t_head / layer
+    predicted = (L + L * (L - 1) / 2 + (L + 1) * h) / (L * (L - 1) + L * h)
+    print(f"cost model: one layer {layer * 1e3:.1f} ms, head+loss {t_head * 1e3:.1f} ms = {h:.1f} layers; "
+          f"predicted prefix/naive ratio {predicted:.3f}")
+
+    t_prefix, (nll_p, n_p, base, how) = _timed(remove_one_nll_prefix, model, cal, None, False)
+    t_naive, (nll_n, n_n, _, how_n) = _timed(remove_one_nll_naive, model, cal, None, False)
+    rank_p = sorted(range(L), key=lambda i: (nll_p[i], i))
+    rank_n = sorted(range(L), key=lambda i: (nll_n[i], i))
+    max_rel = max(abs(a - b) / abs(b) for a, b in zip(nll_p, nll_n))
+    ratio = t_prefix / t_naive
+    print(f"ppl prefix reuse ({how}): {t_prefix:.1f} s; naive remove-one loop ({how_n}): {t_naive:.1f} s; "
+          f"ratio {ratio:.3f} (goal <= 0.65)")
+    print(f"ppl ranking identical: {rank_p == rank_n}; max relative NLL difference {max_rel:.2e}; "
+          f"least important first: {rank_p[:8]}")
+
+    # Hidden-state metrics: together in one forward vs each alone (in-memory, no cache).
+    score(model, ["bi"], cal, progress=False)  # warm-up
+    alone = {}
+    for name in ("bi", "angular", "cka"):
+        alone[name], _ = _timed(score, model, [name], cal, progress=False)
+    together, res = _timed(score, model, ["bi", "angular", "cka"], cal, progress=False)
+    print("alone: " + ", ".join(f"{k} {v:.2f} s" for k, v in alone.items()) +
+          f"; sum {sum(alone.values()):.2f} s")
+    print(f"bi+angular+cka together (one forward): {together:.2f} s = {together / sum(alone.values()):.2f} x the "
+          f"sum of the three, {together / max(alone.values()):.2f} x the slowest alone")
+
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "model": args.model, "layers": L, "nsamples": args.nsamples, "seqlen": args.seqlen,
+            "layer_ms": layer * 1e3, "head_layers": h, "predicted_ratio": predicted,
+            "ppl_prefix_s": t_prefix, "ppl_naive_s": t_naive, "ppl_ratio": ratio,
+            "ppl_ranking_identical": rank_p == rank_n, "ppl_max_rel_diff": max_rel,
+            "alone_s": alone, "together_s": together,
+            "removal_order": {k: r.removal_order()[:8] for k, r in res.results.items()}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

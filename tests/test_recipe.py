@@ -1,0 +1,125 @@
+"""Recipes: schema validation, an end-to-end tiny run, resume semantics, manifest/model card/exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_tiny
+from transformers import AutoModelForCausalLM
+
+from layerprune.errors import LayerpruneError
+from layerprune.recipe import load_recipe, run_recipe, validate
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("data,msg", [
+    ({"heal": {"lrr": 1}}, "unknown key 'heal.lrr'"),
+    ({"bogus": 1}, "unknown key 'bogus'"),
+    ({"heal": {"lr": "fast"}}, "'heal.lr' must be int or float"),
+    ({"prune": {"iterative": "yes"}}, "'prune.iterative' must be bool"),
+    ({"evaluate": {"tasks": [1, 2]}}, "'evaluate.tasks' must be a list[str]"),
+    ({"prune": {"ratio": 1.5}}, "prune.ratio"),
+    ({"evaluate": {"models": ["teacher"]}}, "evaluate.models"),
+    ({"heal": 3}, "'heal' must be a mapping"),
+])
+def test_schema_errors_name_the_key(data, msg):
+    with pytest.raises(LayerpruneError, match=msg.replace("[", r"\[").replace("]", r"\]")):
+        validate(data)
+
+
+def test_defaults_and_shipped_recipes_validate():
+    rec = validate({})
+    assert rec["prune"]["metric"] == "reverse" and rec["heal"]["method"] == "partial"
+    assert rec["heal"]["lr"] == 1e-5 and rec["heal"]["batch_size"] == 64 and rec["heal"]["micro_batch_size"] == 4
+    names = {p.stem for p in (REPO / "recipes").glob("*.yaml")}
+    assert {"best-practice", "lora-baseline", "taylor", "ppl", "bi", "magnitude-l1", "magnitude-l2", "random",
+            "angular", "iterative-reverse", "dolly"} <= names
+    for p in (REPO / "recipes").glob("*.yaml"):
+        r = load_recipe(p, ["model=/some/other/model"])
+        assert r["model"] == "/some/other/model"
+    bp = load_recipe(REPO / "recipes" / "best-practice.yaml")
+    assert (bp["prune"]["metric"], bp["prune"]["ratio"], bp["heal"]["method"], bp["heal"]["layers"]) == \
+        ("reverse", 0.25, "partial", "last3")
+
+
+@pytest.fixture(scope="module")
+def tiny_smol(tmp_path_factory, smollm2_path):
+    """A tiny random llama that uses the real SmolLM2 tokenizer (so real text data is meaningful)."""
+    from layerprune.models import copy_aux_files
+
+    out = tmp_path_factory.mktemp("tiny") / "tiny-smol"
+    make_tiny("llama", vocab_size=49152, pad_token_id=2).save_pretrained(out)
+    copy_aux_files(smollm2_path, out, overwrite=False)
+    return out
+
+
+def _recipe(model: Path, **over) -> dict:
+    r = {"name": "tiny", "model": str(model),
+         "prune": {"metric": "bi", "num_layers": 2, "nsamples": 2, "seqlen": 32},
+         "heal": {"method": "partial", "layers": "last1", "max_steps": 2, "batch_size": 2, "micro_batch_size": 2,
+                  "eval_steps": 2, "val_size": 4, "max_train_samples": 8, "warmup_steps": 1, "cutoff_len": 48},
+         "evaluate": {"tasks": ["piqa"], "limit": 2, "ppl": ["wikitext2"], "ppl_max_tokens": 256, "batch_size": 4},
+         "measure": {"seqlen": 8, "new_tokens": 3, "repeats": 1, "batch": [1]}}
+    for k, v in over.items():
+        r[k] = {**r.get(k, {}), **v} if isinstance(v, dict) else v
+    return r
+
+
+def test_end_to_end_resume_and_outputs(tiny_smol, tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("LAYERPRUNE_DATA", str(data_dir))
+    out = tmp_path / "run"
+    logs: list[str] = []
+    m = run_recipe(_recipe(tiny_smol), out, log=logs.append)
+    removed, kept = m["removed_layers"], m["kept_layers"]
+    assert len(removed) == 2 and sorted(removed + kept) == list(range(6))
+    scores = json.loads((out / "score" / "scores.json").read_text())
+    assert sorted(scores["metrics"]["bi"]["selected"]) == removed
+    # Final model: vanilla checkpoint with its manifest and model card.
+    model = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert model.config.num_hidden_layers == 4
+    fm = json.loads((out / "model" / "layerprune.json").read_text())
+    assert fm["removed_layers"] == removed and fm["kept_layers"] == kept
+    card = (out / "model" / "README.md").read_text()
+    assert str(removed) in card or ", ".join(map(str, removed)) in card
+    assert (out / "model" / "heal.json").is_file()
+    # Exports equal the manifest's cut.
+    mk = yaml.safe_load((out / "exports" / "mergekit.yaml").read_text())
+    rebuilt = [i for s in mk["slices"] for i in range(*s["sources"][0]["layer_range"])]
+    assert rebuilt == kept
+    assert (out / "exports" / "llama_cpp_prune_layers.txt").read_text().strip() == ",".join(map(str, removed))
+    # Report, results and stage bookkeeping.
+    assert (out / "report.md").is_file() and (out / "report.html").is_file()
+    run_manifest = json.loads((out / "layerprune.json").read_text())
+    assert set(run_manifest["results"]) == {"dense", "pruned", "healed"}
+    assert 0 <= run_manifest["results"]["healed"]["avg_acc"] <= 1
+    assert run_manifest["results"]["dense"]["ppl"]["wikitext2"]["card"]["seq_len"] == 128
+
+    # Resume with nothing changed: every stage is skipped.
+    logs.clear()
+    run_recipe(_recipe(tiny_smol), out, resume=True, log=logs.append)
+    assert logs and all(line.startswith("[skip]") for line in logs), logs
+    # A changed healing input re-runs healing and what depends on it, nothing upstream.
+    logs.clear()
+    run_recipe(_recipe(tiny_smol, heal={"lr": 1e-4}), out, resume=True, log=logs.append)
+    ran = {line.split()[-1] for line in logs if line.startswith("[run ]")}
+    assert ran == {"model", "eval-healed", "measure"}, logs
+
+    # An existing run directory is refused without --resume/--overwrite.
+    with pytest.raises(LayerpruneError, match="not empty"):
+        run_recipe(_recipe(tiny_smol), out)
+
+
+def test_iterative_rounds(tiny_smol, tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("LAYERPRUNE_DATA", str(data_dir))
+    r = _recipe(tiny_smol, prune={"iterative": True, "step": 1}, evaluate={"tasks": [], "models": ["dense", "healed"]},
+                measure={"enabled": False})
+    m = run_recipe(r, tmp_path / "it", log=lambda s: None)
+    assert [len(x["removed_layers"]) for x in m["rounds"]] == [1, 1]
+    assert sorted(sum((x["removed_layers"] for x in m["rounds"]), [])) == m["removed_layers"]
+    assert (tmp_path / "it" / "rounds" / "round-02" / "healed" / "heal.json").is_file()
+    fm = json.loads((tmp_path / "it" / "model" / "layerprune.json").read_text())
+    assert fm["removed_layers"] == m["removed_layers"] and fm["original_num_layers"] == 6
