@@ -152,8 +152,18 @@ def profiled_macs(model: nn.Module, seq_len: int, batch: int = 1) -> int:
     vocab = int(getattr(model.config, "vocab_size", 100))
     ids = torch.randint(3, max(4, vocab), (batch, seq_len), device=device,
                         generator=torch.Generator(device="cpu").manual_seed(0) if device.type == "cpu" else None)
-    with FlopCounterMode(display=False) as fc:
-        model(input_ids=ids, use_cache=False)
+    # The flop counter cannot size SDPA with grouped KV heads (enable_gqa): count the eager path, whose
+    # matmuls are the same products, and restore the model's attention implementation afterwards.
+    before = getattr(model.config, "_attn_implementation", None)
+    switch = before not in (None, "eager") and hasattr(model, "set_attn_implementation")
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        with FlopCounterMode(display=False) as fc:
+            model(input_ids=ids, use_cache=False)
+    finally:
+        if switch:
+            model.set_attn_implementation(before)
     return int(fc.get_total_flops() // 2)
 
 

@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-args", default=None,
                    help="extra HFLM arguments when lm-eval loads the model, e.g. "
                         "'max_memory_per_gpu=20GB,offload_folder=/tmp/off' (implies lm-eval loading)")
+    p.add_argument("--scoring", default="auto", choices=("auto", "lm-eval", "shared-prefix"),
+                   help="log-likelihood loop: lm-eval's batched one, or shared-prefix (each context once on a KV "
+                        "cache; same numbers to float rounding); auto = shared-prefix on CPU (default: auto)")
     p.add_argument("--log-samples", action="store_true", help="keep per-document records in eval.json")
     p.add_argument("--out", default=None, help="folder for eval.json and eval.md (default: print only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing eval.json")
@@ -87,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     summary = evaluate(model, tok, args.tasks, num_fewshot=args.num_fewshot, limit=limit,
                        limit_per_subtask=args.limit_per_subtask, batch_size=args.batch_size, data_dir=data_dir,
                        model_args=model_args if lm_eval_loads else None, log_samples=args.log_samples,
-                       verbose=args.verbose)
+                       scoring=args.scoring, verbose=args.verbose)
     if summary.get("rank"):  # other processes of a data-parallel launch stay silent
         return 0
     summary["model"] = info

@@ -486,5 +486,5 @@ def build_instruct_data(tokenizer: Any, data: str = "alpaca", *, data_dir: str |
 
 __all__ = ["FORMATS", "IGNORE_INDEX", "PRESETS", "TEMPLATES", "EncodedDataset", "Example", "InstructData",
            "PadCollator", "Preset", "Rendered", "apply_cutoff", "build_instruct_data", "detect_format", "encode",
-           "encode_full", "pad_id_for",
-           "parse_fields", "read_rows", "render", "resolve_source", "split_rows", "to_example"]
+           "encode_full", "pad_id_for", "parse_fields", "read_rows", "render", "resolve_source", "split_rows",
+           "to_example"]

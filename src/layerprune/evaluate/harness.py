@@ -76,15 +76,23 @@ def _device_of(model: nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
+SCORING = ("auto", "lm-eval", "shared-prefix")
+
+
 def make_lm(model: nn.Module | str, tokenizer: Any = None, *, batch_size: int | str = "auto",
-            max_batch_size: int = 64, model_args: dict[str, Any] | None = None) -> Any:
+            max_batch_size: int = 64, model_args: dict[str, Any] | None = None, scoring: str = "auto") -> Any:
     """An lm-eval ``HFLM`` around ``model``.
 
     ``model`` is an already-loaded module (the normal case; ``parallelize`` is then impossible, an lm-eval
     restriction) or a path/Hub id that HFLM loads itself with ``model_args`` (``parallelize=True``,
     ``max_memory_per_gpu``, ``peft``, ``dtype`` ..., or data parallel under ``accelerate launch``).
+    ``scoring``: ``lm-eval`` (its own batched loop), ``shared-prefix`` (:mod:`.fastlm`: each context once,
+    same numbers to float rounding) or ``auto`` (shared-prefix for a loaded model on CPU, else lm-eval).
     """
     from lm_eval.models.huggingface import HFLM
+
+    if scoring not in SCORING:
+        raise LayerpruneError(f"scoring must be one of {', '.join(SCORING)}")
 
     kwargs = dict(model_args or {})
     if isinstance(model, (str, os.PathLike)):
@@ -101,8 +109,13 @@ def make_lm(model: nn.Module | str, tokenizer: Any = None, *, batch_size: int | 
                     max_batch_size=max_batch_size, **kwargs)
     if tokenizer is None:
         raise LayerpruneError("a loaded model needs its tokenizer for evaluation")
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=max_batch_size,
-                **kwargs)
+    cls = HFLM
+    if scoring == "shared-prefix" or (scoring == "auto" and on_cpu):
+        from .fastlm import SharedPrefixHFLM
+
+        cls = SharedPrefixHFLM
+    return cls(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=max_batch_size,
+               **kwargs)
 
 
 def _spread(n: int, sizes: list[int]) -> list[int]:
@@ -239,7 +252,7 @@ def evaluate(model: nn.Module | str, tokenizer: Any = None, tasks: str | Sequenc
              num_fewshot: int = 0, limit: int | float | None = None, limit_per_subtask: bool = False,
              batch_size: int | str = "auto", data_dir: str | os.PathLike | None = None,
              model_args: dict[str, Any] | None = None, log_samples: bool = False, bootstrap_iters: int = 100000,
-             verbose: bool = False) -> dict[str, Any]:
+             scoring: str = "auto", verbose: bool = False) -> dict[str, Any]:
     """Run the lm-eval zero-shot suite on ``model`` and return a summary.
 
     Args:
@@ -252,6 +265,7 @@ def evaluate(model: nn.Module | str, tokenizer: Any = None, tasks: str | Sequenc
         limit_per_subtask: apply ``limit`` per leaf subtask instead, as lm-eval's own ``--limit`` does.
         data_dir: local data folder (``eval/<task>/<split>.jsonl``); None reads the Hugging Face Hub.
         log_samples: keep lm-eval's per-document records under ``"samples"`` (needed for :func:`predictions`).
+        scoring: ``auto`` | ``lm-eval`` | ``shared-prefix`` (see :func:`make_lm`).
 
     Returns:
         ``{"tasks": {name: {acc, acc_stderr, acc_norm?, acc_norm_stderr?, n, kind}}, "mean_acc",
@@ -268,7 +282,7 @@ def evaluate(model: nn.Module | str, tokenizer: Any = None, tasks: str | Sequenc
                               "(HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1)")
     t0 = time.perf_counter()
     with quiet(verbose), TaskSource(names, data_dir, num_fewshot) as src:
-        lm = make_lm(model, tokenizer, batch_size=batch_size, model_args=model_args)
+        lm = make_lm(model, tokenizer, batch_size=batch_size, model_args=model_args, scoring=scoring)
         loaded = src.load()
         top = [loaded["groups"][n] if n in loaded.get("groups", {}) else loaded["tasks"].get(n, n) for n in names]
         kwargs: dict[str, Any] = {}
@@ -292,6 +306,7 @@ def evaluate(model: nn.Module | str, tokenizer: Any = None, tasks: str | Sequenc
         "limit_semantics": None if limit is None else ("per subtask (lm-eval)" if "limit" in kwargs
                                                        else "per requested task; groups spread over subtasks"),
         "batch_size": getattr(lm, "batch_size_per_gpu", batch_size),
+        "scoring": "shared-prefix" if type(lm).__name__ == "SharedPrefixHFLM" else "lm-eval",
         "data": "local" if data_dir is not None else "hub",
         "data_dir": str(Path(data_dir).resolve()) if data_dir is not None else None,
         "data_files": fingerprint([n for n in names if n in SPECS], data_dir, num_fewshot) if data_dir else None,

@@ -186,6 +186,7 @@ def target_mask(mask: torch.Tensor) -> torch.Tensor:
     return m[:, 1:] & m[:, :-1]
 
 
+@torch.no_grad()
 def nll_from_hidden(finish: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, ids: torch.Tensor,
                     mask: torch.Tensor) -> tuple[float, int]:
     """Summed next-token NLL (float64) and token count, computing logits chunk by chunk (fp32 CE)."""
