@@ -91,13 +91,21 @@ def zero_shot(model_dir: str, out: Path) -> dict:
 
     e = BUDGET["evaluate"]
     model, tok = load(model_dir, dtype="float32")
-    main = evaluate(model, tok, MAIN_TASKS, limit=e["limit"], batch_size=e["batch_size"])
-    groups = evaluate(model, tok, ["mmlu", "cmmlu"], limit=e["group_limit"], batch_size=e["batch_size"])
+    main = evaluate(model, tok, MAIN_TASKS, limit=e["limit"], batch_size=e["batch_size"], data_dir=_data_dir())
+    groups = evaluate(model, tok, ["mmlu", "cmmlu"], limit=e["group_limit"], batch_size=e["batch_size"],
+                      data_dir=_data_dir())
     res = {"tasks": {**main["tasks"], **groups["tasks"]}, "config": {"main": main.get("config"),
                                                                      "groups": groups.get("config")}}
     out.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(res, indent=2, default=str))
     return res
+
+
+def _data_dir() -> str | None:
+    from layerprune.data.presets import resolve_data_dir
+
+    d = resolve_data_dir(None)
+    return str(d) if d else None
 
 
 def dense_eval(model: str, out: Path) -> dict:
@@ -108,7 +116,8 @@ def dense_eval(model: str, out: Path) -> dict:
 
         m, tok = load(model, dtype="float32")
         e = BUDGET["evaluate"]
-        r = {ds: perplexity(m, tok, ds, "seed", max_tokens=e["ppl_max_tokens"]) for ds in e["ppl"]}
+        r = {ds: perplexity(m, tok, ds, "seed", max_tokens=e["ppl_max_tokens"], data_dir=_data_dir())
+             for ds in e["ppl"]}
         out.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps(r, indent=2, default=str))
     return {"ppl": json.loads(f.read_text()), "zero_shot": zero_shot(model, out)}
@@ -222,7 +231,7 @@ def write_table(out: Path, results: dict[str, dict], dense: dict | None, total_s
     lines += ["", "## Findings", ""] + findings(results) + ["",
               f"Total wall time of the sweep (this run, 2 CPU cores, OMP_NUM_THREADS=1): {_hours(total_s)} "
               "(configurations finished in earlier invocations count with their own wall time).", ""]
-    path = REPO / "docs" / "results-smollm2.md"
+    path = (out / "results-smoke.md") if BUDGET.get("smoke") else REPO / "docs" / "results-smollm2.md"
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -271,7 +280,13 @@ def main() -> int:
     ap.add_argument("--model", default="default")
     ap.add_argument("--only", nargs="*", help="run only these configuration names")
     ap.add_argument("--table-only", action="store_true", help="only rewrite docs/results-smollm2.md")
+    ap.add_argument("--smoke", action="store_true",
+                    help="a seconds-long check of the whole script (tiny budget; writes the table to OUT only)")
     args = ap.parse_args()
+    if args.smoke:
+        BUDGET["heal"].update(max_steps=2, batch_size=2, micro_batch_size=2, val_size=4, eval_steps=2, warmup_steps=1)
+        BUDGET["evaluate"].update(limit=2, group_limit=2, ppl_max_tokens=512)
+        BUDGET["smoke"] = True
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -7,9 +7,9 @@ import random
 
 import pytest
 import torch
-from conftest import tiny_tokenizer
 
-from layerprune.data.calibration import CalibSpec, Calibration, build_calibration, load_texts
+from conftest import tiny_tokenizer
+from layerprune.data.calibration import Calibration, CalibSpec, build_calibration, load_texts
 from layerprune.errors import LayerpruneError
 
 

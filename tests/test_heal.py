@@ -300,7 +300,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path, data_file, method
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert resumed["val_loss_before"] == full["val_loss_before"]
-    assert resumed["val_loss_best"] == pytest.approx(full["val_loss_best"], abs=1e-6)
+    assert resumed["final_val_loss"] == pytest.approx(full["final_val_loss"], abs=1e-6)
     assert not (tmp_path / "b.checkpoints").exists()  # removed after success
 
 
@@ -338,7 +338,7 @@ def test_best_validation_checkpoint_is_saved(tmp_path, data_file):
     cb = Sabotage()
     r = heal(src, tmp_path / "out", callbacks=[cb], data=str(data_file),
              **{**FAST, "max_steps": 4, "eval_steps": 2, "lr": 1e-3})
-    assert r["best_step"] == 2 and r["val_loss_final"] > r["val_loss_best"]
+    assert r["best_step"] == 2 and r["val_loss_last_step"] > r["final_val_loss"]
     saved = load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(saved["lm_head.weight"], cb.head_at_2)
 
@@ -354,10 +354,10 @@ def test_heal_json_and_manifest_carry_over(tmp_path, data_file):
     expected = sum(t.numel() for m in (p.norm, p.head, p.layers[3]) for t in m.parameters())
     assert r["trainable_params"] == expected and r["total_params"] > expected
     heal_json = json.loads((tmp_path / "out" / "heal.json").read_text())
-    for key in ("method", "trainable_params", "data_fingerprint", "steps", "train_loss_final", "val_loss_before",
-                "val_loss_best", "wall_time_s", "tokens_per_s", "peak_memory_bytes"):
+    for key in ("method", "trainable_params", "data_fingerprint", "steps", "final_train_loss", "val_loss_before",
+                "final_val_loss", "wall_s", "tokens_per_s", "peak_memory_bytes"):
         assert heal_json[key] is not None, key
-    assert heal_json["steps"] == 2 and heal_json["tokens_trained"] > 0 and heal_json["wall_time_s"] > 0
+    assert heal_json["steps"] == 2 and heal_json["tokens_trained"] > 0 and heal_json["wall_s"] > 0
     manifest = json.loads((tmp_path / "out" / "layerprune.json").read_text())
     source_manifest = json.loads((tmp_path / "pruned" / "layerprune.json").read_text())
     assert manifest["removed_layers"] == source_manifest["removed_layers"] == [1, 2]

@@ -21,7 +21,8 @@ def test_partial_heal_lowers_validation_loss(tmp_path, smollm2_path, data_dir):
     r = heal(tmp_path / "pruned", tmp_path / "healed", method="partial", layers="last3", data="alpaca",
              data_dir=str(data_dir), max_steps=24, batch_size=4, micro_batch_size=4, cutoff_len=128, lr=5e-5,
              warmup_steps=0, eval_steps=12, val_size=16, max_train_samples=256, progress=False)
-    assert r["val_loss_best"] < r["val_loss_before"] - 0.05, r
+    print(f"validation loss {r['val_loss_before']:.4f} -> {r['final_val_loss']:.4f}, {r['tokens_per_s']:.0f} tokens/s")
+    assert r["final_val_loss"] < r["val_loss_before"] - 0.05, r
     assert r["steps"] == 24 and r["method_info"]["untied"] is True
     healed = load_model(tmp_path / "healed", dtype=torch.float32)
     p = parts(healed)

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ARCHS, make_tiny
 
+from conftest import ARCHS, make_tiny
 from layerprune.arch import parts
 from layerprune.data.calibration import Calibration
 from layerprune.errors import LayerpruneError
@@ -315,7 +315,6 @@ def test_random_and_reverse():
 
 def test_scores_deterministic_for_fixed_seed(tmp_path):
     from conftest import tiny_tokenizer
-
     from layerprune.data.calibration import CalibSpec, build_calibration
 
     p = tmp_path / "c.txt"
@@ -331,7 +330,7 @@ def test_scores_deterministic_for_fixed_seed(tmp_path):
 
 
 def test_registry_has_no_gaps_and_rejects_unknown():
-    for name, (cls, preset) in METRICS.items():
+    for name, (cls, _preset) in METRICS.items():
         m = make_metric(name)
         assert m.label == name and m.direction == HIGHER and cls.group
     with pytest.raises(LayerpruneError, match="unknown metric"):

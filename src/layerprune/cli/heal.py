@@ -87,6 +87,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--checkpoint-dir", default=None, help="default: OUT.checkpoints")
     t.add_argument("--keep-checkpoints", action="store_true", help="keep the checkpoint folder after success")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint of an interrupted run")
+    t.add_argument("--fsdp", default=None,
+                   help="FSDP under torchrun for full/partial, e.g. 'full_shard auto_wrap' (see docs/healing.md)")
+    t.add_argument("--fsdp-config", default=None, help="FSDP settings JSON file passed to the Trainer")
     add_dtype_arg(t)
     t.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -100,7 +103,8 @@ _OPTION_KEYS = ("method", "layers", "untie", "lora_r", "lora_alpha", "lora_dropo
                 "max_steps", "batch_size", "micro_batch_size", "lr", "warmup_steps", "lr_scheduler",
                 "weight_decay", "max_grad_norm", "optim", "gradient_checkpointing", "seed", "eval_steps",
                 "save_steps", "save_total_limit", "logging_steps", "eval_batch_size", "eval_before",
-                "checkpoint_dir", "keep_checkpoints", "resume", "dtype", "device", "overwrite", "progress")
+                "checkpoint_dir", "keep_checkpoints", "resume", "fsdp", "fsdp_config", "dtype", "device", "overwrite",
+                "progress")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -118,6 +122,6 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"healed with {r['method']}: {r['trainable_params']:,} trainable parameters, {r['steps']} steps, "
           f"{r['tokens_per_s']:.0f} tokens/s")
-    print(f"validation loss {f(r['val_loss_before'])} -> {f(r['val_loss_best'])} (best, step {r['best_step']})"
+    print(f"validation loss {f(r['val_loss_before'])} -> {f(r['final_val_loss'])} (best, step {r['best_step']})"
           f" -> {args.out}")
     return 0

@@ -13,6 +13,7 @@ On a GPU lm-eval's batched scoring is faster; :func:`.harness.make_lm` picks thi
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Any
 
@@ -75,13 +76,20 @@ class SharedPrefixHFLM(HFLM):
                 res[i] = a
         return res  # type: ignore[return-value]
 
+    def _cache_kwarg(self) -> str:
+        # transformers 5.2x renamed the forward argument `past_key_values` to `cache` (old name deprecated).
+        if not hasattr(self, "_cache_kw"):
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            self._cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        return self._cache_kw
+
     @torch.no_grad()
     def _score_group(self, ctx: list[int], conts: list[list[int]]) -> list[tuple[float, bool]]:
         """Log-likelihood and greediness of each continuation after the shared context ``ctx``."""
         dev = self.device
         prefix = torch.tensor([ctx[:-1]], dtype=torch.long, device=dev)
         out = self.model(input_ids=prefix, use_cache=True)
-        cache = out.past_key_values
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         if cache is None or not hasattr(cache, "batch_repeat_interleave"):
             raise TypeError("the model returned no repeatable KV cache")
         n = len(conts)
@@ -94,7 +102,7 @@ class SharedPrefixHFLM(HFLM):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         rows = [[ctx[-1]] + c[:-1] + [pad] * (width - len(c)) for c in conts]
         inp = torch.tensor(rows, dtype=torch.long, device=dev)
-        logits = self.model(input_ids=inp, past_key_values=cache, use_cache=True).logits
+        logits = self.model(input_ids=inp, use_cache=True, **{self._cache_kwarg(): cache}).logits
         logp = F.log_softmax(logits.float(), dim=-1)
         answers = []
         for r, c in enumerate(conts):

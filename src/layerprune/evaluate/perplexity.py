@@ -129,7 +129,7 @@ def load_text(dataset: str, split: str, data_dir: str | os.PathLike | None, join
     if dataset not in DATASETS and path.suffix in (".jsonl", ".txt", ".json") and path.is_file():
         rows = _read_rows(path, None)
         return join.join(rows), {"source": "file", "path": str(path.resolve()), "file_sha256": _sha256_file(path),
-                                 "rows": len(rows)}
+                                 "rows": len(rows), "split": None}
     if dataset not in DATASETS:
         raise LayerpruneError(f"unknown perplexity dataset '{dataset}'; use {', '.join(DATASETS)} or a "
                               ".jsonl/.txt file")
@@ -272,7 +272,7 @@ def perplexity(model: nn.Module, tokenizer: Any, dataset: str = "wikitext2",
                             desc=f"ppl {dataset}/{split}")
     dtype = next(model.parameters()).dtype
     card = {
-        "dataset": dataset, "split": split, **source,
+        "dataset": dataset, "split": split, **source,  # a plain file has no split (source sets it to None)
         "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "text_chars": len(text), "join": join,
         "preset": proto.name, "seq_len": proto.seq_len,
         "stride": proto.stride if proto.stride is not None else (proto.seq_len - (policy == "always")),

@@ -65,6 +65,8 @@ class HealConfig:
     resume: bool = False
 
     # Runtime.
+    fsdp: str | None = None  # Trainer FSDP option under torchrun, e.g. "full_shard auto_wrap" (full/partial)
+    fsdp_config: str | dict[str, Any] | None = None  # Trainer fsdp_config: a JSON file or a dict
     dtype: str = "auto"  # auto: checkpoint dtype on GPU, float32 on CPU
     device: str | None = None  # None: cuda when available, else cpu
     overwrite: bool = False

@@ -101,7 +101,12 @@ class _Run:
         self.device = _device(cfg)
         self.ckpt_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else \
             self.out.resolve().with_name(self.out.resolve().name + ".checkpoints")
+        self.dist: Any = None  # accelerate's PartialState, set up in execute()
         self.main = int(os.environ.get("RANK", "0")) == 0
+
+    def barrier(self) -> None:
+        if self.dist is not None and self.dist.num_processes > 1:
+            self.dist.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------ stages
 
@@ -109,6 +114,13 @@ class _Run:
         t_start = time.perf_counter()
         cfg = self.cfg
         check_out_dir(self.out, cfg.overwrite)
+        if world_size() > 1:
+            # Join the process group now (the Trainer would later) so checkpoint-folder checks and writes are
+            # ordered across processes.
+            from accelerate import PartialState
+
+            self.dist = PartialState(cpu=self.device == "cpu")
+            self.main = self.dist.is_main_process
         src = resolve_model(self.model_dir)
         self.behaviour.check(cfg, self.device)
         from transformers import set_seed
@@ -175,15 +187,16 @@ class _Run:
             "micro_batch": cfg.micro_batch_size,
             "grad_accum": ga,
             "world_size": world_size(),
-            "train_loss_final": train_losses[-1] if train_losses else None,
-            "train_loss_mean": out.training_loss,
+            "final_train_loss": train_losses[-1] if train_losses else None,
+            "mean_train_loss": out.training_loss,
             "val_loss_before": val_before,
-            "val_loss_best": state.best_metric,
-            "val_loss_final": evals[-1] if evals else None,
+            # The saved model is the best validation checkpoint: its loss is the final validation loss.
+            "final_val_loss": state.best_metric if state.best_metric is not None else (evals[-1] if evals else None),
+            "val_loss_last_step": evals[-1] if evals else None,
             "best_step": best_step,
             "resumed_from": str(resume_from) if resume_from else None,
-            "wall_time_s": None,  # filled below
-            "train_wall_time_s": train_wall,
+            "wall_s": None,  # filled in when saving
+            "train_wall_s": train_wall,
             "train_step_time_s": progress.step_time,
             "tokens_trained": progress.tokens,
             "tokens_per_s": progress.tokens_per_s,
@@ -198,6 +211,7 @@ class _Run:
         if self.main and not cfg.keep_checkpoints:
             shutil.rmtree(self.ckpt_dir, ignore_errors=True)
         trainer.selector.remove()
+        self.barrier()  # every process returns once the output exists
         return result
 
     # ------------------------------------------------------------------------------------------ pieces
@@ -236,6 +250,7 @@ class _Run:
         run = self._run_config(src, data)
         run_file = self.ckpt_dir / RUN_FILE
         exists = self.ckpt_dir.is_dir() and any(self.ckpt_dir.iterdir())
+        self.barrier()  # all processes look before the main one writes
         if self.cfg.resume and exists:
             if run_file.is_file():
                 old = read_json(run_file)
@@ -260,6 +275,7 @@ class _Run:
         if self.main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             write_json(run_file, run)
+        self.barrier()
         return None
 
     def _val_before(self, trainer: HealTrainer, data: InstructData, resume_from: str | None) -> float | None:
@@ -307,6 +323,10 @@ class _Run:
             include_num_input_tokens_seen="non_padding", prediction_loss_only=True,
             ddp_find_unused_parameters=False, dataloader_pin_memory=cuda,
         )
+        if cfg.fsdp:
+            if self.behaviour.uses_peft:
+                raise LayerpruneError("--fsdp is for full and partial fine-tuning; use DDP for the LoRA family")
+            args.update(fsdp=cfg.fsdp, fsdp_config=cfg.fsdp_config)
         if gc:
             # transformers 5 renamed gradient_checkpointing to activation_checkpointing.
             name = "activation_checkpointing" if "activation_checkpointing" in _params(TrainingArguments) \
@@ -343,7 +363,7 @@ class _Run:
             if (Path(src) / MANIFEST).is_file():
                 manifest = read_json(Path(src) / MANIFEST)
                 manifest["heal"] = _heal_summary(result)
-            result["wall_time_s"] = time.perf_counter() - t_start
+            result["wall_s"] = time.perf_counter() - t_start
             save_pretrained_atomic(exported, tok, self.out, manifest, overwrite=cfg.overwrite,
                                    extra_files={HEAL_FILE: result})
             if adapter_tmp is not None:
@@ -384,7 +404,7 @@ def _supported(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:
 def _heal_summary(result: dict[str, Any]) -> dict[str, Any]:
     """The part of heal.json recorded in the carried-over layerprune.json."""
     keys = ("method", "base_method", "trainable_params", "data_fingerprint", "steps", "val_loss_before",
-            "val_loss_best", "train_loss_final", "tokens_per_s")
+            "final_val_loss", "final_train_loss", "tokens_per_s", "wall_s")
     out = {k: result.get(k) for k in keys}
     out["layers"] = result.get("method_info", {}).get("layers")
     out["data"] = result.get("data", {}).get("source")

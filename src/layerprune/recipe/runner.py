@@ -66,9 +66,10 @@ class RecipeRun:
         self.state = RunState(run_dir, resume, log)
         self.source = resolve_model(recipe["model"])
         self.source_fp = folder_fingerprint(self.source)
-        from ..data.presets import resolve_data_dir
+        from ..data.presets import require_data_source, resolve_data_dir
 
         dd = resolve_data_dir(recipe["data_dir"])
+        require_data_source(dd)
         self.data_dir = str(dd) if dd else None
         self.n0 = _layer_count(self.source)
         p = recipe["prune"]
