@@ -142,6 +142,29 @@ def test_layer_selection():
             select_layers(bad, 6)
 
 
+def test_response_only_loss_equals_transformers_loss(tmp_path):
+    """The head runs only at trained positions; the loss must still be transformers' causal-LM loss."""
+    from transformers import TrainingArguments
+
+    from layerprune.data.instruct import PadCollator, build_instruct_data
+    from layerprune.heal.train import HealTrainer
+
+    model = make_tiny("llama").eval()
+    data = build_instruct_data(tiny_tokenizer(), rows=ROWS, val_size=4)
+    batch = PadCollator(0)(data.train[:3])
+    assert (batch["labels"] == -100).any() and (batch["attention_mask"] == 0).any()  # masked prompt + padding
+    trainer = HealTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]),
+                          head=parts(model).head)
+    calls = []
+    parts(model).head.register_forward_hook(lambda mod, inp, out: calls.append(tuple(inp[0].shape)))
+    with torch.no_grad():
+        ours = trainer.compute_loss(model, dict(batch))
+        reference = model(**batch).loss
+    assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-6)
+    n_trained = int((batch["labels"][:, 1:] != -100).sum())
+    assert calls[0] == (n_trained, model.config.hidden_size)  # the head saw only the trained positions
+
+
 # --------------------------------------------------------------------------------------- lora / dora / full
 
 

@@ -201,6 +201,13 @@ def test_cli_score_and_prune_by_metric(tmp_path, capsys):
     assert main(["prune", path, "--ratio", "0.5", "--out", str(tmp_path / "x")]) == 2
     assert main(["prune", path, "--metric", "bi", "--num", "2", "--iterative", "--streaming",
                  "--out", str(tmp_path / "x"), *common]) == 2
+    # Dispatch with disk offload from the command line gives the in-memory ranking.
+    assert main(["score", path, "--metric", "bi", "--mode", "dispatch", "--max-memory", "cpu=60000",
+                 "--offload-folder", str(tmp_path / "off"), "--out", str(tmp_path / "d"), "--no-cache",
+                 *common]) == 0
+    d_scores = json.loads((tmp_path / "d" / "scores.json").read_text())["metrics"]["bi"]["scores"]
+    assert d_scores == pytest.approx(data["metrics"]["bi"]["scores"], rel=1e-6)
+    assert main(["score", path, "--metric", "bi", "--max-memory", "cpu", "--out", str(tmp_path / "e")]) == 2
     # Without --metric, --remove is still an index list.
     assert main(["prune", path, "--remove", "1,2", "--out", str(tmp_path / "m")]) == 0
     assert json.loads((tmp_path / "m" / "layerprune.json").read_text())["removed_layers"] == [1, 2]

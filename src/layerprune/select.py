@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from .errors import LayerpruneError
 from .metrics.base import METRICS, Metric, MetricResult, make_metric
@@ -154,6 +155,7 @@ def iterative_prune(model: nn.Module, metric: str | Metric, k: int, *, step: int
     steps: list[IterationStep] = []
     order: list[int] = []
     it = 0
+    bar = tqdm(total=k, desc=f"iterative {m.label}", disable=not progress, leave=False)
     while len(order) < k:
         it += 1
         res = score(model, [m], calib, layer_map=kept, num_layers=n0, batch_size=batch_size,
@@ -166,8 +168,10 @@ def iterative_prune(model: nn.Module, metric: str | Metric, k: int, *, step: int
         kept = [i for i in kept if i not in set(chosen)]
         st = IterationStep(it, chosen, res)
         steps.append(st)
+        bar.update(len(chosen))
         if on_step is not None:
             on_step(model, st, list(kept))
+    bar.close()
     removed = sorted(order)
     record = PruneRecord(n0, removed, kept)
     sel = Selection(m.label, k, removed, order, iterative=True, step=step, protect_first=protect_first,

@@ -31,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--parallelize", action="store_true",
                    help="let lm-eval load the model itself split over all visible GPUs (HF device_map); "
-                        "for data parallelism run under 'accelerate launch -m layerprune.cli eval ...' instead")
+                        "for data parallelism run under 'accelerate launch $(which layerprune) eval ...' instead")
     p.add_argument("--model-args", default=None,
                    help="extra HFLM arguments when lm-eval loads the model, e.g. "
                         "'max_memory_per_gpu=20GB,offload_folder=/tmp/off' (implies lm-eval loading)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..errors import LayerpruneError
 from .common import add_data_dir_arg, add_dtype_arg, add_model_arg, add_out_args, add_verbose
@@ -115,7 +116,12 @@ def run(args: argparse.Namespace) -> int:
         opts["lora_targets"] = [s.strip() for s in args.lora_targets.split(",") if s.strip()]
     if args.method != "distill" and args.teacher is None and args.distill_base != "partial":
         raise LayerpruneError("--distill-base applies to --method distill only")
-    r = heal(args.model, args.out, **opts)
+    try:
+        r = heal(args.model, args.out, **opts)
+    except KeyboardInterrupt:
+        print("layerprune: heal stopped; the same command with --resume continues from the last checkpoint",
+              file=sys.stderr)
+        raise
 
     def f(x: float | None) -> str:
         return "n/a" if x is None else f"{x:.4f}"

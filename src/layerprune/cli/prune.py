@@ -17,6 +17,7 @@ from .score import (
     add_protect_args,
     calib_spec_from_args,
     metric_options_from_args,
+    parse_max_memory,
 )
 
 
@@ -49,6 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how scoring holds the model (see 'layerprune score --mode'; default: memory)")
     s.add_argument("--device", default=None, help="device for scoring (default: cuda if any)")
     s.add_argument("--offload-folder", default=None, help="dispatch scoring: folder for disk-offloaded weights")
+    s.add_argument("--max-memory", default=None, metavar="SPEC",
+                   help="dispatch scoring: memory per device, e.g. '0=20GiB,cpu=60GiB'")
     s.add_argument("--no-cache", action="store_true", help="recompute scores instead of using the cache")
     add_calib_args(p)
     add_metric_option_args(p)
@@ -86,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
                                calib=calib_spec_from_args(args), score_mode=args.score_mode,
                                streaming=args.streaming, dtype=args.dtype, batch_size=args.batch_size,
                                overwrite=args.overwrite, cache=not args.no_cache, device=args.device,
-                               offload_folder=args.offload_folder)
+                               offload_folder=args.offload_folder,
+                               max_memory=parse_max_memory(args.max_memory))
     how = f"iterative, step {sel.step}" if sel.iterative else "one-shot"
     print(f"{sel.metric} ({how}): removed layers {rec.removed_layers} of {rec.original_num_layers} "
           f"(removal order {sel.order}); {len(rec.kept_layers)} kept -> {args.out}")

@@ -9,6 +9,7 @@ import argparse
 from typing import Any
 
 from ..data.calibration import DEFAULT_SOURCE, CalibSpec
+from ..errors import LayerpruneError
 from .common import add_data_dir_arg, add_dtype_arg, add_model_arg, add_out_args, add_verbose
 
 
@@ -65,7 +66,24 @@ def add_mode_args(p: argparse.ArgumentParser, flag: str = "--mode") -> None:
                         "layerwise: read one decoder layer at a time from safetensors (default: memory)")
     p.add_argument("--device", default=None, help="device for memory/layerwise modes (default: cuda if any)")
     p.add_argument("--offload-folder", default=None, help="dispatch mode: folder for disk-offloaded weights")
+    p.add_argument("--max-memory", default=None, metavar="SPEC",
+                   help="dispatch mode: memory per device, e.g. '0=20GiB,cpu=60GiB' (beyond it: disk)")
     p.add_argument("--no-cache", action="store_true", help="recompute instead of using the score cache")
+
+
+def parse_max_memory(spec: str | None) -> dict[Any, Any] | None:
+    """'0=20GiB,cpu=60GiB' -> {0: '20GiB', 'cpu': '60GiB'} (accelerate's max_memory; bare numbers = bytes)."""
+    if not spec:
+        return None
+    out: dict[Any, Any] = {}
+    for part in spec.split(","):
+        key, sep, val = part.partition("=")
+        if not sep or not key.strip() or not val.strip():
+            raise LayerpruneError(f"--max-memory: expected DEVICE=SIZE pairs, got '{part}'")
+        key = key.strip()
+        val = val.strip()
+        out[int(key) if key.isdigit() else key] = int(val) if val.isdigit() else val
+    return out
 
 
 def calib_spec_from_args(args: argparse.Namespace) -> CalibSpec:
@@ -116,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
                              protect_last=args.protect_last, overwrite=args.overwrite, mode=args.score_mode,
                              batch_size=args.batch_size, cache=not args.no_cache, dtype=args.dtype,
                              device=args.device, offload_folder=args.offload_folder,
+                             max_memory=parse_max_memory(args.max_memory),
                              metric_options=metric_options_from_args(args))
     sel = res.selections(k, args.protect_first, args.protect_last)
     for name, r in res.results.items():

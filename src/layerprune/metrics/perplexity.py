@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -77,19 +78,31 @@ class Perplexity(Metric):
         return PerplexityConsumer(metrics, ctx, calib)
 
 
-@torch.no_grad()
-def remove_one_nll_prefix(model: nn.Module, calib: Any, batch_size: int | None = None,
-                          progress: bool = True) -> tuple[list[float], int, float | None, str]:
-    """Summed NLL with each layer removed, resuming from each layer's recorded input.
+@dataclass
+class RemovalStep:
+    """The result of removing one layer: its position, summed NLL, and the run's token count/baseline."""
 
-    Returns (nll per layer position, target token count, baseline NLL of the full model, method used).
+    layer: int
+    nll: float
+    count: int
+    baseline: float | None
+    method: str
+
+
+@torch.no_grad()
+def iter_remove_one_prefix(model: nn.Module, calib: Any, batch_size: int | None = None) -> Iterator[RemovalStep]:
+    """Yield one :class:`RemovalStep` per layer, resuming each removal from the recorded layer input.
+
+    The recording forward (and the full model's NLL) happens before the first step. A generator so that a
+    benchmark can interleave it with :func:`iter_remove_one_naive` under the same machine load.
     """
     batches = calib.batches(batch_size)
     finish = finish_fn(model)
     if not verify_finish(model, batches[0][0], batches[0][1], finish):
         warnings.warn("ppl: could not reproduce this model's logits from its last hidden state; "
                       "falling back to the naive remove-one loop", stacklevel=2)
-        return remove_one_nll_naive(model, calib, batch_size, progress)
+        yield from iter_remove_one_naive(model, calib, batch_size)
+        return
     layers = parts(model).layers
     n = len(layers)
     cap = capture(model, batches)
@@ -98,26 +111,24 @@ def remove_one_nll_prefix(model: nn.Module, calib: Any, batch_size: int | None =
         v, c = nll_from_hidden(finish, cap.final[b], ids, mask)
         base += v
         count += c
-    nll = []
-    for i in tqdm(range(n), desc="ppl (prefix reuse)", disable=not progress, leave=False):
+    for i in range(n):
         hs = list(cap.inputs[i])  # skipping layer i: its input goes straight to layer i+1
+        cap.inputs[i] = []  # not needed again: free it as we go
         for j in range(i + 1, n):  # layer-major so an offloaded layer is fetched once per removal
             hs = [call_layer(layers[j], h, cap.calls[j][b]) for b, h in enumerate(hs)]
-        nll.append(sum(nll_from_hidden(finish, h, *batches[b])[0] for b, h in enumerate(hs)))
-    return nll, count, base, "prefix-reuse"
+        nll = sum(nll_from_hidden(finish, h, *batches[b])[0] for b, h in enumerate(hs))
+        yield RemovalStep(i, nll, count, base, "prefix-reuse")
 
 
 @torch.no_grad()
-def remove_one_nll_naive(model: nn.Module, calib: Any, batch_size: int | None = None,
-                         progress: bool = True) -> tuple[list[float], int, float | None, str]:
+def iter_remove_one_naive(model: nn.Module, calib: Any, batch_size: int | None = None) -> Iterator[RemovalStep]:
     """The reference: for each layer, skip it in place and run the whole model on every batch."""
     batches = calib.batches(batch_size)
     finish = finish_fn(model)
     exact = verify_finish(model, batches[0][0], batches[0][1], finish)
     layers = parts(model).layers
     n = len(layers)
-    nll, count = [], 0
-    for i in tqdm(range(n), desc="ppl (naive)", disable=not progress, leave=False):
+    for i in range(n):
         total, count = 0.0, 0
         with skipped(layers, i):
             for ids, mask in batches:
@@ -136,5 +147,27 @@ def remove_one_nll_naive(model: nn.Module, calib: Any, batch_size: int | None = 
                     v, c = nll_from_logits(model(**model_inputs(model, ids, mask)).logits, ids, mask)
                 total += v
                 count += c
-        nll.append(total)
-    return nll, count, None, "naive" if exact else "naive-model-logits"
+        yield RemovalStep(i, total, count, None, "naive" if exact else "naive-model-logits")
+
+
+def _collect(steps: Iterator[RemovalStep], n: int, desc: str,
+             progress: bool) -> tuple[list[float], int, float | None, str]:
+    out = list(tqdm(steps, total=n, desc=desc, disable=not progress, leave=False))
+    return [s.nll for s in out], out[-1].count, out[-1].baseline, out[-1].method
+
+
+def remove_one_nll_prefix(model: nn.Module, calib: Any, batch_size: int | None = None,
+                          progress: bool = True) -> tuple[list[float], int, float | None, str]:
+    """Summed NLL with each layer removed, with prefix reuse.
+
+    Returns (nll per layer position, target token count, baseline NLL of the full model, method used).
+    """
+    return _collect(iter_remove_one_prefix(model, calib, batch_size), parts(model).num_layers,
+                    "ppl (prefix reuse)", progress)
+
+
+def remove_one_nll_naive(model: nn.Module, calib: Any, batch_size: int | None = None,
+                         progress: bool = True) -> tuple[list[float], int, float | None, str]:
+    """Summed NLL with each layer removed, by the naive loop (same return value as the prefix version)."""
+    return _collect(iter_remove_one_naive(model, calib, batch_size), parts(model).num_layers,
+                    "ppl (naive)", progress)

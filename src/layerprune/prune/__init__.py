@@ -63,7 +63,7 @@ def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, met
                     calib: Any = None, score_mode: str = "memory", streaming: bool = False,
                     dtype: str | None = "auto", batch_size: int | None = None, overwrite: bool = False,
                     cache: bool = True, device: str | None = None, offload_folder: str | None = None,
-                    progress: bool = True) -> tuple[PruneRecord, Any]:
+                    max_memory: dict | None = None, progress: bool = True) -> tuple[PruneRecord, Any]:
     """Score with ``metric``, select ``k`` layers (or ``ratio`` of them), prune and save with the manifest.
 
     One-shot by default; ``iterative`` re-scores the pruned model after every ``step`` removals (SLEB-style,
@@ -123,7 +123,8 @@ def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, met
         save_pruned(mdl, None, out_dir, manifest, overwrite=overwrite, copy_from=path)
         return record, sel
     res = score(path, [m], spec if m.needs_calibration else None, mode=score_mode, batch_size=batch_size,
-                cache=cache, dtype=dtype, device=device, offload_folder=offload_folder, progress=progress)
+                cache=cache, dtype=dtype, device=device, offload_folder=offload_folder, max_memory=max_memory,
+                progress=progress)
     r = res.results[m.label]
     sel = select_one_shot(r, k, protect_first=protect_first, protect_last=protect_last, metric=m)
     params["calibration"] = res.calibration
