@@ -32,11 +32,11 @@ BUDGET = {
     "seed": 42,
     "remove": 8,  # 25% of 30 layers
     "calib": {"calib": "c4", "nsamples": 10, "seqlen": 128},
-    "heal": {"data": "alpaca", "max_steps": 100, "batch_size": 8, "micro_batch_size": 4, "lr": 1e-4,
+    "heal": {"data": "alpaca", "max_steps": 50, "batch_size": 8, "micro_batch_size": 4, "lr": 1e-4,
              "warmup_steps": 10, "eval_steps": 50, "val_size": 200, "cutoff_len": 256},
     "evaluate": {"tasks": ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "openbookqa",
                            "mmlu", "cmmlu"],
-                 "limit": 200, "group_limit": 57, "ppl": ["wikitext2"], "ppl_max_tokens": 65536, "batch_size": 16},
+                 "limit": 100, "group_limit": 57, "ppl": ["wikitext2"], "ppl_max_tokens": 32768, "batch_size": 16},
 }
 MAIN_TASKS = BUDGET["evaluate"]["tasks"][:6]
 
