@@ -46,6 +46,6 @@ def test_auto_scoring_choice_and_same_metrics(data_dir):
     model, tok = make_tiny("llama"), tiny_tokenizer()
     assert type(make_lm(model, tok)).__name__ == "SharedPrefixHFLM"  # CPU
     assert type(make_lm(model, tok, scoring="lm-eval")).__name__ == "HFLM"
-    a = evaluate(model, tok, ["arc_easy", "hellaswag"], data_dir=data_dir, limit=4, scoring="lm-eval")
-    b = evaluate(model, tok, ["arc_easy", "hellaswag"], data_dir=data_dir, limit=4, scoring="shared-prefix")
+    a = evaluate(model, tok, ["arc_easy", "piqa"], data_dir=data_dir, limit=4, scoring="lm-eval")
+    b = evaluate(model, tok, ["arc_easy", "piqa"], data_dir=data_dir, limit=4, scoring="shared-prefix")
     assert a["tasks"] == b["tasks"] and b["config"]["scoring"] == "shared-prefix"

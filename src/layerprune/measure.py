@@ -173,7 +173,7 @@ def profiled_macs(model: nn.Module, seq_len: int, batch: int = 1) -> int:
 class _RssPeak:
     """Peak resident memory of this process while active, sampled from /proc every ``period`` seconds (CPU)."""
 
-    def __init__(self, period: float = 0.002) -> None:
+    def __init__(self, period: float = 0.01) -> None:
         self.period = period
         self.base = self.peak = _rss()
         self._stop = threading.Event()
@@ -205,21 +205,23 @@ def _rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _timer(device: torch.device) -> Callable[[Callable[[], Any]], float]:
+def _timer(device: torch.device) -> Callable[[Callable[[], Any]], tuple[float, float]]:
+    """A function timing ``fn()``: (elapsed seconds, process CPU seconds). CUDA: CUDA events."""
     if device.type == "cuda":
-        def run(fn: Callable[[], Any]) -> float:
+        def run(fn: Callable[[], Any]) -> tuple[float, float]:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda.synchronize(device)
+            c = time.process_time()
             start.record()
             fn()
             end.record()
             torch.cuda.synchronize(device)
-            return start.elapsed_time(end) / 1000.0
+            return start.elapsed_time(end) / 1000.0, time.process_time() - c
     else:
-        def run(fn: Callable[[], Any]) -> float:
-            t = time.perf_counter()
+        def run(fn: Callable[[], Any]) -> tuple[float, float]:
+            t, c = time.perf_counter(), time.process_time()
             fn()
-            return time.perf_counter() - t
+            return time.perf_counter() - t, time.process_time() - c
     return run
 
 
@@ -247,7 +249,8 @@ def bench_speed(model: nn.Module, *, seq_len: int = 64, batch: int = 1, new_toke
     Prefill: one forward pass with a KV cache, as generation starts. Decode: ``generate`` greedy with
     ``min_new_tokens = max_new_tokens = new_tokens`` (fixed length, EOS cannot stop it early); decode time is
     the generate time minus the prefill time, and decode tokens/s counts the ``new_tokens − 1`` tokens that
-    needed their own forward pass. Each measurement: ``warmup`` untimed runs, then ``repeats`` timed ones
+    needed their own forward pass. Each run also records the process CPU time (``*_cpu_seconds``), the
+    robust clock on a shared CPU when torch runs single-threaded. Each measurement: ``warmup`` untimed runs, then ``repeats`` timed ones
     (median and spread). CUDA times use CUDA events; peak memory is ``torch.cuda.max_memory_allocated`` on
     CUDA and the sampled resident-set peak above the pre-run level on CPU.
     """
@@ -280,10 +283,12 @@ def bench_speed(model: nn.Module, *, seq_len: int = 64, batch: int = 1, new_toke
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-        times = []
+        times, cpu_times = [], []
         with _RssPeak() if device.type == "cpu" else _nullctx() as rss:
             for _ in range(repeats):
-                times.append(timer(fn))
+                wall, cpu = timer(fn)
+                times.append(wall)
+                cpu_times.append(cpu)
                 bar.update(1)
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device)
@@ -293,6 +298,8 @@ def bench_speed(model: nn.Module, *, seq_len: int = 64, batch: int = 1, new_toke
             res[f"{name}_peak_memory_bytes"] = int(rss.peak)
             res[f"{name}_activation_bytes"] = int(max(0, rss.peak - rss.base))
         res[f"{name}_seconds"] = _stats(times)
+        # Process CPU time: on a shared CPU with one thread this is the time the run would take alone.
+        res[f"{name}_cpu_seconds"] = _stats(cpu_times)
     bar.close()
     pre = res["prefill_seconds"]["median"]
     gen = res["generate_seconds"]["median"]

@@ -381,14 +381,22 @@ def score(model: nn.Module | str | os.PathLike, metrics: Sequence[str | Metric |
 
 def score_and_write(model: str | os.PathLike, metrics: Sequence[str], out_dir: str | os.PathLike, *,
                     calib: CalibSpec | None = None, k: int | None = None, ratio: float | None = None,
-                    protect_first: int = 0, protect_last: int = 0, overwrite: bool = False,
-                    **kwargs: Any) -> tuple[ScoreResults, int | None]:
-    """The ``layerprune score`` stage: score, choose k from ``k``/``ratio`` for highlighting, write files."""
+                    default_ratio: float | None = 0.25, protect_first: int = 0, protect_last: int = 0,
+                    overwrite: bool = False, **kwargs: Any) -> tuple[ScoreResults, int | None]:
+    """The ``layerprune score`` stage: score, choose k from ``k``/``ratio`` for highlighting, write files.
+
+    Without ``k``/``ratio`` the selection shown uses ``default_ratio`` when it removes at least one layer.
+    """
     from .io import check_out_dir
 
     check_out_dir(out_dir, overwrite)  # fail before the (slow) scoring
     res = score(model, metrics, calib, **kwargs)
-    kk = resolve_k(res.num_layers, k, ratio) if (k is not None or ratio is not None) else None
+    if k is not None or ratio is not None:
+        kk: int | None = resolve_k(res.num_layers, k, ratio)
+    elif default_ratio is not None and int(default_ratio * res.num_layers + 1e-9) >= 1:
+        kk = resolve_k(res.num_layers, ratio=default_ratio)
+    else:
+        kk = None
     res.write(out_dir, k=kk, protect_first=protect_first, protect_last=protect_last, overwrite=overwrite)
     return res, kk
 

@@ -128,9 +128,8 @@ def run(args: argparse.Namespace) -> int:
     from ..score import score_and_write
 
     metrics = parse_metric_list(args.metric)
-    ratio = args.ratio if (args.ratio is not None or args.num is not None) else 0.25
     res, k = score_and_write(args.model, metrics, args.out, calib=calib_spec_from_args(args), k=args.num,
-                             ratio=None if args.num is not None else ratio, protect_first=args.protect_first,
+                             ratio=args.ratio, protect_first=args.protect_first,
                              protect_last=args.protect_last, overwrite=args.overwrite, mode=args.score_mode,
                              batch_size=args.batch_size, cache=not args.no_cache, dtype=args.dtype,
                              device=args.device, offload_folder=args.offload_folder,

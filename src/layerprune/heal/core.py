@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 from ..arch import parts
 from ..data.instruct import EncodedDataset, InstructData, PadCollator, build_instruct_data, pad_id_for
 from ..errors import LayerpruneError
-from ..io import check_out_dir, read_json, write_json
+from ..io import atomic_dir, check_out_dir, read_json, write_json
 from ..models import (
     MANIFEST,
     count_parameters,
@@ -348,29 +349,28 @@ class _Run:
         return trainer
 
     def _save(self, trainer: HealTrainer, tok: Any, src: str, result: dict[str, Any], t_start: float) -> None:
+        """Export and publish the output folder in one rename (adapter included), on the main process only."""
         cfg = self.cfg
         model = _full_model(trainer)
         if not self.main:
             return
         ctx = ExportContext(source=src, save_dtype=_checkpoint_dtype(src))
-        adapter_tmp = None
-        if self.behaviour.uses_peft and cfg.save_adapter:
-            adapter_tmp = self.out.resolve().with_name(f".{self.out.name}.adapter-{os.getpid()}")
-            ctx.adapter_dir = adapter_tmp
-        try:
-            exported = self.method.export(model, cfg, ctx)
-            manifest = None
-            if (Path(src) / MANIFEST).is_file():
-                manifest = read_json(Path(src) / MANIFEST)
-                manifest["heal"] = _heal_summary(result)
-            result["wall_s"] = time.perf_counter() - t_start
-            save_pretrained_atomic(exported, tok, self.out, manifest, overwrite=cfg.overwrite,
-                                   extra_files={HEAL_FILE: result})
-            if adapter_tmp is not None:
-                shutil.move(str(adapter_tmp), str(self.out / "adapter"))
-        finally:
-            if adapter_tmp is not None and adapter_tmp.exists():
-                shutil.rmtree(adapter_tmp, ignore_errors=True)
+        manifest = read_json(Path(src) / MANIFEST) if (Path(src) / MANIFEST).is_file() else None
+        with atomic_dir(self.out, overwrite=cfg.overwrite) as tmp:
+            side = Path(tempfile.mkdtemp(prefix=f".{tmp.name}.adapter-", dir=tmp.parent))
+            try:
+                if self.behaviour.uses_peft and cfg.save_adapter:
+                    ctx.adapter_dir = side / "adapter"  # before export: merging removes the adapter
+                exported = self.method.export(model, cfg, ctx)
+                if manifest is not None:
+                    manifest["heal"] = _heal_summary(result)
+                result["wall_s"] = time.perf_counter() - t_start
+                save_pretrained_atomic(exported, tok, tmp, manifest, overwrite=True,
+                                       extra_files={HEAL_FILE: result})
+                if ctx.adapter_dir is not None:
+                    shutil.move(str(ctx.adapter_dir), str(tmp / "adapter"))
+            finally:
+                shutil.rmtree(side, ignore_errors=True)
 
 
 def _full_model(trainer: HealTrainer) -> torch.nn.Module:
