@@ -30,13 +30,14 @@ REPO = Path(__file__).resolve().parents[1]
 # The fixed, documented budget (the same for every configuration).
 BUDGET = {
     "seed": 42,
+    "zero_shot_pruned": False,  # zero-shot of the un-healed pruned models too (Table 1 shows their perplexity)
     "remove": 8,  # 25% of 30 layers
     "calib": {"calib": "c4", "nsamples": 10, "seqlen": 128},
-    "heal": {"data": "alpaca", "max_steps": 50, "batch_size": 8, "micro_batch_size": 4, "lr": 1e-4,
-             "warmup_steps": 10, "eval_steps": 50, "val_size": 200, "cutoff_len": 256},
+    "heal": {"data": "alpaca", "max_steps": 20, "batch_size": 8, "micro_batch_size": 4, "lr": 1e-4,
+             "warmup_steps": 4, "eval_steps": 10, "val_size": 100, "cutoff_len": 128},
     "evaluate": {"tasks": ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "openbookqa",
                            "mmlu", "cmmlu"],
-                 "limit": 100, "group_limit": 57, "ppl": ["wikitext2"], "ppl_max_tokens": 32768, "batch_size": 16},
+                 "limit": 50, "group_limit": 20, "ppl": ["wikitext2"], "ppl_max_tokens": 16384, "batch_size": 16},
 }
 MAIN_TASKS = BUDGET["evaluate"]["tasks"][:6]
 
@@ -137,7 +138,7 @@ def run_config(name: str, cfg: dict, model: str, out: Path) -> dict:
     res = {"removed_layers": manifest["removed_layers"], "heal": manifest.get("heal"),
            "ppl": {w: r.get("ppl") for w, r in manifest["results"].items()}}
     res["zero_shot"] = {"healed": zero_shot(str(run_dir / "model"), run_dir / "zs-healed")}
-    if "pruned" in cfg["models"]:
+    if "pruned" in cfg["models"] and BUDGET["zero_shot_pruned"]:
         res["zero_shot"]["pruned"] = zero_shot(str(run_dir / "pruned"), run_dir / "zs-pruned")
     res["wall_s"] = prev + time.perf_counter() - t0
     done.write_text(json.dumps(res, indent=2, default=str))
@@ -280,9 +281,17 @@ def main() -> int:
     ap.add_argument("--model", default="default")
     ap.add_argument("--only", nargs="*", help="run only these configuration names")
     ap.add_argument("--table-only", action="store_true", help="only rewrite docs/results-smollm2.md")
+    ap.add_argument("--steps", type=int, help=f"healing steps (default {BUDGET['heal']['max_steps']})")
+    ap.add_argument("--limit", type=int, help=f"zero-shot documents per task (default {BUDGET['evaluate']['limit']})")
+    ap.add_argument("--zero-shot-pruned", action="store_true", help="also run zero-shot on the un-healed models")
     ap.add_argument("--smoke", action="store_true",
                     help="a seconds-long check of the whole script (tiny budget; writes the table to OUT only)")
     args = ap.parse_args()
+    if args.steps:
+        BUDGET["heal"]["max_steps"] = args.steps
+    if args.limit:
+        BUDGET["evaluate"]["limit"] = args.limit
+    BUDGET["zero_shot_pruned"] = args.zero_shot_pruned
     if args.smoke:
         BUDGET["heal"].update(max_steps=2, batch_size=2, micro_batch_size=2, val_size=4, eval_steps=2, warmup_steps=1)
         BUDGET["evaluate"].update(limit=2, group_limit=2, ppl_max_tokens=512)
