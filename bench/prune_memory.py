@@ -12,12 +12,11 @@ import argparse
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import struct
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # This parent process never imports torch: on Linux a child's peak RSS starts from its parent's at fork, so

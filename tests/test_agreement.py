@@ -6,11 +6,12 @@ import json
 
 import pytest
 
-from conftest import make_tiny, tiny_tokenizer
 from layerprune.errors import LayerpruneError
 from layerprune.evaluate.agreement import choice_changes, compare
 from layerprune.evaluate.perplexity import perplexity
 from layerprune.prune import prune_layers
+
+from conftest import make_tiny, tiny_tokenizer
 
 
 @pytest.fixture

@@ -8,9 +8,10 @@ import random
 import pytest
 import torch
 
-from conftest import tiny_tokenizer
 from layerprune.data.calibration import Calibration, CalibSpec, build_calibration, load_texts
 from layerprune.errors import LayerpruneError
+
+from conftest import tiny_tokenizer
 
 
 def _doc(rng: random.Random, n: int) -> str:

@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_tiny, tiny_tokenizer
 
 from layerprune.cli import main
+
+from conftest import make_tiny, tiny_tokenizer
 
 
 @pytest.fixture

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import ARCHS, make_tiny, tiny_tokenizer
 from layerprune.evaluate.harness import evaluate, make_lm
 from layerprune.evaluate.tasks import TaskSource
+
+from conftest import ARCHS, make_tiny, tiny_tokenizer
 
 TASKS = ["arc_easy", "hellaswag", "winogrande", "piqa"]
 

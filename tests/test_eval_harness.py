@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny, tiny_tokenizer
 from layerprune.evaluate.harness import _spread, evaluate, markdown_table, predictions
 from layerprune.evaluate.tasks import SUITE
+
+from conftest import make_tiny, tiny_tokenizer
 
 # Hand-made rows in the schemas of the Hugging Face datasets the built-in tasks read.
 HAND = {

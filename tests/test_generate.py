@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny, tiny_tokenizer
 from layerprune.cli import main
 from layerprune.errors import LayerpruneError
 from layerprune.generate import build_prompt, generate, generate_text, stop_token_ids
+
+from conftest import make_tiny, tiny_tokenizer
 
 PROMPT = "w1 w2 w3 a b"
 

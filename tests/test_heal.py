@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 from transformers.pytorch_utils import Conv1D
 
-from conftest import make_tiny, tiny_tokenizer
 from layerprune.arch import parts
 from layerprune.cli import main
 from layerprune.errors import LayerpruneError
@@ -22,6 +21,8 @@ from layerprune.heal import HealConfig, get_method, heal
 from layerprune.heal.distill import kd_loss_sum
 from layerprune.heal.methods import lora_target_regex, probe_bitsandbytes, select_layers
 from layerprune.models import load_model
+
+from conftest import make_tiny, tiny_tokenizer
 
 ROWS = [{"instruction": f"w{i % 50} w{(i * 3) % 50} w{(i * 7) % 50}",
          "input": "" if i % 3 else f"w{i % 40} w9",

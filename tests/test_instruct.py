@@ -8,7 +8,6 @@ import pytest
 import torch
 from tokenizers.processors import TemplateProcessing
 
-from conftest import tiny_tokenizer
 from layerprune.data.instruct import (
     ALPACA_PROMPT,
     ALPACA_PROMPT_INPUT,
@@ -27,6 +26,8 @@ from layerprune.data.instruct import (
     split_rows,
 )
 from layerprune.errors import LayerpruneError
+
+from conftest import tiny_tokenizer
 
 EX = Example("Name two w1 colours .", "", "w3 and w4 are colours")
 EX_IN = Example("Summarise the text .", "w5 w6 w7 text", "It is about w5 .")

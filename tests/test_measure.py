@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from conftest import ARCHS, make_tiny, tiny_tokenizer
 from layerprune.measure import (
     _inputs,
     analytic_macs,
@@ -21,6 +20,8 @@ from layerprune.measure import (
     weight_bytes,
 )
 from layerprune.prune import prune_layers
+
+from conftest import ARCHS, make_tiny, tiny_tokenizer
 
 # GQA with a head_dim that is not hidden/heads, and biases on q/k/v (qwen2), per the three configs.
 VARIANTS = {

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ARCHS, make_tiny
 from layerprune.arch import parts
 from layerprune.data.calibration import Calibration
 from layerprune.errors import LayerpruneError
@@ -23,6 +22,8 @@ from layerprune.metrics import (
 )
 from layerprune.metrics.magnitude import weight_rows
 from layerprune.score import score
+
+from conftest import ARCHS, make_tiny
 
 # Output projections (weights and biases) whose zeroing removes a layer's residual contribution.
 _OUT_PROJ = ("o_proj", "down_proj", "c_proj", "out_proj", "fc2", "dense", "dense_4h_to_h")
@@ -314,8 +315,9 @@ def test_random_and_reverse():
 
 
 def test_scores_deterministic_for_fixed_seed(tmp_path):
-    from conftest import tiny_tokenizer
     from layerprune.data.calibration import CalibSpec, build_calibration
+
+    from conftest import tiny_tokenizer
 
     p = tmp_path / "c.txt"
     g = torch.Generator().manual_seed(0)

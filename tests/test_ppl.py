@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from conftest import make_tiny, tiny_tokenizer
 from layerprune.errors import LayerpruneError
 from layerprune.evaluate.perplexity import (
     PRESETS,
@@ -18,6 +17,8 @@ from layerprune.evaluate.perplexity import (
     resolve_protocol,
     windows,
 )
+
+from conftest import make_tiny, tiny_tokenizer
 
 CARD_KEYS = {"dataset", "split", "source", "file_sha256", "text_sha256", "join", "preset", "seq_len", "stride",
              "bos_policy", "bos_resolved", "bos_token_id", "dtype", "tokenizer", "tokens_scored", "windows",

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_tiny
 from transformers import AutoModelForCausalLM
 
 from layerprune.errors import LayerpruneError
 from layerprune.recipe import load_recipe, run_recipe, validate
+
+from conftest import make_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 

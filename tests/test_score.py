@@ -9,13 +9,14 @@ import os
 import pytest
 import torch
 
-from conftest import make_tiny, tiny_tokenizer
 from layerprune.arch import parts
 from layerprune.cli import main
 from layerprune.errors import LayerpruneError
 from layerprune.models import load_model
 from layerprune.score import ScoreCache, model_fingerprint, score
 from test_metrics import calib, zero_residual
+
+from conftest import make_tiny, tiny_tokenizer
 
 CALIB_METRICS = ["bi", "angular", "cka", "ppl"]
 ALL = CALIB_METRICS + ["magnitude", "magnitude_l1", "random", "reverse"]

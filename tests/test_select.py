@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 
-from conftest import make_tiny
 from layerprune.arch import parts
 from layerprune.errors import LayerpruneError
 from layerprune.metrics import MetricResult, remove_one_nll_naive
@@ -15,6 +14,8 @@ from layerprune.prune import prune_layers
 from layerprune.score import score
 from layerprune.select import iterative_prune, protected_layers, resolve_k, select_layers, select_one_shot
 from test_metrics import calib, zero_residual
+
+from conftest import make_tiny
 
 
 def test_resolve_k():

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_surgery import _logits, _skip_hooks
 from transformers import AutoModelForCausalLM
 
 from layerprune.arch import parts
 from layerprune.models import build_manifest, load, save_pruned
 from layerprune.prune import prune_layers
+from test_surgery import _logits, _skip_hooks
 
 pytestmark = pytest.mark.smollm2
 REMOVE = [5, 11, 23, 24, 25, 26, 27, 28]

@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny, tiny_tokenizer
 from safetensors import safe_open
 
 from layerprune.errors import LayerpruneError
 from layerprune.prune import prune_checkpoint, prune_checkpoint_streaming
 from layerprune.prune.streaming import INDEX_FILE
+
+from conftest import make_tiny, tiny_tokenizer
 
 
 def _tensors(folder):
@@ -56,7 +57,7 @@ def test_streaming_equals_in_memory(arch, shard, tmp_path):
     if shard:
         index = json.loads((tmp_path / "str" / INDEX_FILE).read_text())
         assert set(index["weight_map"]) == set(b)
-        for k, f in index["weight_map"].items():
+        for f in index["weight_map"].values():
             assert (tmp_path / "str" / f).is_file()
 
 

@@ -6,13 +6,14 @@ import json
 
 import pytest
 import torch
-from conftest import ARCHS, make_tiny
 from transformers import AutoModelForCausalLM
 
 from layerprune.arch import parts, per_layer_fields, supported_types
 from layerprune.errors import LayerpruneError
-from layerprune.models import count_parameters, save_pruned, build_manifest
+from layerprune.models import build_manifest, count_parameters, save_pruned
 from layerprune.prune import prune_layers
+
+from conftest import ARCHS, make_tiny
 
 REMOVE = [1, 3]  # interior layers, so every later layer moves to a new index
 INPUT = torch.tensor([[5, 17, 33, 2, 90, 64, 11, 7, 45, 23, 99, 3, 56, 78, 12, 40, 8, 19, 27, 31, 50, 60, 70, 80]])

@@ -55,9 +55,7 @@ def default_model_path() -> Path:
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     src = gguf_path()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
