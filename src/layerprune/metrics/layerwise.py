@@ -170,7 +170,7 @@ class LayerwiseModel:
         with init_empty_weights(include_buffers=False), _quiet_transformers():
             shell = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=attn,
                                                      dtype=donor.dtype)
-        missing, unexpected = shell.load_state_dict(donor.state_dict(), strict=False, assign=True)
+        _missing, unexpected = shell.load_state_dict(donor.state_dict(), strict=False, assign=True)
         if unexpected:
             raise LayerpruneError(f"layer-by-layer mode: unexpected non-layer tensors {unexpected[:3]}")
         if parts(donor).tied:

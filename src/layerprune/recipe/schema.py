@@ -29,7 +29,7 @@ SCHEMA: dict[str, Any] = {
     "prune": {
         "metric": (str, "reverse"),
         "num_layers": (OPT_INT, None),  # how many layers to remove ...
-        "ratio": (OPT_NUM, 0.25),  # ... or which fraction (rounded to the nearest layer)
+        "ratio": (OPT_NUM, 0.25),  # ... or which fraction (rounded down: 25% of 26 layers is 6, as in the paper)
         "metric_params": (dict, {}),  # e.g. {p: 1, seed_compat: false}
         "protect_first": (int, 0),
         "protect_last": (int, 0),
