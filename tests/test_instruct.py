@@ -259,6 +259,7 @@ def test_alpaca_preset_from_shared_data(data_dir):
 
 def test_hub_source_refused_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("LAYERPRUNE_DATA", raising=False)  # else the preset resolves to the local copy
     with pytest.raises(LayerpruneError, match="offline"):
         build_instruct_data(tiny_tokenizer(), "someone/some-dataset")
     with pytest.raises(LayerpruneError, match="offline"):
