@@ -135,3 +135,14 @@ def test_online_index_covers_only_requested_folders():
     with TaskSource(["arc_easy", "mmlu"]) as s:
         assert {"arc_easy", "mmlu", "mmlu_anatomy"} <= set(s.manager.all_tasks)
         assert "gsm8k" not in s.manager.all_tasks  # the full index was not built
+
+
+def test_failed_open_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "t"))
+    (tmp_path / "t").mkdir()
+    with pytest.raises(LayerpruneError):
+        with TaskSource(["piqa"], tmp_path / "empty_data"):
+            pass
+    assert list((tmp_path / "t").iterdir()) == []

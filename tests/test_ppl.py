@@ -150,3 +150,19 @@ def test_cli_ppl(tmp_path, capsys):
     capsys.readouterr()
     assert main(["ppl", str(model_dir), "--data", "wikitext2", "--split", "train"]) == 2
     assert "used for calibration" in capsys.readouterr().err
+
+
+def test_calibration_records_of_the_score_stage(tmp_path):
+    """The score stage's scores.json (in a run subfolder) records {"source", "split"} or a local path."""
+    (tmp_path / "score").mkdir()
+    (tmp_path / "score" / "scores.json").write_text(json.dumps(
+        {"metrics": {}, "calibration": {"source": "wikitext2", "split": "train", "mode_default": "documents"}}))
+    with pytest.raises(LayerpruneError):
+        check_not_calibration("wikitext2", "train", tmp_path)
+    assert check_not_calibration("wikitext2", "test", tmp_path) is False
+    (tmp_path / "score" / "scores.json").write_text(json.dumps(
+        {"calibration": {"source": "/data/ppl/wikitext2/test.jsonl", "split": None}}))
+    with pytest.raises(LayerpruneError):
+        check_not_calibration("wikitext2", "test", tmp_path)
+    (tmp_path / "score" / "scores.json").write_text(json.dumps({"calibration": {"source": "c4", "split": "train"}}))
+    assert check_not_calibration("wikitext2", "train", tmp_path) is False

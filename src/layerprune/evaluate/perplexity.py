@@ -81,7 +81,8 @@ class DatasetSource:
 
 DATASETS: dict[str, DatasetSource] = {
     "wikitext2": DatasetSource("wikitext2", "ppl/wikitext2/{split}.jsonl", "text", "wikitext", "wikitext-2-raw-v1"),
-    "ptb": DatasetSource("ptb", "ppl/ptb/{split}.jsonl", "sentence", "ptb_text_only", "penn_treebank"),
+    # The script-free (parquet) copy: datasets >= 4 no longer runs the old ptb_text_only loading script.
+    "ptb": DatasetSource("ptb", "ppl/ptb/{split}.jsonl", "sentence", "ptb-text-only/ptb_text_only", "penn_treebank"),
 }
 
 
@@ -296,43 +297,57 @@ def protocol_dict(p: Protocol) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------------------
 # Calibration split guard
 
+_SPLIT_STEMS = {"train": "train", "validation": "validation", "valid": "validation", "test": "test"}
+
+
 def _calibration_entries(obj: Any, under_calib: bool = False) -> Iterable[tuple[str, str | None]]:
     """(dataset, split) pairs found anywhere under keys that mention calibration."""
     if isinstance(obj, dict):
         if under_calib:
-            ds = obj.get("dataset", obj.get("data", obj.get("name")))
-            if isinstance(ds, str):
-                yield _norm_ds(ds), obj.get("split") if isinstance(obj.get("split"), str) else None
+            ds = next((obj[k] for k in ("dataset", "source", "data", "name") if isinstance(obj.get(k), str)), None)
+            if ds is not None:
+                split = obj.get("split") if isinstance(obj.get("split"), str) else None
+                yield _norm_ds(ds), split or _split_from_path(ds)
+            if isinstance(obj.get("path"), str):  # a local file records where it came from
+                yield _norm_ds(obj["path"]), _split_from_path(obj["path"])
         for k, v in obj.items():
             yield from _calibration_entries(v, under_calib or "calib" in str(k).lower())
     elif isinstance(obj, list):
         for v in obj:
             yield from _calibration_entries(v, under_calib)
     elif isinstance(obj, str) and under_calib:
-        for sep in (":", "/"):
-            if sep in obj and not obj.startswith(("/", ".")):
-                ds, sp = obj.split(sep, 1)
-                yield _norm_ds(ds), sp
-                return
-        yield _norm_ds(obj), None
+        if ":" in obj and not obj.startswith(("/", ".")):
+            ds, sp = obj.split(":", 1)
+            yield _norm_ds(ds), sp
+        else:
+            yield _norm_ds(obj), _split_from_path(obj)
+
+
+def _split_from_path(name: str) -> str | None:
+    """'…/wikitext2/test.jsonl' -> 'test', 'valid.tokens.txt' -> 'validation'; None for a plain name."""
+    if "/" not in name and "." not in name:
+        return None
+    return _SPLIT_STEMS.get(Path(name).name.split(".")[0].lower())
 
 
 def _norm_ds(name: str) -> str:
-    n = Path(name).name.lower().replace("-", "").replace("_", "")
-    if n.startswith("wikitext2") or n.startswith("wikitext"):
+    """Dataset family of a name or path: 'wikitext2', 'ptb', else the name itself."""
+    low = name.lower().replace("-", "").replace("_", "")
+    if "wikitext" in low:
         return "wikitext2"
-    if n.startswith("ptb") or n.startswith("penn"):
+    if "ptb" in low or "penntreebank" in low:
         return "ptb"
     return name
 
 
 def calibration_splits(*folders: str | os.PathLike | None) -> set[tuple[str, str | None]]:
-    """Calibration (dataset, split) pairs recorded in the JSON files of ``folders`` (e.g. layerprune.json)."""
+    """Calibration (dataset, split) pairs recorded in the JSON files of ``folders`` and their subfolders
+    (``layerprune.json`` manifests, a run's ``score/scores.json`` ...)."""
     found: set[tuple[str, str | None]] = set()
     for folder in folders:
         if folder is None or not Path(folder).is_dir():
             continue
-        for f in sorted(Path(folder).glob("*.json")):
+        for f in sorted([*Path(folder).glob("*.json"), *Path(folder).glob("*/*.json")]):
             try:
                 data = json.loads(f.read_text(encoding="utf-8"))
             except (OSError, ValueError):

@@ -214,6 +214,13 @@ class TaskSource:
         return self.data_dir is not None
 
     def __enter__(self) -> TaskSource:
+        try:
+            return self._open()
+        except BaseException:
+            self.__exit__()  # __exit__ is not called when __enter__ raises: remove the temporary folder here
+            raise
+
+    def _open(self) -> TaskSource:
         from lm_eval.tasks import TaskManager
 
         if self.offline:
