@@ -124,3 +124,22 @@ def test_iterative_rounds(tiny_smol, tmp_path, data_dir, monkeypatch):
     assert (tmp_path / "it" / "rounds" / "round-02" / "healed" / "heal.json").is_file()
     fm = json.loads((tmp_path / "it" / "model" / "layerprune.json").read_text())
     assert fm["removed_layers"] == m["removed_layers"] and fm["original_num_layers"] == 6
+
+
+@pytest.mark.slow
+@pytest.mark.smollm2
+def test_demo_recipe_on_smollm2(smollm2_path, tmp_path, data_dir, monkeypatch):
+    """The shipped best-practice recipe on the real SmolLM2 with very small limits."""
+    monkeypatch.setenv("LAYERPRUNE_DATA", str(data_dir))
+    over = ["model=default", "heal.max_steps=4", "heal.batch_size=2", "heal.micro_batch_size=2", "heal.cutoff_len=64",
+            "heal.val_size=8", "heal.eval_steps=2", "heal.warmup_steps=1", "heal.max_train_samples=32",
+            "evaluate.tasks=[piqa,arc_easy]", "evaluate.limit=4", "evaluate.ppl_max_tokens=1024",
+            "measure.new_tokens=4", "measure.repeats=1", "measure.batch=[1]"]
+    m = run_recipe(REPO / "recipes" / "best-practice.yaml", tmp_path / "demo", overrides=over, log=lambda s: None)
+    assert m["removed_layers"] == list(range(22, 30)) and m["original_num_layers"] == 30
+    assert set(m["results"]) == {"dense", "pruned", "healed"}
+    heal = json.loads((tmp_path / "demo" / "model" / "heal.json").read_text())
+    assert heal["method"] == "partial"
+    re = AutoModelForCausalLM.from_pretrained(tmp_path / "demo" / "model")
+    assert re.config.num_hidden_layers == 22 and not re.config.tie_word_embeddings
+    assert "22, 23, 24" in (tmp_path / "demo" / "model" / "README.md").read_text()

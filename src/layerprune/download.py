@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 from .errors import LayerpruneError
-from .io import check_out_dir
+from .io import check_out_dir, replace_dir
 
 REPO_TYPES = ("model", "dataset")
 _TRUE = {"1", "true", "yes", "on"}
@@ -109,13 +109,7 @@ def download(repo_id: str, out_dir: str | os.PathLike, *, repo_type: str = "mode
         raise LayerpruneError(f"no file of {what} matches --include {' '.join(include)}")
     # The bookkeeping folder only serves resumption; the finished folder holds the repository's files alone.
     shutil.rmtree(tmp / ".cache", ignore_errors=True)
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
     return Path(out_dir)
 
 

@@ -38,6 +38,12 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, out)
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished folder ``tmp`` to ``out``, replacing an existing ``out`` (moved aside first, removed
+    after), so ``out`` is never half-written."""
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"
