@@ -229,9 +229,12 @@ def write_table(out: Path, results: dict[str, dict], dense: dict | None, total_s
             label = f"reverse + {name}" + (f" ({heal.get('trainable_params', 0) / 1e6:.1f}M trainable)"
                                             if heal.get("trainable_params") else "")
             lines.append(row(label, res, res["zero_shot"]["healed"], "healed", _hours(res["wall_s"])))
+    summed = sum(r.get("wall_s", 0) for r in results.values())
     lines += ["", "## Findings", ""] + findings(results) + ["",
-              f"Total wall time of the sweep (this run, 2 CPU cores, OMP_NUM_THREADS=1): {_hours(total_s)} "
-              "(configurations finished in earlier invocations count with their own wall time).", ""]
+              f"Wall time: {_hours(summed)} summed over the {len(results)} finished configurations (2 CPU cores, "
+              "OMP_NUM_THREADS=1 per process, on a machine shared with other jobs; the dense evaluation not "
+              "included). Configurations are independent run folders, so several `--only` workers may share the "
+              "sweep.", ""]
     path = (out / "results-smoke.md") if BUDGET.get("smoke") else REPO / "docs" / "results-smollm2.md"
     path.write_text("\n".join(lines) + "\n")
     return path
