@@ -14,7 +14,7 @@ export LAYERPRUNE_DATA ?= $(wildcard $(abspath ../shared/data))
 DEMO_SET ?= --set heal.max_steps=200 --set heal.batch_size=2 --set heal.micro_batch_size=2 \
 	--set heal.cutoff_len=128 --set heal.lr=1e-4 --set heal.warmup_steps=20 --set heal.eval_steps=50 \
 	--set heal.val_size=100 --set 'evaluate.tasks=[piqa,arc_easy,arc_challenge,hellaswag,winogrande,openbookqa]' \
-	--set evaluate.limit=50 --set evaluate.ppl_max_tokens=16384 --set evaluate.batch_size=16 \
+	--set evaluate.limit=40 --set evaluate.ppl_max_tokens=16384 --set evaluate.batch_size=16 \
 	--set measure.new_tokens=32 --set 'measure.batch=[1]' --set measure.repeats=3
 
 .PHONY: setup demo test test-slow test-all lint bench reproduce clean

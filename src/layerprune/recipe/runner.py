@@ -185,8 +185,9 @@ class RecipeRun:
                 out[which] = measure(model, seq_len=m["seqlen"], batches=tuple(m["batch"]),
                                      new_tokens=m["new_tokens"], repeats=m["repeats"])
                 del model
-            if "dense" in out and "pruned" in out:
-                out["speedup"] = speedup(out["dense"], out["pruned"])
+            final = "healed" if "healed" in out else "pruned"
+            if "dense" in out and final in out:
+                out["speedup"] = speedup(out["dense"], out[final])
             write_json(tmp / "bench.json", out)
             return out
 
@@ -266,8 +267,8 @@ class RecipeRun:
                 results[which] = {"eval": self._evaluate(which, paths[which], fps[which])}
         bench = None
         if self.r["measure"]["enabled"]:
-            bench = self._measure({"dense": self.source, "pruned": str(self.dir / FINAL)},
-                                  {"dense": self.source_fp, "pruned": final_fp})
+            # Healing can change the size (an untied head), so every model is measured on its own.
+            bench = self._measure({k: v for k, v in paths.items() if v}, {k: fps[k] for k in paths if paths[k]})
 
         manifest = self._manifest(removed, kept, scores, rounds, results, bench)
         manifest["timings"]["total_s"] = round(time.perf_counter() - t0, 1)
@@ -287,9 +288,9 @@ class RecipeRun:
                 row["avg_acc"] = zs.get("mean_acc")
             out_results[which] = row
         if bench:
-            for which, key in (("dense", "dense"), ("pruned", "pruned"), ("healed", "pruned")):
-                if key in bench and (which in out_results or which != "healed"):
-                    b = bench[key]
+            for which in ("dense", "pruned", "healed"):
+                if which in bench:
+                    b = bench[which]
                     sp = (b.get("speed") or [{}])[0]
                     out_results.setdefault(which, {}).update({
                         "params": b["params"]["total"], "non_embedding_params": b["params"].get("non_embedding"),
