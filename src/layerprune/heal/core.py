@@ -195,6 +195,9 @@ class _Run:
             "final_val_loss": state.best_metric if state.best_metric is not None else (evals[-1] if evals else None),
             "val_loss_last_step": evals[-1] if evals else None,
             "best_step": best_step,
+            # The loss curve for reports: train loss per logging step, validation loss per evaluation.
+            "log_history": ([{"step": 0, "eval_loss": val_before}] if val_before is not None else [])
+            + [{"step": e["step"], k: e[k]} for e in logs for k in ("loss", "eval_loss") if k in e],
             "resumed_from": str(resume_from) if resume_from else None,
             "wall_s": None,  # filled in when saving
             "train_wall_s": train_wall,

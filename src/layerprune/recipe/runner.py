@@ -92,16 +92,18 @@ class RecipeRun:
             spec = CalibSpec(source=p["calib"], nsamples=p["nsamples"], seqlen=p["seqlen"], seed=self.r["seed"],
                              split=p["calib_split"], data_dir=self.data_dir)
             metric = (p["metric"], dict(p["metric_params"])) if p["metric_params"] else p["metric"]
-            kw: dict[str, Any] = {"dtype": self.r["dtype"]}
+            metrics: list[Any] = [metric]
+            if p["similarity"] and layer_map is None and p["metric"] != "cka":
+                metrics.append("cka")  # the report's similarity heat map; shares the forward of bi/angular
             if layer_map is not None:
                 from ..models import load
 
                 model, tok = load(model_path, dtype=self.r["dtype"])
-                res = score(model, [metric], spec, tokenizer=tok, layer_map=layer_map, num_layers=self.n0,
+                res = score(model, metrics, spec, tokenizer=tok, layer_map=layer_map, num_layers=self.n0,
                             cache=False)
             else:
-                res = score(model_path, [metric], spec, **kw)
-            label = next(iter(res.results))
+                res = score(model_path, metrics, spec, dtype=self.r["dtype"])
+            label = next(iter(res.results))  # results keep the requested order: the selecting metric first
             sel = select_one_shot(res.results[label], k, protect_first=p["protect_first"],
                                   protect_last=p["protect_last"], metric=res.metric_objects.get(label))
             res.write(tmp, k=None, overwrite=True)
@@ -109,8 +111,10 @@ class RecipeRun:
             data = read_json(tmp / "scores.json")
             data["metrics"][label]["selected"] = sel.removed
             write_json(tmp / "scores.json", data)
+            sim = next((m["extra"]["matrix"] for m in data["metrics"].values()
+                        if (m.get("extra") or {}).get("matrix") is not None), None)
             return {"metric": label, "removed": sorted(sel.removed), "scores": data["metrics"][label],
-                    "calibration": data.get("calibration")}
+                    "calibration": data.get("calibration"), "similarity": sim}
 
         return self.state.run(name, inputs, fn)
 
@@ -208,6 +212,7 @@ class RecipeRun:
                     "k": self.k, "data_dir": self.data_dir}
             sc = self._score(self.source, "score", self.k, base)
             removed = sc["removed"]
+            similarity = sc.get("similarity")
             scores[sc["metric"]] = sc["scores"]
             pr = self._prune(self.source, removed, "pruned", {**base, "removed": removed})
             pruned_path = str(self.dir / "pruned")
@@ -220,6 +225,7 @@ class RecipeRun:
             kept = pr["kept_layers"]
         else:
             removed, kept, current, cur_fp = [], list(range(self.n0)), self.source, self.source_fp
+            similarity = None
             pruned_path, pruned_fp = None, None
             r = 0
             while len(removed) < self.k:
@@ -270,14 +276,15 @@ class RecipeRun:
             # Healing can change the size (an untied head), so every model is measured on its own.
             bench = self._measure({k: v for k, v in paths.items() if v}, {k: fps[k] for k in paths if paths[k]})
 
-        manifest = self._manifest(removed, kept, scores, rounds, results, bench)
+        manifest = self._manifest(removed, kept, scores, rounds, results, bench, similarity)
         manifest["timings"]["total_s"] = round(time.perf_counter() - t0, 1)
         self._finish(manifest)
         return manifest
 
     # ---- outputs ------------------------------------------------------------------------------------------
     def _manifest(self, removed: list[int], kept: list[int], scores: dict[str, Any], rounds: list[dict],
-                  results: dict[str, Any], bench: dict[str, Any] | None) -> dict[str, Any]:
+                  results: dict[str, Any], bench: dict[str, Any] | None,
+                  similarity: list[list[float]] | None) -> dict[str, Any]:
         out_results: dict[str, Any] = {}
         for which, r in results.items():
             ev = r["eval"]
@@ -301,17 +308,10 @@ class RecipeRun:
         if self.r["prune"]["iterative"] and self.r["heal"]["method"] != NO_HEAL:
             last = max((k for k in self.state.stages if k.endswith("/healed")), default=None)
             heal_stage = self.state.stages[last]["result"] if last else None
-        sim = None
-        score_dir = self.dir / "score"
-        if (score_dir / "scores.json").is_file():
-            for m in read_json(score_dir / "scores.json")["metrics"].values():
-                mat = (m.get("extra") or {}).get("matrix")
-                if mat is not None:
-                    sim = {"cka" if "cka" in m.get("name", "") else "similarity": mat}
         return {
             "model": self.r["model"], "source_model": self.source, "recipe": self.r,
             "original_num_layers": self.n0, "removed_layers": sorted(removed), "kept_layers": kept,
-            "scores": scores, "similarity": sim, "heal": heal_stage, "results": out_results,
+            "scores": scores, "similarity": {"cka": similarity} if similarity else None, "heal": heal_stage, "results": out_results,
             "measure": bench, "rounds": rounds or None,
             "stages": {k: {"fingerprint": v["fingerprint"], "seconds": v["seconds"], "inputs": v["inputs"]}
                        for k, v in self.state.stages.items()},

@@ -37,6 +37,7 @@ SCHEMA: dict[str, Any] = {
         "calib_split": (OPT_STR, None),
         "nsamples": (int, 10),
         "seqlen": (int, 128),
+        "similarity": (bool, True),  # also compute the CKA layer-similarity matrix (for the report's heat map)
         "iterative": (bool, False),  # score -> prune step -> heal -> re-score ... until the target
         "step": (int, 1),
     },
