@@ -407,6 +407,8 @@ def _card_summary(card: Any) -> str:
             continue
         if k == "text_sha256" and isinstance(v, str):
             v = v[:12]  # enough to tell texts apart in a table
+        if isinstance(v, str) and not v.strip():
+            v = repr(v)  # whitespace such as the "\n\n" join must stay visible and on one line
         items.append(f"{k}={_fmt_value(v)}")
     return "; ".join(items)
 
