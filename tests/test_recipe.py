@@ -144,3 +144,11 @@ def test_demo_recipe_on_smollm2(smollm2_path, tmp_path, data_dir, monkeypatch):
     re = AutoModelForCausalLM.from_pretrained(tmp_path / "demo" / "model")
     assert re.config.num_hidden_layers == 23 and not re.config.tie_word_embeddings
     assert "23, 24, 25" in (tmp_path / "demo" / "model" / "README.md").read_text()
+
+
+def test_no_data_and_no_hub_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.delenv("LAYERPRUNE_DATA", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LayerpruneError, match="LAYERPRUNE_DATA"):
+        run_recipe(REPO / "recipes" / "best-practice.yaml", tmp_path / "r", log=lambda s: None)
+    assert not (tmp_path / "r").exists()

@@ -64,13 +64,13 @@ class RecipeRun:
         self.dir = run_dir
         self.log = log
         self.state = RunState(run_dir, resume, log)
-        self.source = resolve_model(recipe["model"])
-        self.source_fp = folder_fingerprint(self.source)
         from ..data.presets import require_data_source, resolve_data_dir
 
         dd = resolve_data_dir(recipe["data_dir"])
-        require_data_source(dd)
+        require_data_source(dd)  # before anything slow: no data means stop at once, in one line
         self.data_dir = str(dd) if dd else None
+        self.source = resolve_model(recipe["model"])
+        self.source_fp = folder_fingerprint(self.source)
         self.n0 = _layer_count(self.source)
         p = recipe["prune"]
         from ..select import resolve_k
