@@ -55,6 +55,13 @@ def _link_or_copy(src: Path, dst: Path) -> None:
                 shutil.copy2(f, dst / f.name)
 
 
+def _flatten(ckpt: Path) -> None:
+    """Move a checkpoint written to ``stage_tmp/ckpt`` up into the stage folder itself."""
+    for f in ckpt.iterdir():
+        f.rename(ckpt.parent / f.name)
+    ckpt.rmdir()
+
+
 class RecipeRun:
     """One execution of a recipe in a run directory."""
 
@@ -122,12 +129,9 @@ class RecipeRun:
         def fn(tmp: Path) -> dict[str, Any]:
             from ..prune import prune_checkpoint
 
-            out = tmp / "ckpt"
-            rec = prune_checkpoint(model_path, out, remove=remove_positions, dtype=self.r["dtype"],
+            rec = prune_checkpoint(model_path, tmp / "ckpt", remove=remove_positions, dtype=self.r["dtype"],
                                    method=self.r["prune"]["metric"])
-            for f in out.iterdir():  # flatten: the stage folder is the checkpoint
-                f.rename(tmp / f.name)
-            out.rmdir()
+            _flatten(tmp / "ckpt")
             return rec.to_dict()
 
         return self.state.run(name, inputs, fn)
@@ -141,13 +145,10 @@ class RecipeRun:
             opts = {k: v for k, v in h.items() if v is not None}
             if opts["method"] == "distill" and not opts.get("teacher"):
                 opts["teacher"] = self.source
-            out = tmp / "ckpt"
-            res = heal(model_path, out, data_dir=self.data_dir, seed=self.r["seed"],
+            res = heal(model_path, tmp / "ckpt", data_dir=self.data_dir, seed=self.r["seed"],
                        checkpoint_dir=str(self.dir / f".{name.replace('/', '_')}.checkpoints"),
                        resume=True, **opts)
-            for f in out.iterdir():
-                f.rename(tmp / f.name)
-            out.rmdir()
+            _flatten(tmp / "ckpt")
             return res
 
         return self.state.run(name, inputs, fn)
@@ -157,16 +158,16 @@ class RecipeRun:
         inputs = {"model": fp, "evaluate": e, "data_dir": self.data_dir}
 
         def fn(tmp: Path) -> dict[str, Any]:
-            from ..evaluate import check_not_calibration, evaluate, perplexity
+            from ..evaluate import check_not_calibration, evaluate, perplexity, resolve_protocol
             from ..models import load
 
+            for ds in e["ppl"]:  # refuse before loading or computing anything
+                check_not_calibration(ds, resolve_protocol("seed").split_for(ds), self.dir)
             model, tok = load(model_path, dtype=self.r["dtype"])
             out: dict[str, Any] = {"ppl": {}}
             for ds in e["ppl"]:
-                r = perplexity(model, tok, ds, "seed", data_dir=self.data_dir, seq_len=e["ppl_seqlen"],
-                               max_tokens=e["ppl_max_tokens"])
-                check_not_calibration(ds, r["card"].get("split", "test"), self.dir)
-                out["ppl"][ds] = r
+                out["ppl"][ds] = perplexity(model, tok, ds, "seed", data_dir=self.data_dir, seq_len=e["ppl_seqlen"],
+                                            max_tokens=e["ppl_max_tokens"])
             if e["tasks"]:
                 out["zero_shot"] = evaluate(model, tok, e["tasks"], num_fewshot=e["num_fewshot"], limit=e["limit"],
                                             batch_size=e["batch_size"], data_dir=self.data_dir)
