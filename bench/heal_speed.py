@@ -36,6 +36,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--cutoff-len", type=int, default=256)
+    p.add_argument("--packing", choices=("auto", "on", "off"), default="auto",
+                   help="padding-free micro-batches (auto: what heal does by default)")
     p.add_argument("--data", default="alpaca")
     p.add_argument("--data-dir", default=None, help="default: $LAYERPRUNE_DATA or ../shared/data")
     p.add_argument("--device", default=None)
@@ -124,13 +126,13 @@ def worker() -> None:
                  data=ARGS.data, data_dir=data_dir(), cutoff_len=ARGS.cutoff_len, val_size=0,
                  max_steps=ARGS.warmup + ARGS.steps, batch_size=ARGS.batch_size,
                  micro_batch_size=ARGS.micro_batch_size, warmup_steps=0, lr=1e-5, device=ARGS.device,
-                 progress=False, seed=0)
+                 progress=False, seed=0, packing={"auto": None, "on": True, "off": False}[ARGS.packing])
     timed = [row for row in cb.rows if row[0] > ARGS.warmup]
     secs = sum(t for _, t, _ in timed)
     toks = sum(n for _, _, n in timed)
     res = {"method": ARGS.worker, "trainable_params": r["trainable_params"], "tokens": toks, "seconds": secs,
            "tokens_per_s": toks / secs if secs else 0.0, "peak_memory_bytes": r["peak_memory_bytes"],
-           "memory_kind": r["peak_memory_kind"], "baseline_bytes": cb.baseline,
+           "memory_kind": r["peak_memory_kind"], "baseline_bytes": cb.baseline, "packing": r["packing"]["used"],
            "train_memory_bytes": max(0, r["peak_memory_bytes"] - cb.baseline), "device": r["device"]}
     Path(ARGS.result).write_text(json.dumps(res))
 
@@ -158,7 +160,8 @@ def main() -> None:
     dev = next(iter(results.values()))["device"]
     kind = next(iter(results.values()))["memory_kind"]
     print(f"\ndevice {dev}, {ARGS.threads} thread(s), batch {ARGS.batch_size} (micro {ARGS.micro_batch_size}), "
-          f"cutoff {ARGS.cutoff_len}, {ARGS.steps} timed steps after {ARGS.warmup}; memory: {kind}")
+          f"cutoff {ARGS.cutoff_len}, {ARGS.steps} timed steps after {ARGS.warmup}; memory: {kind}; packing: "
+          f"{', '.join(sorted({'on' if r['packing'] else 'off' for r in results.values()}))}")
     hdr = f"{'method':<10}{'trainable':>12}{'tokens/s':>10}{'x lora':>8}{'peak MiB':>10}{'x lora':>8}" \
           f"{'train MiB':>11}{'x lora':>8}"
     print(hdr)

@@ -99,3 +99,28 @@ def data_dir() -> Path:
     if not DATA_DIR.is_dir():
         pytest.skip(f"offline data folder missing: {DATA_DIR}")
     return DATA_DIR
+
+
+# Healing tests: instruction rows in Alpaca format and a fast Trainer setting.
+ROWS = [{"instruction": f"w{i % 50} w{(i * 3) % 50} w{(i * 7) % 50}",
+         "input": "" if i % 3 else f"w{i % 40} w9",
+         "output": " ".join(f"w{(i * 5 + j) % 100}" for j in range(4 + i % 5))} for i in range(48)]
+FAST = dict(max_steps=2, batch_size=4, micro_batch_size=2, eval_steps=1, warmup_steps=0, lr=1e-2, val_size=8,
+            progress=False, logging_steps=1)
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    """ROWS as a JSONL file."""
+    import json
+
+    p = tmp_path_factory.mktemp("data") / "rows.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return p
+
+
+def save_tiny(path: Path, model_type: str = "llama", **overrides) -> Path:
+    """A tiny model and the tiny tokenizer saved as a checkpoint folder."""
+    make_tiny(model_type, **overrides).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

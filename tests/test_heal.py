@@ -22,27 +22,9 @@ from layerprune.heal.distill import kd_loss_sum
 from layerprune.heal.methods import lora_target_regex, probe_bitsandbytes, select_layers
 from layerprune.models import load_model
 
-from conftest import make_tiny, tiny_tokenizer
+from conftest import FAST, ROWS, make_tiny, save_tiny, tiny_tokenizer
 
-ROWS = [{"instruction": f"w{i % 50} w{(i * 3) % 50} w{(i * 7) % 50}",
-         "input": "" if i % 3 else f"w{i % 40} w9",
-         "output": " ".join(f"w{(i * 5 + j) % 100}" for j in range(4 + i % 5))} for i in range(48)]
-FAST = dict(max_steps=2, batch_size=4, micro_batch_size=2, eval_steps=1, warmup_steps=0, lr=1e-2, val_size=8,
-            progress=False, logging_steps=1)
 PROBE = torch.tensor([[5, 17, 33, 2, 60, 7, 81, 99, 3, 41, 12, 6]])
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("data") / "rows.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return p
-
-
-def save_tiny(path: Path, model_type: str = "llama", **overrides) -> Path:
-    make_tiny(model_type, **overrides).save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 class Snap(TrainerCallback):

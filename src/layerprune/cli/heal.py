@@ -63,6 +63,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--val-size", type=_val_size, default=None,
                    help="validation rows (or a fraction); default 2000 Alpaca / 200 Dolly, capped on small sets")
     d.add_argument("--max-train-samples", type=int, default=None)
+    d.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                   help="padding-free micro-batches (default: on when the model is checked to support it and a "
+                        "micro-batch holds at most 8192 tokens)")
+    d.add_argument("--prefix-cache-gb", type=float, default=4.0,
+                   help="partial: keep the frozen layers' outputs (CPU memory, GiB) so later epochs skip them; "
+                        "0 turns it off (default: %(default)s)")
 
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=float, default=2.0)
@@ -100,7 +106,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 _OPTION_KEYS = ("method", "layers", "untie", "lora_r", "lora_alpha", "lora_dropout", "save_adapter", "teacher",
                 "distill_base", "distill_temperature", "distill_weight", "data", "data_dir", "template", "fields",
-                "train_on_inputs", "cutoff_len", "overflow", "val_size", "max_train_samples", "epochs",
+                "train_on_inputs", "cutoff_len", "overflow", "val_size", "max_train_samples", "packing", "prefix_cache_gb", "epochs",
                 "max_steps", "batch_size", "micro_batch_size", "lr", "warmup_steps", "lr_scheduler",
                 "weight_decay", "max_grad_norm", "optim", "gradient_checkpointing", "seed", "eval_steps",
                 "save_steps", "save_total_limit", "logging_steps", "eval_batch_size", "eval_before",

@@ -259,6 +259,40 @@ class PadCollator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+SAMPLE_INDEX = "sample_index"  # a packed batch's dataset indices, one per sample
+
+
+class PackCollator:
+    """Padding-free micro-batches (transformers' ``DataCollatorWithFlattening``): the samples are concatenated
+    into one row ``[1, N]`` with ``position_ids`` restarting at 0 for each, which transformers turns into a
+    block-diagonal causal mask, so no compute is spent on padding and no token attends across samples. The first
+    label of each sample is -100, so no position predicts across a boundary.
+
+    The all-ones ``attention_mask`` added here only lets the Trainer count tokens; the model must be called
+    without it (packing is recognised from ``position_ids`` only when no mask is given): see
+    :func:`model_inputs`.
+    """
+
+    def __init__(self) -> None:
+        from transformers import DataCollatorWithFlattening
+
+        self.flatten = DataCollatorWithFlattening(return_tensors="pt")
+
+    def __call__(self, features: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        out = self.flatten([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in features])
+        out["attention_mask"] = torch.ones_like(out["input_ids"])
+        if all("index" in f for f in features):
+            out[SAMPLE_INDEX] = torch.tensor([f["index"] for f in features])
+        return out
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments for a collated batch: labels and sample indices removed, and for a packed
+    batch (it has ``position_ids``) the counting-only attention mask removed too."""
+    drop = {"labels", SAMPLE_INDEX} | ({"attention_mask"} if "position_ids" in batch else set())
+    return {k: v for k, v in batch.items() if k not in drop}
+
+
 def pad_id_for(tokenizer: Any) -> int:
     """The id used for padding *inputs* (masked out by the attention mask; never used in labels)."""
     for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
@@ -276,8 +310,9 @@ class EncodedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, i: int) -> dict[str, list[int]]:
-        return self.rows[i]
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        # The index lets a packed batch name its samples (the frozen-prefix cache is keyed by it).
+        return {**self.rows[i], "index": i}
 
 
 # ---------------------------------------------------------------------------------------------------- sources
@@ -485,6 +520,6 @@ def build_instruct_data(tokenizer: Any, data: str = "alpaca", *, data_dir: str |
 
 
 __all__ = ["FORMATS", "IGNORE_INDEX", "PRESETS", "TEMPLATES", "EncodedDataset", "Example", "InstructData",
-           "PadCollator", "Preset", "Rendered", "apply_cutoff", "build_instruct_data", "detect_format", "encode",
-           "encode_full", "pad_id_for", "parse_fields", "read_rows", "render", "resolve_source", "split_rows",
+           "SAMPLE_INDEX", "PackCollator", "PadCollator", "Preset", "Rendered", "apply_cutoff", "build_instruct_data", "detect_format", "encode",
+           "encode_full", "model_inputs", "pad_id_for", "parse_fields", "read_rows", "render", "resolve_source", "split_rows",
            "to_example"]

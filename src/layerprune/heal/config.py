@@ -38,6 +38,12 @@ class HealConfig:
     overflow: str = "truncate"  # truncate | drop
     val_size: int | float | None = None  # None: 2000 (Alpaca) / 200 (Dolly), capped on small datasets
     max_train_samples: int | None = None
+    # Padding-free micro-batches (samples concatenated, positions restarting per sample). None: on when the
+    # model is checked to honour it and a micro-batch holds at most 8192 tokens; True: required; False: padded.
+    packing: bool | None = None
+    # Frozen-prefix cache (partial, packed): after the first epoch the frozen layers are not run again; their
+    # outputs are kept on the CPU up to this many GiB (0: off).
+    prefix_cache_gb: float = 4.0
 
     # Optimisation (seed: AdamW, lr 1e-5, 100 warm-up steps, linear decay, 2 epochs, batch 64 / micro 4).
     epochs: float = 2.0
@@ -104,6 +110,8 @@ class HealConfig:
             raise LayerpruneError("eval_steps and logging_steps must be at least 1")
         if self.save_steps is not None and self.save_steps % self.eval_steps:
             raise LayerpruneError("save_steps must be a multiple of eval_steps (best-checkpoint tracking)")
+        if self.prefix_cache_gb < 0:
+            raise LayerpruneError("prefix_cache_gb must be 0 (off) or positive")
         if self.overflow not in ("truncate", "drop"):
             raise LayerpruneError(f"overflow must be 'truncate' or 'drop', not '{self.overflow}'")
 

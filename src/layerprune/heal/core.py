@@ -20,7 +20,14 @@ from typing import Any
 import torch
 
 from ..arch import parts
-from ..data.instruct import EncodedDataset, InstructData, PadCollator, build_instruct_data, pad_id_for
+from ..data.instruct import (
+    EncodedDataset,
+    InstructData,
+    PackCollator,
+    PadCollator,
+    build_instruct_data,
+    pad_id_for,
+)
 from ..errors import LayerpruneError
 from ..io import atomic_dir, check_out_dir, read_json, write_json
 from ..models import (
@@ -36,7 +43,16 @@ from ..models import (
 from .config import HealConfig
 from .distill import check_vocab, load_teacher
 from .methods import ExportContext, get_method, resolved, trainable_parameters
-from .train import EvalAtEnd, HealProgress, HealTrainer, PeakMemory, world_size
+from .prefix_cache import PrefixCache
+from .train import (
+    PACK_AUTO_MAX_TOKENS,
+    EvalAtEnd,
+    HealProgress,
+    HealTrainer,
+    PeakMemory,
+    packing_works,
+    world_size,
+)
 
 HEAL_FILE = "heal.json"
 RUN_FILE = "run.json"  # in the checkpoint folder: what a --resume must match
@@ -149,8 +165,10 @@ class _Run:
         if trainable == 0:
             raise LayerpruneError("nothing to train: the method left no trainable parameter")
 
+        packing = self._packing(prepared.model, teacher, data, pad_id_for(tok))
+        cache, cache_why = self._prefix_cache(prepared.model, prepared.info, packing["used"], len(data.train))
         progress = HealProgress(enabled=cfg.progress, desc=f"heal {cfg.method}")
-        trainer = self._trainer(prepared.model, tok, data, head, teacher, progress)
+        trainer = self._trainer(prepared.model, tok, data, head, teacher, progress, packing["used"], cache)
         val_before = self._val_before(trainer, data, resume_from)
         mem = PeakMemory(self.device)
         mem.start()
@@ -181,6 +199,8 @@ class _Run:
             "method_info": prepared.info,
             "data": data.info,
             "data_fingerprint": data.fingerprint,
+            "packing": packing,
+            "prefix_cache": cache.summary() if cache is not None else {"used": False, "why": cache_why},
             "steps": state.global_step,
             "max_steps": state.max_steps,
             "epochs": state.epoch,
@@ -295,8 +315,43 @@ class _Run:
             write_json(run_file, run)
         return value
 
+    def _packing(self, model: torch.nn.Module, teacher: torch.nn.Module | None, data: InstructData,
+                 pad_id: int) -> dict[str, Any]:
+        """Decide on padding-free micro-batches: requested, automatic, or off; checked on the model itself."""
+        cfg = self.cfg
+        if cfg.packing is False:
+            return {"used": False, "why": "off (--no-packing)"}
+        tokens = cfg.micro_batch_size * cfg.cutoff_len
+        if cfg.packing is None and tokens > PACK_AUTO_MAX_TOKENS:
+            return {"used": False, "why": f"micro-batch of up to {tokens} tokens > {PACK_AUTO_MAX_TOKENS} (the "
+                                          "packed attention mask grows with its square); --packing forces it"}
+        rows = data.train[:2]
+        ok = packing_works(model, rows, pad_id) and (teacher is None or packing_works(teacher, rows, pad_id))
+        if not ok:
+            if cfg.packing:
+                raise LayerpruneError("--packing: this model does not keep packed samples apart (checked: packed "
+                                      "and padded logits differ); use --no-packing")
+            return {"used": False, "why": "the model does not keep packed samples apart (checked)"}
+        return {"used": True, "why": "requested" if cfg.packing else "automatic (checked on the model)"}
+
+    def _prefix_cache(self, model: torch.nn.Module, info: dict[str, Any], packing: bool,
+                      n_train: int) -> tuple[PrefixCache | None, str | None]:
+        """The frozen-prefix cache when the run can reuse it (a frozen prefix, packing, more than one epoch)."""
+        cfg = self.cfg
+        first = int(info.get("frozen_prefix_layers") or 0)
+        layers = list(parts(model).layers[:first]) if first else []
+        why = PrefixCache.why_not(layers, packing, int(cfg.prefix_cache_gb * 2**30))
+        if why is None:
+            micro_per_epoch = -(-n_train // (cfg.micro_batch_size * world_size()))
+            steps_per_epoch = max(micro_per_epoch // self._grad_accum(), 1)
+            if cfg.max_steps is not None and cfg.max_steps <= steps_per_epoch or \
+                    cfg.max_steps is None and cfg.epochs <= 1:
+                why = "the run ends within one epoch: nothing to reuse"
+        return (PrefixCache(layers, int(cfg.prefix_cache_gb * 2**30)), None) if why is None else (None, why)
+
     def _trainer(self, model: torch.nn.Module, tok: Any, data: InstructData, head: torch.nn.Module,
-                 teacher: torch.nn.Module | None, progress: HealProgress) -> HealTrainer:
+                 teacher: torch.nn.Module | None, progress: HealProgress, packing: bool,
+                 prefix_cache: PrefixCache | None) -> HealTrainer:
         from transformers import TrainingArguments
 
         cfg = self.cfg
@@ -342,10 +397,11 @@ class _Run:
         trainer = HealTrainer(
             model=model, args=targs, train_dataset=EncodedDataset(data.train),
             eval_dataset=EncodedDataset(data.val) if has_val else None,
-            data_collator=PadCollator(pad_id_for(tok)), processing_class=tok,
+            data_collator=PackCollator() if packing else PadCollator(pad_id_for(tok)), processing_class=tok,
             callbacks=[progress, EvalAtEnd(), *self.callbacks], head=head, teacher=teacher,
             teacher_head=parts(teacher).head if teacher is not None else None,
-            distill_temperature=cfg.distill_temperature, distill_weight=cfg.distill_weight)
+            distill_temperature=cfg.distill_temperature, distill_weight=cfg.distill_weight,
+            prefix_cache=prefix_cache)
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # our bar reports; the printer would dump every log dict

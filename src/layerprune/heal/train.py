@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from ..data.instruct import IGNORE_INDEX
+from ..data.instruct import IGNORE_INDEX, PackCollator, PadCollator, model_inputs
 from ..errors import LayerpruneError
 from .distill import kd_loss_sum, mixed_loss_sum
+from .prefix_cache import PrefixCache
 
 
 class HeadSelector:
@@ -71,9 +72,10 @@ class HealTrainer(Trainer):
 
     def __init__(self, *args: Any, head: nn.Module, teacher: nn.Module | None = None,
                  teacher_head: nn.Module | None = None, distill_temperature: float = 2.0,
-                 distill_weight: float = 0.5, **kwargs: Any):
+                 distill_weight: float = 0.5, prefix_cache: PrefixCache | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.selector = HeadSelector(head)
+        self.prefix_cache = prefix_cache
         self.teacher = teacher
         self.teacher_selector = HeadSelector(teacher_head) if teacher is not None and teacher_head else None
         self.distill_temperature = distill_temperature
@@ -82,11 +84,13 @@ class HealTrainer(Trainer):
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
         labels = inputs["labels"]
-        fwd = {k: v for k, v in inputs.items() if k != "labels"}
+        fwd = model_inputs(inputs)
         targets = labels[:, 1:]
         sel = targets.ne(IGNORE_INDEX)
         keep = F.pad(sel, (0, 1), value=False)  # logits at t predict token t+1
-        with self.selector.select(keep):
+        cached = self.prefix_cache.batch(inputs) if self.prefix_cache is not None and model.training \
+            else contextlib.nullcontext()
+        with self.selector.select(keep), cached:
             out = model(**fwd, use_cache=False)
         logits = _selected(out.logits, keep)
         loss_sum = F.cross_entropy(logits.float(), targets[sel], reduction="sum")
@@ -118,6 +122,39 @@ class HealTrainer(Trainer):
             raise NonFiniteLoss(f"training loss became {loss.item()} at step {self.state.global_step + 1}; "
                                 "aborted before the update (lower --lr, check the data, or use float32)")
         return loss
+
+
+# Packed micro-batches above this many tokens are not used by default: the sdpa/eager path builds an N x N
+# mask (N = all tokens of the micro-batch), so attention memory grows with the square of the micro-batch.
+PACK_AUTO_MAX_TOKENS = 8192
+
+
+def packing_works(model: nn.Module, rows: list[dict[str, list[int]]], pad_id: int) -> bool:
+    """Whether ``model`` honours packed sequences: two short samples give the same logits packed into one row
+    (``position_ids`` restarting per sample, no attention mask) as in a padded batch. An architecture that
+    ignores ``position_ids`` or lets samples attend to each other fails this, and so does one that rejects the
+    arguments."""
+    lengths = (12, 9)
+    two = [{"input_ids": r["input_ids"][:n], "labels": r["labels"][:n]} for r, n in zip(rows[:2], lengths)]
+    if len(two) < 2 or len(two[1]["input_ids"]) < 2:
+        return False
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            padded = PadCollator(pad_id, pad_to_multiple_of=None)(two)
+            ref = model(**model_inputs(padded), use_cache=False).logits
+            ref = ref[padded["attention_mask"].bool()].float()
+            got = model(**model_inputs(PackCollator()(two)), use_cache=False).logits[0].float()
+    except Exception:  # noqa: BLE001 - any failure means "cannot pack", never a crash
+        return False
+    finally:
+        model.train(was_training)
+    if got.shape != ref.shape:
+        return False
+    half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+    tol = (5e-2 if half else 1e-3) * float(ref.abs().max()) + 1e-5
+    return float((got - ref).abs().max()) <= tol
 
 
 class HealProgress(TrainerCallback):
@@ -252,5 +289,5 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-__all__ = ["EvalAtEnd", "HeadSelector", "HealProgress", "HealTrainer", "NonFiniteLoss", "PeakMemory",
-           "current_rss", "world_size"]
+__all__ = ["PACK_AUTO_MAX_TOKENS", "EvalAtEnd", "HeadSelector", "HealProgress", "HealTrainer", "NonFiniteLoss", "PeakMemory",
+           "current_rss", "packing_works", "world_size"]

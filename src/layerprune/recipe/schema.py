@@ -15,6 +15,7 @@ NUM = (int, float)
 OPT_STR = (str, type(None))
 OPT_INT = (int, type(None))
 OPT_NUM = (int, float, type(None))
+OPT_BOOL = (bool, type(None))
 LIST_STR = "list[str]"
 LIST_INT = "list[int]"
 
@@ -56,6 +57,8 @@ SCHEMA: dict[str, Any] = {
         "val_size": (OPT_INT, None),
         "eval_steps": (int, 100),
         "max_train_samples": (OPT_INT, None),
+        "packing": (OPT_BOOL, None),  # padding-free micro-batches; None: automatic
+        "prefix_cache_gb": (NUM, 4.0),  # partial: reuse the frozen layers' outputs after epoch 1 (0: off)
         "teacher": (OPT_STR, None),  # method=distill: teacher model (default: the unpruned source)
         "distill_base": (str, "partial"),  # trainable parameters under distillation
         "distill_temperature": (NUM, 2.0),
