@@ -3,8 +3,10 @@
 
 SmolLM2-135M-Instruct (the embedded default) with 25% of its layers removed from the tail, the same Alpaca
 samples, batch and seed for every method. Each method runs in its own subprocess so peak memory is its own.
-Tokens/s counts non-padding input tokens over the optimizer steps after ``--warmup`` steps. Prints a table
-with ratios to LoRA (goal: partial >= 2.0x LoRA tokens/s; the seed measured 1.32x on an A100).
+Each method trains ``--epochs`` epochs (default 2, the seed's) over ``--steps`` optimizer steps' worth of samples.
+Tokens/s counts non-padding input tokens over the optimizer steps after the first ``--warmup``, for the first
+epoch alone and for the whole run (partial reuses its frozen layers' outputs after epoch 1, so the two differ).
+Prints a table with ratios to LoRA (goal: partial >= 2.0x LoRA tokens/s; the seed measured 1.32x on an A100).
 
     python bench/heal_speed.py                     # CPU, 1 thread
     python bench/heal_speed.py --device cuda --batch-size 64
@@ -31,8 +33,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--remove-frac", type=float, default=0.25, help="fraction of layers removed from the tail")
     p.add_argument("--methods", default="partial,lora,full")
     p.add_argument("--layers", default="last3", help="partial: which layers train")
-    p.add_argument("--steps", type=int, default=3, help="timed optimizer steps per method")
-    p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
+    p.add_argument("--steps", type=int, default=3, help="optimizer steps per epoch")
+    p.add_argument("--epochs", type=int, default=2, help="epochs over the same samples (default: the seed's 2)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps at the start")
+    p.add_argument("--prefix-cache-gb", type=float, default=4.0, help="partial's frozen-prefix cache (0: off)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--cutoff-len", type=int, default=256)
@@ -124,14 +128,19 @@ def worker() -> None:
     with tempfile.TemporaryDirectory(prefix="heal-bench-out-") as out:
         r = heal(ARGS.pruned, Path(out) / "healed", callbacks=[cb], method=ARGS.worker, layers=ARGS.layers,
                  data=ARGS.data, data_dir=data_dir(), cutoff_len=ARGS.cutoff_len, val_size=0,
-                 max_steps=ARGS.warmup + ARGS.steps, batch_size=ARGS.batch_size,
+                 epochs=ARGS.epochs, max_train_samples=ARGS.steps * ARGS.batch_size,
+                 prefix_cache_gb=ARGS.prefix_cache_gb, batch_size=ARGS.batch_size,
                  micro_batch_size=ARGS.micro_batch_size, warmup_steps=0, lr=1e-5, device=ARGS.device,
                  progress=False, seed=0, packing={"auto": None, "on": True, "off": False}[ARGS.packing])
+    if r["steps"] != ARGS.steps * ARGS.epochs:
+        raise SystemExit(f"expected {ARGS.steps * ARGS.epochs} steps, ran {r['steps']} (too few samples?)")
     timed = [row for row in cb.rows if row[0] > ARGS.warmup]
-    secs = sum(t for _, t, _ in timed)
-    toks = sum(n for _, _, n in timed)
+    first = [row for row in timed if row[0] <= ARGS.steps]
+    secs, toks = sum(t for _, t, _ in timed), sum(n for _, _, n in timed)
+    secs1, toks1 = sum(t for _, t, _ in first), sum(n for _, _, n in first)
     res = {"method": ARGS.worker, "trainable_params": r["trainable_params"], "tokens": toks, "seconds": secs,
-           "tokens_per_s": toks / secs if secs else 0.0, "peak_memory_bytes": r["peak_memory_bytes"],
+           "tokens_per_s": toks / secs if secs else 0.0, "epoch1_tokens_per_s": toks1 / secs1 if secs1 else 0.0,
+           "prefix_cache": r["prefix_cache"], "peak_memory_bytes": r["peak_memory_bytes"],
            "memory_kind": r["peak_memory_kind"], "baseline_bytes": cb.baseline, "packing": r["packing"]["used"],
            "train_memory_bytes": max(0, r["peak_memory_bytes"] - cb.baseline), "device": r["device"]}
     Path(ARGS.result).write_text(json.dumps(res))
@@ -154,29 +163,36 @@ def main() -> None:
                 print(proc.stdout[-2000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
                 raise SystemExit(f"{m} failed (exit {proc.returncode})")
             results[m] = json.loads(res_file.read_text())
-            print(f"  {m}: {results[m]['tokens_per_s']:.1f} tokens/s ({time.perf_counter() - t:.0f} s run)",
-                  flush=True)
+            print(f"  {m}: {results[m]['epoch1_tokens_per_s']:.1f} tokens/s in epoch 1, "
+                  f"{results[m]['tokens_per_s']:.1f} over the run ({time.perf_counter() - t:.0f} s)", flush=True)
     ref = results.get("lora")
     dev = next(iter(results.values()))["device"]
     kind = next(iter(results.values()))["memory_kind"]
     print(f"\ndevice {dev}, {ARGS.threads} thread(s), batch {ARGS.batch_size} (micro {ARGS.micro_batch_size}), "
-          f"cutoff {ARGS.cutoff_len}, {ARGS.steps} timed steps after {ARGS.warmup}; memory: {kind}; packing: "
+          f"cutoff {ARGS.cutoff_len}, {ARGS.epochs} epoch(s) of {ARGS.steps} steps, the first {ARGS.warmup} "
+          f"untimed; memory: {kind}; packing: "
           f"{', '.join(sorted({'on' if r['packing'] else 'off' for r in results.values()}))}")
-    hdr = f"{'method':<10}{'trainable':>12}{'tokens/s':>10}{'x lora':>8}{'peak MiB':>10}{'x lora':>8}" \
-          f"{'train MiB':>11}{'x lora':>8}"
+    hdr = f"{'method':<10}{'trainable':>12}{'epoch-1 tok/s':>14}{'x lora':>8}{'run tok/s':>10}{'x lora':>8}" \
+          f"{'peak MiB':>10}{'x lora':>8}{'train MiB':>11}{'x lora':>8}"
     print(hdr)
     print("-" * len(hdr))
     for m, r in results.items():
         def ratio(key: str, r: dict = r) -> str:
             return f"{r[key] / ref[key]:.2f}" if ref and ref[key] else "-"
 
-        print(f"{m:<10}{r['trainable_params']:>12,}{r['tokens_per_s']:>10.1f}{ratio('tokens_per_s'):>8}"
+        print(f"{m:<10}{r['trainable_params']:>12,}{r['epoch1_tokens_per_s']:>14.1f}"
+              f"{ratio('epoch1_tokens_per_s'):>8}{r['tokens_per_s']:>10.1f}{ratio('tokens_per_s'):>8}"
               f"{r['peak_memory_bytes'] / 2**20:>10.0f}{ratio('peak_memory_bytes'):>8}"
               f"{r['train_memory_bytes'] / 2**20:>11.0f}{ratio('train_memory_bytes'):>8}")
     toks = {r["tokens"] for r in results.values()}
     if len(toks) > 1:
         print(f"warning: methods saw different token counts {sorted(toks)}")
     print("train MiB = peak minus the memory held when training began (weights, optimizer not yet allocated)")
+    for m, r in results.items():
+        pc = r["prefix_cache"]
+        if pc.get("used"):
+            print(f"{m}: frozen-prefix cache {pc['bytes'] / 2**20:.0f} MiB for {pc['samples']} samples, "
+                  f"{pc['micro_batches_replayed']} micro-batches replayed, {pc['micro_batches_computed']} computed")
     if ARGS.json:
         Path(ARGS.json).write_text(json.dumps({"args": vars(ARGS), "results": results}, indent=2))
 

@@ -80,7 +80,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--lr-scheduler", default="linear")
     t.add_argument("--weight-decay", type=float, default=0.0)
     t.add_argument("--max-grad-norm", type=float, default=1.0)
-    t.add_argument("--optim", default=None, help="Trainer optimizer name (default: adamw_torch; "
+    t.add_argument("--optim", default=None, help="Trainer optimizer name (default: the Trainer's AdamW, fused on torch >= 2.8; "
                                                  "paged_adamw_8bit for qlora on CUDA)")
     t.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     t.add_argument("--seed", type=int, default=42)

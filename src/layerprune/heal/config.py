@@ -55,7 +55,7 @@ class HealConfig:
     lr_scheduler: str = "linear"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    optim: str | None = None  # None: adamw_torch (paged_adamw_8bit for qlora on CUDA)
+    optim: str | None = None  # None: the Trainer's AdamW (fused on torch >= 2.8; paged_adamw_8bit for qlora on CUDA)
     gradient_checkpointing: bool | None = None  # None: on for qlora only
     seed: int = 42
 
