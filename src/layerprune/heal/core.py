@@ -340,14 +340,15 @@ class _Run:
         cfg = self.cfg
         first = int(info.get("frozen_prefix_layers") or 0)
         layers = list(parts(model).layers[:first]) if first else []
-        why = PrefixCache.why_not(layers, packing, int(cfg.prefix_cache_gb * 2**30))
+        budget = int(cfg.prefix_cache_gb * 2**30)
+        why = PrefixCache.why_not(layers, packing, budget)
         if why is None:
             micro_per_epoch = -(-n_train // (cfg.micro_batch_size * world_size()))
             steps_per_epoch = max(micro_per_epoch // self._grad_accum(), 1)
             if cfg.max_steps is not None and cfg.max_steps <= steps_per_epoch or \
                     cfg.max_steps is None and cfg.epochs <= 1:
                 why = "the run ends within one epoch: nothing to reuse"
-        return (PrefixCache(layers, int(cfg.prefix_cache_gb * 2**30)), None) if why is None else (None, why)
+        return (PrefixCache(layers, budget), None) if why is None else (None, why)
 
     def _trainer(self, model: torch.nn.Module, tok: Any, data: InstructData, head: torch.nn.Module,
                  teacher: torch.nn.Module | None, progress: HealProgress, packing: bool,
