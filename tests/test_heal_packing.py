@@ -18,7 +18,7 @@ from layerprune.data.instruct import (
 )
 from layerprune.errors import LayerpruneError
 from layerprune.heal import heal
-from layerprune.heal.train import HealTrainer, packing_works
+from layerprune.heal.train import HealTrainer, packing_problem
 
 from conftest import FAST, ROWS, make_tiny, save_tiny, tiny_tokenizer
 
@@ -63,10 +63,20 @@ def test_packed_loss_and_gradients_equal_padded(tmp_path, arch):
 def test_probe_accepts_models_that_keep_samples_apart_and_rejects_others():
     rows = [{"input_ids": list(range(3, 17)), "labels": list(range(3, 17))},
             {"input_ids": list(range(20, 34)), "labels": list(range(20, 34))}]
-    assert packing_works(make_tiny("llama"), rows, 0)
+    assert packing_problem(make_tiny("llama"), rows, 0) is None
     # OPT derives positions from the attention mask and ignores position_ids: packing would be wrong.
-    assert not packing_works(make_tiny("opt"), rows, 0)
-    assert not packing_works(make_tiny("llama"), rows[:1], 0)  # nothing to compare
+    assert "samples are not kept apart" in packing_problem(make_tiny("opt"), rows, 0)
+    assert "fewer than two" in packing_problem(make_tiny("llama"), rows[:1], 0)
+
+    class NoPositions(torch.nn.Module):  # a model whose forward takes no position_ids
+        def __init__(self):
+            super().__init__()
+            self.inner = make_tiny("llama")
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+    assert "rejected packed inputs (TypeError" in packing_problem(NoPositions(), rows, 0)
 
 
 def test_heal_packs_by_default_and_matches_a_padded_run(tmp_path, data_file):
@@ -92,8 +102,8 @@ def test_heal_falls_back_or_refuses_where_packing_is_wrong(tmp_path, data_file):
     src = save_tiny(tmp_path / "src", "opt")
     opts = dict(FAST, method="partial", data=str(data_file), max_steps=1)
     r = heal(src, tmp_path / "auto", **opts)
-    assert not r["packing"]["used"] and "does not keep packed samples apart" in r["packing"]["why"]
-    with pytest.raises(LayerpruneError, match="--packing: this model does not keep packed samples apart"):
+    assert not r["packing"]["used"] and "samples are not kept apart" in r["packing"]["why"]
+    with pytest.raises(LayerpruneError, match="--packing: packed and padded logits differ .* use --no-packing"):
         heal(src, tmp_path / "forced", packing=True, **opts)
     assert not (tmp_path / "forced").exists()
     big = heal(save_tiny(tmp_path / "src2", "llama"), tmp_path / "big", **{**opts, "cutoff_len": 8192})

@@ -519,7 +519,7 @@ def build_instruct_data(tokenizer: Any, data: str = "alpaca", *, data_dir: str |
     return InstructData(train, val, info)
 
 
-__all__ = ["FORMATS", "IGNORE_INDEX", "PRESETS", "TEMPLATES", "EncodedDataset", "Example", "InstructData",
-           "SAMPLE_INDEX", "PackCollator", "PadCollator", "Preset", "Rendered", "apply_cutoff", "build_instruct_data", "detect_format", "encode",
-           "encode_full", "model_inputs", "pad_id_for", "parse_fields", "read_rows", "render", "resolve_source", "split_rows",
-           "to_example"]
+__all__ = ["FORMATS", "IGNORE_INDEX", "PRESETS", "SAMPLE_INDEX", "TEMPLATES", "EncodedDataset", "Example",
+           "InstructData", "PackCollator", "PadCollator", "Preset", "Rendered", "apply_cutoff", "build_instruct_data",
+           "detect_format", "encode", "encode_full", "model_inputs", "pad_id_for", "parse_fields", "read_rows",
+           "render", "resolve_source", "split_rows", "to_example"]

@@ -50,7 +50,7 @@ from .train import (
     HealProgress,
     HealTrainer,
     PeakMemory,
-    packing_works,
+    packing_problem,
     world_size,
 )
 
@@ -326,12 +326,14 @@ class _Run:
             return {"used": False, "why": f"micro-batch of up to {tokens} tokens > {PACK_AUTO_MAX_TOKENS} (the "
                                           "packed attention mask grows with its square); --packing forces it"}
         rows = data.train[:2]
-        ok = packing_works(model, rows, pad_id) and (teacher is None or packing_works(teacher, rows, pad_id))
-        if not ok:
+        problem = packing_problem(model, rows, pad_id)
+        if problem is None and teacher is not None:
+            problem = packing_problem(teacher, rows, pad_id)
+            problem = f"teacher: {problem}" if problem else None
+        if problem is not None:
             if cfg.packing:
-                raise LayerpruneError("--packing: this model does not keep packed samples apart (checked: packed "
-                                      "and padded logits differ); use --no-packing")
-            return {"used": False, "why": "the model does not keep packed samples apart (checked)"}
+                raise LayerpruneError(f"--packing: {problem}; use --no-packing")
+            return {"used": False, "why": f"checked on the model: {problem}"}
         return {"used": True, "why": "requested" if cfg.packing else "automatic (checked on the model)"}
 
     def _prefix_cache(self, model: torch.nn.Module, info: dict[str, Any], packing: bool,

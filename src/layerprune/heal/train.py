@@ -129,32 +129,37 @@ class HealTrainer(Trainer):
 PACK_AUTO_MAX_TOKENS = 8192
 
 
-def packing_works(model: nn.Module, rows: list[dict[str, list[int]]], pad_id: int) -> bool:
-    """Whether ``model`` honours packed sequences: two short samples give the same logits packed into one row
-    (``position_ids`` restarting per sample, no attention mask) as in a padded batch. An architecture that
-    ignores ``position_ids`` or lets samples attend to each other fails this, and so does one that rejects the
-    arguments."""
+def packing_problem(model: nn.Module, rows: list[dict[str, list[int]]], pad_id: int) -> str | None:
+    """Why ``model`` cannot be trained on packed sequences, or None when it can: two short samples must give the
+    same logits packed into one row (``position_ids`` restarting per sample, no attention mask) as in a padded
+    batch. An architecture that ignores ``position_ids`` or lets samples attend to each other fails this."""
     lengths = (12, 9)
     two = [{"input_ids": r["input_ids"][:n], "labels": r["labels"][:n]} for r, n in zip(rows[:2], lengths)]
     if len(two) < 2 or len(two[1]["input_ids"]) < 2:
-        return False
+        return "fewer than two training samples to check it on"
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             padded = PadCollator(pad_id, pad_to_multiple_of=None)(two)
-            ref = model(**model_inputs(padded), use_cache=False).logits
-            ref = ref[padded["attention_mask"].bool()].float()
-            got = model(**model_inputs(PackCollator()(two)), use_cache=False).logits[0].float()
-    except Exception:  # noqa: BLE001 - any failure means "cannot pack", never a crash
-        return False
+            packed = PackCollator()(two)
+            ref = model(**{k: v.to(device) for k, v in model_inputs(padded).items()}, use_cache=False).logits
+            ref = ref[padded["attention_mask"].bool().to(device)].float()
+            got = model(**{k: v.to(device) for k, v in model_inputs(packed).items()}, use_cache=False).logits
+            got = got[0].float()
+    except Exception as e:  # noqa: BLE001 - any failure means "cannot pack", never a crash
+        return f"the model rejected packed inputs ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     finally:
         model.train(was_training)
     if got.shape != ref.shape:
-        return False
+        return f"packed logits have shape {tuple(got.shape)}, padded {tuple(ref.shape)}"
     half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
     tol = (5e-2 if half else 1e-3) * float(ref.abs().max()) + 1e-5
-    return float((got - ref).abs().max()) <= tol
+    diff = float((got - ref).abs().max())
+    if diff > tol:
+        return f"packed and padded logits differ (max {diff:.3g} > {tol:.3g}): samples are not kept apart"
+    return None
 
 
 class HealProgress(TrainerCallback):
@@ -289,5 +294,5 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-__all__ = ["PACK_AUTO_MAX_TOKENS", "EvalAtEnd", "HeadSelector", "HealProgress", "HealTrainer", "NonFiniteLoss", "PeakMemory",
-           "current_rss", "packing_works", "world_size"]
+__all__ = ["PACK_AUTO_MAX_TOKENS", "EvalAtEnd", "HeadSelector", "HealProgress", "HealTrainer", "NonFiniteLoss",
+           "PeakMemory", "current_rss", "packing_problem", "world_size"]
