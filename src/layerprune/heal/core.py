@@ -344,6 +344,10 @@ class _Run:
         layers = list(parts(model).layers[:first]) if first else []
         budget = int(cfg.prefix_cache_gb * 2**30)
         why = PrefixCache.why_not(layers, packing, budget)
+        if why is None and world_size() > 1:
+            # The distributed sampler deals the samples to processes afresh every epoch, so a process would
+            # rarely find a whole micro-batch among the samples it saw before.
+            why = "several processes (each epoch deals the samples to processes afresh)"
         if why is None:
             micro_per_epoch = -(-n_train // (cfg.micro_batch_size * world_size()))
             steps_per_epoch = max(micro_per_epoch // self._grad_accum(), 1)
