@@ -399,3 +399,8 @@ def test_cli_heal(tmp_path, data_file, capsys):
     assert err.count("\n") == 0 and "last99" in err
     assert main(base + ["--out", str(tmp_path / "o3"), "--method", "distill"]) == 2
     assert "--teacher" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "o4"), "--no-packing", "--prefix-cache-gb", "0"]) == 0
+    h = json.loads((tmp_path / "o4" / "heal.json").read_text())
+    assert not h["packing"]["used"] and h["config"]["prefix_cache_gb"] == 0
+    assert main(base + ["--out", str(tmp_path / "o5"), "--prefix-cache-gb", "-1"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
