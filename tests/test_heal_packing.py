@@ -26,6 +26,18 @@ FEATURES = [{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8]},
             {"input_ids": [9, 10, 11], "labels": [9, 10, 11]}]
 
 
+def assert_same_weights(a_dir, b_dir, src) -> None:
+    """Two runs trained alike: each tensor differs by at most 2% of its update. Adam's first steps move every
+    weight by about lr whatever its gradient's size, so a rounding-level gradient difference shows as a small
+    fraction of the update, never as a different update."""
+    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+    s = load_file(src / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        update = (b[k] - s[k]).abs().max() if k in s else b[k].abs().max()
+        assert (a[k] - b[k]).abs().max() <= 0.02 * update + 1e-7, k
+
+
 def test_pack_collator_concatenates_and_restarts_positions():
     b = PackCollator()(FEATURES)
     assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11]]
@@ -89,13 +101,7 @@ def test_heal_packs_by_default_and_matches_a_padded_run(tmp_path, data_file):
     assert packed["val_loss_before"] == pytest.approx(padded["val_loss_before"], rel=1e-5)
     losses = [[e["loss"] for e in r["log_history"] if "loss" in e] for r in (packed, padded)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
-    a, b = load_file(tmp_path / "packed" / "model.safetensors"), load_file(tmp_path / "padded" / "model.safetensors")
-    s = load_file(src / "model.safetensors")
-    for k in a:
-        # Adam's first steps move each weight by about lr whatever the gradient's size, so a rounding-level
-        # gradient difference shows as a small fraction of the update, never as a different update.
-        update = (b[k] - s[k]).abs().max() if k in s else b[k].abs().max()
-        assert (a[k] - b[k]).abs().max() <= 0.02 * update + 1e-7, k
+    assert_same_weights(tmp_path / "packed", tmp_path / "padded", src)
 
 
 def test_heal_falls_back_or_refuses_where_packing_is_wrong(tmp_path, data_file):
@@ -126,11 +132,7 @@ def test_prefix_cache_skips_the_frozen_layers_after_epoch_one_with_the_same_resu
     assert plain["prefix_cache"] == {"used": False, "why": "off (budget 0)"}
     losses = [[e["loss"] for e in r["log_history"] if "loss" in e] for r in (cached, plain)]
     assert len(losses[0]) == 6 and losses[0] == pytest.approx(losses[1], rel=1e-5)
-    a, b = load_file(tmp_path / "cached" / "model.safetensors"), load_file(tmp_path / "plain" / "model.safetensors")
-    s = load_file(src / "model.safetensors")
-    for k in a:
-        update = (b[k] - s[k]).abs().max() if k in s else b[k].abs().max()
-        assert (a[k] - b[k]).abs().max() <= 0.02 * update + 1e-7, k
+    assert_same_weights(tmp_path / "cached", tmp_path / "plain", src)
 
 
 def test_prefix_cache_replay_does_no_prefix_compute():
@@ -178,3 +180,23 @@ def test_prefix_cache_refuses_a_random_prefix(tmp_path, data_file):
     src = save_tiny(tmp_path / "src", "gpt2")  # GPT-2 layers have dropout
     r = heal(src, tmp_path / "out", data=str(data_file), **{**EPOCHS, "epochs": 2})
     assert not r["prefix_cache"]["used"] and "dropout" in r["prefix_cache"]["why"]
+
+
+def test_prefix_cache_survives_a_resume(tmp_path, data_file):
+    """Killed in epoch 2, resumed with an empty cache (it records again): the same result as uninterrupted."""
+    from transformers import TrainerCallback
+
+    class Kill(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            if state.global_step == 4:
+                raise RuntimeError("killed")
+
+    src = save_tiny(tmp_path / "src", "llama")
+    opts = dict(EPOCHS, data=str(data_file))
+    full = heal(src, tmp_path / "a", **opts)
+    with pytest.raises(RuntimeError, match="killed"):
+        heal(src, tmp_path / "b", callbacks=[Kill()], **opts)
+    resumed = heal(src, tmp_path / "b", resume=True, **opts)
+    assert resumed["steps"] == full["steps"] == 6 and resumed["prefix_cache"]["used"]
+    assert resumed["final_val_loss"] == pytest.approx(full["final_val_loss"], rel=1e-5)
+    assert_same_weights(tmp_path / "b", tmp_path / "a", src)
