@@ -166,7 +166,7 @@ class _Run:
             raise LayerpruneError("nothing to train: the method left no trainable parameter")
 
         packing = self._packing(prepared.model, teacher, data, pad_id_for(tok))
-        cache, cache_why = self._prefix_cache(prepared.model, prepared.info, packing["used"], len(data.train))
+        cache, cache_why = self._prefix_cache(prepared.model, prepared.info, packing["used"], data)
         progress = HealProgress(enabled=cfg.progress, desc=f"heal {cfg.method}")
         trainer = self._trainer(prepared.model, tok, data, head, teacher, progress, packing["used"], cache)
         val_before = self._val_before(trainer, data, resume_from)
@@ -337,11 +337,13 @@ class _Run:
         return {"used": True, "why": "requested" if cfg.packing else "automatic (checked on the model)"}
 
     def _prefix_cache(self, model: torch.nn.Module, info: dict[str, Any], packing: bool,
-                      n_train: int) -> tuple[PrefixCache | None, str | None]:
-        """The frozen-prefix cache when the run can reuse it (a frozen prefix, packing, more than one epoch)."""
+                      data: InstructData) -> tuple[PrefixCache | None, str | None]:
+        """The frozen-prefix cache when the run can reuse it: a frozen prefix, packing, one process, more than one
+        epoch, and room for every training sample (a partial cache would rarely hold a whole micro-batch)."""
         cfg = self.cfg
+        p = parts(model)
         first = int(info.get("frozen_prefix_layers") or 0)
-        layers = list(parts(model).layers[:first]) if first else []
+        layers = list(p.layers[:first]) if first else []
         budget = int(cfg.prefix_cache_gb * 2**30)
         why = PrefixCache.why_not(layers, packing, budget)
         if why is None and world_size() > 1:
@@ -349,11 +351,17 @@ class _Run:
             # rarely find a whole micro-batch among the samples it saw before.
             why = "several processes (each epoch deals the samples to processes afresh)"
         if why is None:
-            micro_per_epoch = -(-n_train // (cfg.micro_batch_size * world_size()))
+            micro_per_epoch = -(-len(data.train) // (cfg.micro_batch_size * world_size()))
             steps_per_epoch = max(micro_per_epoch // self._grad_accum(), 1)
             if cfg.max_steps is not None and cfg.max_steps <= steps_per_epoch or \
                     cfg.max_steps is None and cfg.epochs <= 1:
                 why = "the run ends within one epoch: nothing to reuse"
+        if why is None:
+            weight = p.embed.weight
+            need = sum(len(r["input_ids"]) for r in data.train) * weight.shape[1] * weight.element_size()
+            if need > budget:
+                why = (f"the training samples need {need / 2**30:.2f} GiB, more than --prefix-cache-gb "
+                       f"{cfg.prefix_cache_gb:g}")
         return (PrefixCache(layers, budget), None) if why is None else (None, why)
 
     def _trainer(self, model: torch.nn.Module, tok: Any, data: InstructData, head: torch.nn.Module,
