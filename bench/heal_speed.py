@@ -38,7 +38,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps at the start")
     p.add_argument("--repeats", type=int, default=1,
                    help="run every method this many times, interleaved, and keep each one's fastest run")
-    p.add_argument("--prefix-cache-gb", type=float, default=4.0, help="partial's frozen-prefix cache (0: off)")
+    p.add_argument("--prefix-cache-gb", type=float, default=None,
+                   help="partial's frozen-prefix cache budget (default: heal's; 0: off)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--micro-batch-size", type=int, default=4)
     p.add_argument("--cutoff-len", type=int, default=256)

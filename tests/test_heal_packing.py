@@ -169,7 +169,7 @@ def test_prefix_cache_replay_does_no_prefix_compute():
     (dict(packing=False), "needs packed micro-batches"),
     (dict(epochs=1), "within one epoch"),
     (dict(max_steps=2), "within one epoch"),
-    (dict(prefix_cache_gb=1e-6), "more than --prefix-cache-gb"),  # 8 samples x ~20 tokens x 32 x 4 B > 1 KiB
+    (dict(prefix_cache_gb=1e-6), "more than the budget"),  # 8 samples x ~20 tokens x 32 x 4 B > 1 KiB
 ])
 def test_prefix_cache_is_not_used_where_it_cannot_help(tmp_path, data_file, opts, why):
     src = save_tiny(tmp_path / "src", "llama")

@@ -66,9 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
                    help="padding-free micro-batches (default: on when the model is checked to support it and a "
                         "micro-batch holds at most 8192 tokens)")
-    d.add_argument("--prefix-cache-gb", type=float, default=4.0,
+    d.add_argument("--prefix-cache-gb", type=float, default=None,
                    help="partial: keep the frozen layers' outputs (CPU memory, GiB) so later epochs skip them; "
-                        "0 turns it off (default: %(default)s)")
+                        "0 turns it off (default: half the memory available at the start)")
 
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=float, default=2.0)

@@ -42,8 +42,8 @@ class HealConfig:
     # model is checked to honour it and a micro-batch holds at most 8192 tokens; True: required; False: padded.
     packing: bool | None = None
     # Frozen-prefix cache (partial, packed): after the first epoch the frozen layers are not run again; their
-    # outputs are kept on the CPU up to this many GiB (0: off).
-    prefix_cache_gb: float = 4.0
+    # outputs are kept on the CPU up to this many GiB. None: half the memory available when the run starts; 0: off.
+    prefix_cache_gb: float | None = None
 
     # Optimisation (seed: AdamW, lr 1e-5, 100 warm-up steps, linear decay, 2 epochs, batch 64 / micro 4).
     epochs: float = 2.0
@@ -110,7 +110,7 @@ class HealConfig:
             raise LayerpruneError("eval_steps and logging_steps must be at least 1")
         if self.save_steps is not None and self.save_steps % self.eval_steps:
             raise LayerpruneError("save_steps must be a multiple of eval_steps (best-checkpoint tracking)")
-        if self.prefix_cache_gb < 0:
+        if self.prefix_cache_gb is not None and self.prefix_cache_gb < 0:
             raise LayerpruneError("prefix_cache_gb must be 0 (off) or positive")
         if self.overflow not in ("truncate", "drop"):
             raise LayerpruneError(f"overflow must be 'truncate' or 'drop', not '{self.overflow}'")

@@ -344,7 +344,12 @@ class _Run:
         p = parts(model)
         first = int(info.get("frozen_prefix_layers") or 0)
         layers = list(p.layers[:first]) if first else []
-        budget = int(cfg.prefix_cache_gb * 2**30)
+        if cfg.prefix_cache_gb is None:
+            import psutil
+
+            budget = psutil.virtual_memory().available // 2
+        else:
+            budget = int(cfg.prefix_cache_gb * 2**30)
         why = PrefixCache.why_not(layers, packing, budget)
         if why is None and world_size() > 1:
             # The distributed sampler deals the samples to processes afresh every epoch, so a process would
@@ -360,8 +365,8 @@ class _Run:
             weight = p.embed.weight
             need = sum(len(r["input_ids"]) for r in data.train) * weight.shape[1] * weight.element_size()
             if need > budget:
-                why = (f"the training samples need {need / 2**30:.2f} GiB, more than --prefix-cache-gb "
-                       f"{cfg.prefix_cache_gb:g}")
+                why = (f"the training samples need {need / 2**30:.2f} GiB, more than the budget of "
+                       f"{budget / 2**30:.2f} GiB (--prefix-cache-gb)")
         return (PrefixCache(layers, budget), None) if why is None else (None, why)
 
     def _trainer(self, model: torch.nn.Module, tok: Any, data: InstructData, head: torch.nn.Module,

@@ -58,7 +58,7 @@ SCHEMA: dict[str, Any] = {
         "eval_steps": (int, 100),
         "max_train_samples": (OPT_INT, None),
         "packing": (OPT_BOOL, None),  # padding-free micro-batches; None: automatic
-        "prefix_cache_gb": (NUM, 4.0),  # partial: reuse the frozen layers' outputs after epoch 1 (0: off)
+        "prefix_cache_gb": (OPT_NUM, None),  # partial: frozen-prefix cache budget (null: half the free RAM; 0: off)
         "teacher": (OPT_STR, None),  # method=distill: teacher model (default: the unpruned source)
         "distill_base": (str, "partial"),  # trainable parameters under distillation
         "distill_temperature": (NUM, 2.0),
