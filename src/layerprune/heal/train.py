@@ -137,7 +137,8 @@ def packing_problem(model: nn.Module, rows: list[dict[str, list[int]]], pad_id: 
     two = [{"input_ids": r["input_ids"][:n], "labels": r["labels"][:n]} for r, n in zip(rows[:2], lengths)]
     if len(two) < 2 or len(two[1]["input_ids"]) < 2:
         return "fewer than two training samples to check it on"
-    device = next(model.parameters()).device
+    param = next(model.parameters())
+    device, half = param.device, param.dtype in (torch.float16, torch.bfloat16)
     was_training = model.training
     model.eval()
     try:
@@ -154,7 +155,6 @@ def packing_problem(model: nn.Module, rows: list[dict[str, list[int]]], pad_id: 
         model.train(was_training)
     if got.shape != ref.shape:
         return f"packed logits have shape {tuple(got.shape)}, padded {tuple(ref.shape)}"
-    half = next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
     tol = (5e-2 if half else 1e-3) * float(ref.abs().max()) + 1e-5
     diff = float((got - ref).abs().max())
     if diff > tol:
@@ -269,25 +269,24 @@ class PeakMemory:
     def read(self) -> int:
         if self.kind == "cuda_max_allocated":
             return int(torch.cuda.max_memory_allocated())
-        if self.kind == "rss_peak":
-            try:
-                for line in Path("/proc/self/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024
-            except OSError:
-                pass
-        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+        peak = _proc_status_bytes("VmHWM") if self.kind == "rss_peak" else None
+        return peak if peak is not None else int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _proc_status_bytes(key: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes; None where /proc lacks it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def current_rss() -> int:
     """Resident memory now (bytes); 0 where /proc is missing."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return _proc_status_bytes("VmRSS") or 0
 
 
 def world_size() -> int:
