@@ -45,6 +45,17 @@ class Adapter:
     quirk_tensors: tuple[str, ...] = ()
     module_quirk: ModuleQuirk | None = None
     config_quirk: ConfigQuirk | None = None
+    # Compensation fold points (paths relative to a decoder layer; see layerprune.compensation). ``mlp_out`` is
+    # the MLP's output projection, ``attn_out`` the attention's; ``mlp_post_norm`` / ``attn_post_norm`` a norm
+    # between that projection and the residual add (Gemma2/3), which only a diagonal map can pass exactly.
+    mlp_out: str | None = None
+    attn_out: str | None = None
+    mlp_post_norm: str | None = None
+    attn_post_norm: str | None = None
+    # Norms computing x_hat * (offset + weight) (Gemma: 1.0); folding a diagonal map into them needs it.
+    norm_offset: float = 0.0
+    # Learned position embeddings added to the token embeddings (folded too when a block starts at layer 0).
+    pos_embed: str | None = None
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -101,7 +112,8 @@ def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
-_LLAMA_LIKE = dict(layers="model.layers", embed="model.embed_tokens", norm="model.norm")
+_LLAMA_LIKE = dict(layers="model.layers", embed="model.embed_tokens", norm="model.norm",
+                   mlp_out="mlp.down_proj", attn_out="self_attn.o_proj")
 
 ADAPTERS: dict[str, Adapter] = {}
 
@@ -113,19 +125,28 @@ def register(adapter: Adapter) -> Adapter:
     return adapter
 
 
-register(Adapter(("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo", "olmo2", "granite",
+register(Adapter(("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo", "granite",
                   "cohere", "stablelm", "starcoder2", "helium", "glm"), **_LLAMA_LIKE))
-register(Adapter(("gemma", "gemma2", "gemma3_text"), **_LLAMA_LIKE,
-                 notes="Tied embeddings; Gemma2/3 per-layer attention types live in config.layer_types."))
-register(Adapter(("qwen2_moe", "qwen3_moe"), **_LLAMA_LIKE, config_quirk=_qwen_moe_sparse_step))
+register(Adapter(("olmo2",), **_LLAMA_LIKE, mlp_post_norm="post_feedforward_layernorm",
+                 attn_post_norm="post_attention_layernorm"))
+register(Adapter(("gemma",), **_LLAMA_LIKE, norm_offset=1.0, notes="Tied embeddings."))
+register(Adapter(("gemma2", "gemma3_text"), **_LLAMA_LIKE, norm_offset=1.0,
+                 mlp_post_norm="post_feedforward_layernorm", attn_post_norm="post_attention_layernorm",
+                 notes="Tied embeddings; per-layer attention types live in config.layer_types; a norm after the "
+                       "MLP limits compensation to a diagonal map."))
+# Sparse MoE blocks have no single MLP output projection: no compensation fold point.
+register(Adapter(("qwen2_moe", "qwen3_moe"), layers="model.layers", embed="model.embed_tokens", norm="model.norm",
+                 attn_out="self_attn.o_proj", config_quirk=_qwen_moe_sparse_step))
 register(Adapter(("gpt2",), layers="transformer.h", embed="transformer.wte", norm="transformer.ln_f",
                  tensor_quirk=_gpt2_inverse_idx, quirk_tensors=("attn.c_attn.weight", "attn.c_attn.bias"),
-                 module_quirk=_gpt2_scaling,
+                 module_quirk=_gpt2_scaling, mlp_out="mlp.c_proj", attn_out="attn.c_proj",
+                 pos_embed="transformer.wpe",
                  notes="scale_attn_by_inverse_layer_idx is folded into the query weights of moved layers."))
 register(Adapter(("opt",), layers="model.decoder.layers", embed="model.decoder.embed_tokens",
-                 norm="model.decoder.final_layer_norm"))
+                 norm="model.decoder.final_layer_norm", mlp_out="fc2", attn_out="self_attn.out_proj",
+                 pos_embed="model.decoder.embed_positions"))
 register(Adapter(("gpt_neox",), layers="gpt_neox.layers", embed="gpt_neox.embed_in",
-                 norm="gpt_neox.final_layer_norm"))
+                 norm="gpt_neox.final_layer_norm", mlp_out="mlp.dense_4h_to_h", attn_out="attention.dense"))
 
 # The architectures the test suite proves (tiny random configs); others use the same data or the fallback.
 TESTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox",

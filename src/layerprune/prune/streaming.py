@@ -150,7 +150,8 @@ def _plan(model_dir: Path, remove: list[int], cfg: dict[str, Any], adapter: Adap
 
 
 def _write_shard(path: Path, entries: list[_Entry], meta: dict[str, Any], cfg: dict[str, Any],
-                 adapter: Adapter, dtype: torch.dtype | None, bar: tqdm) -> dict[str, int]:
+                 adapter: Adapter, dtype: torch.dtype | None, bar: tqdm,
+                 overrides: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
     """Write one output shard: header first (sizes are known up front), then each tensor's bytes."""
     # Decide each tensor's output dtype and size before writing anything.
     out_dtype = {}
@@ -171,8 +172,12 @@ def _write_shard(path: Path, entries: list[_Entry], meta: dict[str, Any], cfg: d
         for e in sorted(entries, key=lambda e: e.name):
             needs_quirk = (e.layer_rel is not None and e.old != e.new and adapter.tensor_quirk is not None
                            and e.layer_rel in adapter.quirk_tensors)
-            if needs_quirk or out_dtype[e.name] != e.dtype:
-                t = _load_tensor(e)
+            override = (overrides or {}).get(e.src_name)
+            if override is not None and (list(override.shape) != e.shape or
+                                         _TORCH_TO_ST.get(override.dtype) != e.dtype):
+                raise LayerpruneError(f"replacement for {e.src_name} has the wrong shape or dtype")
+            if needs_quirk or out_dtype[e.name] != e.dtype or override is not None:
+                t = override if override is not None else _load_tensor(e)
                 if needs_quirk:
                     t = adapter.tensor_quirk(e.layer_rel, t, e.old, e.new, cfg)
                 if out_dtype[e.name] != e.dtype:
@@ -217,11 +222,15 @@ def _copy_bytes(e: _Entry, out: BinaryIO) -> None:
 def prune_checkpoint_streaming(model_dir: str | os.PathLike, remove: list[int], out_dir: str | os.PathLike,
                                *, overwrite: bool = False, dtype: torch.dtype | None = None,
                                method: str = "manual", method_params: dict | None = None,
-                               scores: Any = None, source: str | None = None) -> PruneRecord:
+                               scores: Any = None, source: str | None = None,
+                               overrides: dict[str, torch.Tensor] | None = None,
+                               extra_manifest: dict[str, Any] | None = None) -> PruneRecord:
     """Rewrite ``model_dir``'s safetensors without the ``remove`` layers into ``out_dir`` (atomic).
 
     Keys of kept layers are renamed to their new index, ``config.json`` per-layer fields are sliced, the shard
     index is rewritten, tokenizer and generation files are copied, and ``layerprune.json`` is added.
+    ``overrides`` replaces tensors (by source name, same shape and dtype) — the folded weights of compensation;
+    ``extra_manifest`` adds keys to the manifest.
     """
     src = Path(model_dir)
     if not (src / "config.json").is_file():
@@ -245,7 +254,7 @@ def prune_checkpoint_streaming(model_dir: str | os.PathLike, remove: list[int], 
         with tqdm(total=total, unit="B", unit_scale=True, desc="streaming prune", disable=None) as bar:
             for i, entries in enumerate(shards):
                 name = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                sizes = _write_shard(tmp / name, entries, meta, cfg, adapter, dtype, bar)
+                sizes = _write_shard(tmp / name, entries, meta, cfg, adapter, dtype, bar, overrides)
                 total_size += sum(sizes.values())
                 weight_map.update({k: name for k in sizes})
         if len(shards) > 1:
@@ -255,7 +264,8 @@ def prune_checkpoint_streaming(model_dir: str | os.PathLike, remove: list[int], 
         copy_aux_files(src, tmp)
         write_json(tmp / MANIFEST, build_manifest(
             source or str(src), record, method=method, params=method_params, scores=scores,
-            params_before=params_before, params_after=_param_count(tmp), mode="streaming"))
+            params_before=params_before, params_after=_param_count(tmp), mode="streaming",
+            **(extra_manifest or {})))
     return record
 
 

@@ -1,0 +1,172 @@
+"""The compensation stage (between prune and heal): training-free maps that stand in for removed blocks.
+
+``compensate(model, remove, calib)`` fits one map per removed contiguous block on calibration activations,
+folds it into the weights (see :mod:`.plan` for where) and removes the layers — the result is a vanilla
+checkpoint. ``compensate_checkpoint`` does the same from a folder, in memory or layer by layer from
+safetensors (``mode="layerwise"``: one decoder layer in memory at a time, output written by the streaming
+pruner). Methods live in a registry (:mod:`.methods`): ``lstsq``, ``cosine``, ``scale``, ``none``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import LayerpruneError
+from .methods import METHODS, CompMethod, make_method
+from .plan import supported_fold_types
+
+MODES = ("memory", "layerwise")
+
+
+@dataclass
+class CompensationConfig:
+    """Settings of one compensation run; each field's metadata is its help text (CLI and recipe)."""
+
+    method: str = field(default="lstsq", metadata={"help": "compensation method", "choices": tuple(METHODS)})
+    ridge: float = field(default=0.0, metadata={"help": "ridge penalty towards no compensation, relative to the "
+                                                        "mean activation energy (lstsq/cosine)"})
+    calib: str = field(default="c4", metadata={"help": "calibration text: preset (c4, wikitext2, ptb) or a file"})
+    nsamples: int = field(default=64, metadata={"help": "calibration windows"})
+    seqlen: int = field(default=256, metadata={"help": "tokens per calibration window"})
+    batch_size: int = field(default=8, metadata={"help": "calibration windows per forward pass"})
+    mode: str = field(default="memory", metadata={"help": "memory (load the model) or layerwise (one layer at a "
+                                                          "time from safetensors)", "choices": MODES})
+    steps: int = field(default=200, metadata={"help": "cosine: Adam steps"})
+    lr: float = field(default=1e-3, metadata={"help": "cosine: Adam learning rate"})
+    max_tokens: int = field(default=65536, metadata={"help": "cosine: activations kept for the fit"})
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise LayerpruneError(f"unknown compensation method '{self.method}'; choose one of {', '.join(METHODS)}")
+        if self.mode not in MODES:
+            raise LayerpruneError(f"unknown compensation mode '{self.mode}'; choose one of {', '.join(MODES)}")
+        if self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
+            raise LayerpruneError("compensation needs nsamples >= 1, seqlen >= 2 and batch_size >= 1")
+        if self.steps < 0 or self.lr <= 0 or self.max_tokens < 1:
+            raise LayerpruneError("cosine needs steps >= 0, lr > 0 and max_tokens >= 1")
+        if self.ridge < 0:
+            raise LayerpruneError("--ridge must be >= 0")
+
+    def make_method(self) -> CompMethod:
+        self.validate()
+        return make_method(self.method, ridge=self.ridge, steps=self.steps, lr=self.lr, max_tokens=self.max_tokens)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> CompensationConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise LayerpruneError(f"unknown compensation option(s) {unknown}; valid: {', '.join(sorted(names))}")
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+
+def compensate(model: Any, remove: list[int], calib: Any, *, method: str | CompMethod = "lstsq",
+               batch_size: int | None = 8, progress: bool = True, **params: Any) -> dict[str, Any]:
+    """Fit, fold and prune ``model`` in place; returns ``{"record": PruneRecord, "compensation": summary}``.
+
+    ``calib``: a :class:`~layerprune.data.calibration.Calibration`. ``params``: method parameters (ridge, ...).
+    """
+    from ..arch import parts
+    from ..prune.surgery import prune_layers, validate_removal
+    from .core import fit_in_memory, fit_summary, fold_in_memory
+
+    t0 = time.perf_counter()
+    m = method if isinstance(method, CompMethod) else make_method(method, **params)
+    removed = validate_removal(remove, parts(model).num_layers)
+    fits = fit_in_memory(model, removed, calib, m, batch_size=batch_size, progress=progress)
+    adapter = parts(model).adapter
+    fold_in_memory(model, fits, removed)
+    record = prune_layers(model, removed)
+    return {"record": record, "compensation": fit_summary(fits, adapter, m, calib, "in-memory",
+                                                          time.perf_counter() - t0)}
+
+
+def compensate_checkpoint(model: str | os.PathLike, out_dir: str | os.PathLike, *, remove: list[int] | None = None,
+                          tail: int | None = None, config: CompensationConfig | None = None,
+                          calib_data_dir: str | None = None, seed: int = 42, dtype: str | None = "auto",
+                          device: str | None = None, overwrite: bool = False, method_name: str | None = None,
+                          method_params: dict | None = None, scores: Any = None,
+                          progress: bool = True) -> dict[str, Any]:
+    """Prune ``model`` (a folder or ``default``) with compensation into ``out_dir``; returns the manifest.
+
+    Everything that can be checked is checked before the model is loaded: the removal, the method, the fold
+    point, a tied embedding under a block at layer 0, the calibration size (without ridge).
+    """
+    from ..arch import adapter_for_config, layer_count
+    from ..data.calibration import CalibSpec, build_calibration
+    from ..io import check_out_dir
+    from ..models import build_manifest, count_parameters, load, load_tokenizer, resolve_model, save_pruned
+    from ..prune.surgery import tail_layers, validate_removal
+    from .core import fit_in_memory, fit_layerwise, fit_summary, fold_in_memory, fold_overrides
+    from .plan import Block, plan_blocks
+
+    cfg = config or CompensationConfig()
+    comp = cfg.make_method()
+    path = resolve_model(model)
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise LayerpruneError(f"compensation needs a local model folder with config.json: {path}")
+    mcfg = json.loads(cfg_file.read_text())
+    n = layer_count(mcfg)
+    if (remove is None) == (tail is None):
+        raise LayerpruneError("give exactly one of --remove or --tail")
+    removed = validate_removal(tail_layers(n, tail) if tail is not None else list(remove or []), n)
+    adapter = adapter_for_config(mcfg)
+    blocks: list[Block] = plan_blocks(removed, n)
+    if comp.map_shape == "matrix" and not adapter.mlp_out and any(b.fold_layer is not None for b in blocks):
+        raise LayerpruneError(f"no compensation fold point known for '{adapter.name}'; supported model types: "
+                              f"{', '.join(supported_fold_types())}")
+    tied = bool(mcfg.get("tie_word_embeddings", True))
+    if comp.map_shape == "matrix" and tied and any(b.fold_layer is None for b in blocks):
+        raise LayerpruneError(f"block {blocks[0].label()} starts at layer 0 and the input embeddings are tied to "
+                              "the output head: there is no layer to fold its map into (keep layer 0)")
+    hidden = mcfg.get("hidden_size") or mcfg.get("n_embd")
+    if isinstance(hidden, int):
+        comp.check_tokens(cfg.nsamples * cfg.seqlen, hidden, "diag" if adapter.mlp_post_norm else "matrix")
+    check_out_dir(out_dir, overwrite)
+    spec = CalibSpec(source=cfg.calib, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=seed, data_dir=calib_data_dir)
+    method_name = method_name or ("reverse" if tail is not None else "manual")
+    params = dict(method_params or ({"k": tail} if tail is not None else {}))
+    t0 = time.perf_counter()
+    if cfg.mode == "layerwise":
+        from ..metrics.layerwise import LayerwiseModel
+        from ..prune.streaming import prune_checkpoint_streaming
+
+        tok = load_tokenizer(path)
+        cal = build_calibration(tok, spec)
+        lw = LayerwiseModel(path, dtype=dtype, device=device)
+        fits = fit_layerwise(lw, removed, cal, comp, batch_size=cfg.batch_size, progress=progress)
+        overrides = fold_overrides(lw, fits, removed)
+        summary = fit_summary(fits, lw.adapter, comp, cal, "layerwise", time.perf_counter() - t0)
+        del lw
+        prune_checkpoint_streaming(path, removed, out_dir, overwrite=overwrite, method=method_name,
+                                   method_params=params, scores=scores, source=str(model), overrides=overrides,
+                                   extra_manifest={"compensation": summary})
+        return json.loads((Path(out_dir) / "layerprune.json").read_text())
+    mdl, tok = load(path, dtype=dtype, device=device)
+    cal = build_calibration(tok, spec)
+    before = count_parameters(mdl)
+    fits = fit_in_memory(mdl, removed, cal, comp, batch_size=cfg.batch_size, progress=progress)
+    from ..arch import parts
+    from ..prune.surgery import prune_layers
+
+    ad = parts(mdl).adapter
+    fold_in_memory(mdl, fits, removed)
+    record = prune_layers(mdl, removed)
+    summary = fit_summary(fits, ad, comp, cal, "in-memory", time.perf_counter() - t0)
+    manifest = build_manifest(str(model), record, method=method_name, params=params, scores=scores,
+                              params_before=before, params_after=count_parameters(mdl), mode="in-memory",
+                              compensation=summary)
+    save_pruned(mdl, None, out_dir, manifest, overwrite=overwrite, copy_from=path)
+    return manifest
+
+
+__all__ = ["METHODS", "MODES", "CompensationConfig", "compensate", "compensate_checkpoint", "make_method"]

@@ -1,0 +1,310 @@
+"""Fit every removed block's map (in memory, or layer by layer from safetensors) and fold it into the weights.
+
+Blocks are fitted in order on the progressively compensated model, with targets from the dense model: block
+``b``'s statistics are taken on the pruned model that already carries the maps of blocks ``< b``, so each map
+corrects what actually reaches it (a map fitted on the dense model would assume its input is still dense).
+
+* In memory (batch-major): per block one pass over the calibration batches through the dense model (stopping
+  after the block) and, from the second block on, one through the pruned model (removed layers skipped in
+  place, earlier maps applied by hooks; stopping at the fold layer). Only the O(d²) sums of :class:`Stats`
+  are kept.
+* Layer by layer (layer-major, :class:`~layerprune.metrics.layerwise.LayerwiseModel`): one read of each layer,
+  a dense and a pruned stream of the calibration hidden states side by side; the fold site's output is held
+  from the fold layer to the block's end. Memory: one layer + three copies of the calibration hidden states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..arch import get_module, parts
+from ..errors import LayerpruneError
+from ..metrics._forward import (
+    StopForward,
+    call_layer,
+    layer_input,
+    layer_output,
+    model_inputs,
+    skipped,
+)
+from .fold import apply_map, fold_into_model, fold_tensors, fold_targets, map_hooks, map_tensor, residual_scale
+from .methods import CompMethod, Fit, Stats
+from .plan import EMBED, MODULE, RESIDUAL, Block, Site, module_kind, plan_blocks, resolve_site
+
+
+@dataclass
+class BlockFit:
+    block: Block
+    site: Site
+    fit: Fit
+
+    def tensor(self) -> torch.Tensor:
+        return map_tensor(self.fit, self.site)
+
+    def describe(self, adapter: Any) -> dict[str, Any]:
+        out = {"removed": list(self.block.removed), "fold_layer": self.block.fold_layer,
+               "fold_point": self.site.describe(self.block, adapter), "site": self.site.kind,
+               "map": self.fit.shape, "fit": self.fit.report}
+        if self.site.note:
+            out["note"] = self.site.note
+        return out
+
+
+def _sites(blocks: list[Block], adapter: Any, model: Any, layers: Any, tied: bool, method: CompMethod) -> list[Site]:
+    return [resolve_site(b, adapter, model, layers, tied, method.map_shape) for b in blocks]
+
+
+def check_calibration(method: CompMethod, sites: list[Site], tokens: int, dim: int) -> None:
+    for s in sites:
+        method.check_tokens(tokens, dim, s.shape)
+
+
+def _valid(mask: torch.Tensor) -> torch.Tensor:
+    return mask.bool().reshape(-1)
+
+
+def _flat(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])[sel.to(x.device)]
+
+
+# ------------------------------------------------------------------------------------------------ in memory
+
+
+class _Capture:
+    """Hooks recording what a block's fit needs from one forward pass; stops the pass when done."""
+
+    def __init__(self, layers: nn.ModuleList, block: Block, site: Site, want_y: bool, want_mh: bool):
+        self.out: dict[str, torch.Tensor] = {}
+        self.active = False  # another capture's pass must not fill (or stop on) this one
+        self.handles: list[Any] = []
+        self.need = set()
+        last = -1
+        if want_y:
+            self.need.add("y")
+            self._on_output(layers[block.end], "y")
+            last = block.end
+        if want_mh:
+            if block.fold_layer is None:
+                self.need |= {"h", "m"} if site.kind == EMBED else {"h"}
+                self.handles.append(layers[0].register_forward_pre_hook(self._pre_x0, with_kwargs=True))
+                last = max(last, 0)
+            else:
+                self.need.add("h")
+                self._on_output(layers[block.fold_layer], "h")
+                if site.kind == MODULE:
+                    self.need.add("m")
+                    mod = get_module(layers[block.fold_layer], str(site.path))
+                    self.handles.append(mod.register_forward_hook(lambda mo, a, o: self._put("m", o)))
+                last = max(last, block.fold_layer)
+        self.last = last
+
+    def _on_output(self, layer: nn.Module, key: str) -> None:
+        self.handles.append(layer.register_forward_hook(lambda mo, a, o: self._put(key, layer_output(o))))
+
+    def _pre_x0(self, mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = layer_input(args, kwargs)
+        self._put("h", x)
+        if "m" in self.need:
+            self._put("m", x)
+
+    def _put(self, key: str, value: torch.Tensor) -> None:
+        if not self.active:
+            return
+        self.out[key] = value.detach()
+        if self.need <= set(self.out):
+            raise StopForward
+
+    def run(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.out = {}
+        self.active = True
+        try:
+            with contextlib.suppress(StopForward):
+                model(**model_inputs(model, ids, mask))
+        finally:
+            self.active = False
+        if not self.need <= set(self.out):
+            raise LayerpruneError("compensation: the forward pass did not reach the layers it needs")
+        return self.out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def fit_in_memory(model: nn.Module, removed: list[int], calib: Any, method: CompMethod, *,
+                  batch_size: int | None = None, progress: bool = True) -> list[BlockFit]:
+    """Fit each block's map on a loaded model (not modified: maps act through hooks while fitting)."""
+    p = parts(model)
+    layers = p.layers
+    blocks = plan_blocks(removed, len(layers))
+    sites = _sites(blocks, p.adapter, model, layers, p.tied, method)
+    dim = p.embed.weight.shape[1]
+    check_calibration(method, sites, int(calib.attention_mask.sum()), dim)
+    batches = calib.batches(batch_size)
+    fits: list[BlockFit] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for b, (block, site) in enumerate(zip(blocks, sites)):
+            stats = Stats(dim, method.keep_activations())
+            if method.map_shape != "none":
+                first = b == 0  # nothing before the first block is compensated: one dense pass gives it all
+                dense = _Capture(layers, block, site, want_y=True, want_mh=first)
+                pruned = None if first else _Capture(layers, block, site, want_y=False, want_mh=True)
+                maps = [(f.block, f.site, f.tensor()) for f in fits]
+                try:
+                    for ids, mask in tqdm(batches, desc=f"compensate block {block.label()}", leave=False,
+                                          disable=not progress):
+                        got = dense.run(model, ids, mask)
+                        if pruned is not None:
+                            with contextlib.ExitStack() as stack:
+                                for i in removed:
+                                    stack.enter_context(skipped(layers, i))
+                                stack.enter_context(map_hooks(model, layers, maps))
+                                got = {**got, **pruned.run(model, ids, mask)}
+                        sel = _valid(mask)
+                        m = _flat(got["m"], sel) if "m" in got else None
+                        stats.update(m, _flat(got["h"], sel), _flat(got["y"], sel))
+                finally:
+                    dense.remove()
+                    if pruned is not None:
+                        pruned.remove()
+            fits.append(BlockFit(block, site, method.fit(stats, site.shape, block.label())))
+    finally:
+        model.train(was_training)
+    return fits
+
+
+def fold_in_memory(model: nn.Module, fits: list[BlockFit], removed: list[int]) -> None:
+    """Fold every fitted map into the (not yet pruned) model's weights."""
+    p = parts(model)
+    kept = [i for i in range(p.num_layers) if i not in set(removed)]
+    for f in fits:
+        if f.fit.shape != "none" and not (f.site.kind == RESIDUAL and f.block.tail):
+            fold_into_model(model, p.layers, p.adapter, f.block, f.site, f.tensor(), kept)
+
+
+# ------------------------------------------------------------------------------------------- layer by layer
+
+
+@torch.no_grad()
+def fit_layerwise(lw: Any, removed: list[int], calib: Any, method: CompMethod, *, batch_size: int | None = None,
+                  progress: bool = True) -> list[BlockFit]:
+    """Fit each block's map reading one layer at a time (``lw``: a LayerwiseModel)."""
+    p = parts(lw.shell)
+    n = lw.num_layers
+    blocks = plan_blocks(removed, n)
+    sites = _sites(blocks, lw.adapter, lw.shell, lw.layers, p.tied, method)
+    dim = p.embed.weight.shape[1]
+    check_calibration(method, sites, int(calib.attention_mask.sum()), dim)
+    removed_set = set(removed)
+    prep = lw.prepare(calib, batch_size)
+    dense = [x for x in prep.x0]
+    pruned: list[torch.Tensor] | None = None  # None while it equals the dense stream
+    parked: list[torch.Tensor] = []
+    fits: list[BlockFit] = []
+    by_end = {blk.end: (blk, site) for blk, site in zip(blocks, sites)}
+    fold_of = {blk.fold_layer: (blk, site) for blk, site in zip(blocks, sites) if site.kind == MODULE}
+    for pos in tqdm(range(n), desc="compensate layer by layer", disable=not progress, leave=False):
+        with lw.layer(pos) as layer:
+            fold = fold_of.get(pos)
+            if pos in removed_set:
+                if pruned is None:
+                    pruned = list(dense)  # the streams part at the first removed layer
+                dense = [call_layer(layer, x, prep.calls[pos][b]) for b, x in enumerate(dense)]
+            elif pruned is None:  # still identical: one call serves both streams
+                dense = _run_layer(layer, dense, prep.calls[pos], fold, parked)
+            else:
+                pruned = _run_layer(layer, pruned, prep.calls[pos], fold, parked)
+                dense = [call_layer(layer, x, prep.calls[pos][b]) for b, x in enumerate(dense)]
+        if pos in by_end:
+            blk, site = by_end[pos]
+            h = pruned if pruned is not None else dense  # always parted by now: the block was removed
+            stats = Stats(dim, method.keep_activations())
+            for b, (ids, mask) in enumerate(prep.batches):
+                sel = _valid(mask)
+                m = parked[b] if site.kind == MODULE else h[b] if site.kind == EMBED else None
+                stats.update(_flat(m, sel) if m is not None else None, _flat(h[b], sel), _flat(dense[b], sel))
+            fit = BlockFit(blk, site, method.fit(stats, site.shape, blk.label()))
+            fits.append(fit)
+            if pruned is not None and fit.fit.shape != "none":
+                t = fit.tensor()
+                if site.kind == MODULE:
+                    pruned = [x + apply_map(m, t) - m for x, m in zip(pruned, parked)]
+                elif not blk.tail:
+                    pruned = [apply_map(x, t) for x in pruned]
+            parked = []
+    return fits
+
+
+def _run_layer(layer: nn.Module, xs: list[torch.Tensor], calls: list[Any], fold: tuple[Block, Site] | None,
+               parked: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Run a materialised layer on every batch; at a fold layer also record the fold site's output."""
+    handle = None
+    if fold is not None:
+        parked.clear()
+        mod = get_module(layer, str(fold[1].path))
+        handle = mod.register_forward_hook(lambda mo, a, o: parked.append(o.detach()))
+    try:
+        return [call_layer(layer, x, calls[b]) for b, x in enumerate(xs)]
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def fold_overrides(lw: Any, fits: list[BlockFit], removed: list[int]) -> dict[str, torch.Tensor]:
+    """The folded tensors by (original) checkpoint name, read from the safetensors files of ``lw``."""
+    from safetensors import safe_open
+
+    kept = [i for i in range(lw.num_layers) if i not in set(removed)]
+    out: dict[str, torch.Tensor] = {}
+
+    def read(name: str) -> torch.Tensor:
+        if name in out:
+            return out[name]
+        if name not in lw.files:
+            raise LayerpruneError(f"fold point tensor '{name}' not found in the checkpoint")
+        with safe_open(str(lw.files[name]), "pt", device="cpu") as fh:
+            return fh.get_tensor(name)
+
+    dim = parts(lw.shell).embed.weight.shape[1]
+    for f in fits:
+        if f.fit.shape == "none" or (f.site.kind == RESIDUAL and f.block.tail):
+            continue
+        t = f.tensor()
+        for layer_idx, path, inverse in fold_targets(f.block, f.site, [i for i in kept if i > f.block.end],
+                                                     lw.adapter):
+            if layer_idx is None:
+                mod, prefix = get_module(lw.shell, path), f"{path}."
+            else:
+                mod, prefix = get_module(lw.layers[layer_idx], path), f"{lw.prefix}{layer_idx}.{path}."
+            if mod is None:
+                raise LayerpruneError(f"fold point '{path}' not found")
+            names = {k: prefix + k for k in ("weight", "bias") if prefix + k in lw.files}
+            new = fold_tensors(module_kind(mod), {k: read(v) for k, v in names.items()},
+                               residual_scale(t, dim) if inverse else t, lw.adapter.norm_offset)
+            for k, v in new.items():
+                out[names[k]] = v
+    return out
+
+
+def fit_summary(fits: list[BlockFit], adapter: Any, method: CompMethod, calib: Any, mode: str,
+                seconds: float) -> dict[str, Any]:
+    """The ``compensation`` section of layerprune.json."""
+    return {"method": method.name, "params": method.params(), "mode": mode,
+            "calibration": calib.describe() if hasattr(calib, "describe") else None,
+            "blocks": [f.describe(adapter) for f in fits], "seconds": round(seconds, 2),
+            "order": "blocks in order on the progressively compensated model, targets from the dense model"}
+
+
+ProgressFn = Callable[[str], None]
+
+__all__ = ["BlockFit", "fit_in_memory", "fit_layerwise", "fit_summary", "fold_in_memory", "fold_overrides"]
