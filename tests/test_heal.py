@@ -61,7 +61,8 @@ def logits_of(path: Path) -> torch.Tensor:
 def test_partial_trains_exactly_norm_head_and_last_layers(tmp_path, data_file, arch, tied):
     src = save_tiny(tmp_path / "src", arch, tie_word_embeddings=tied)
     snap = Snap()
-    r = heal(src, tmp_path / "out", callbacks=[snap], method="partial", layers="last2", data=str(data_file), **FAST)
+    r = heal(src, tmp_path / "out", callbacks=[snap], method="partial", layers="last2", data=str(data_file),
+             tie_mode="untie", **FAST)
     expected = {n for n in snap.before if n.startswith(("model.norm.", "lm_head.", "model.layers.4.",
                                                           "model.layers.5."))}
     assert "lm_head.weight" in expected
@@ -77,6 +78,40 @@ def test_partial_trains_exactly_norm_head_and_last_layers(tmp_path, data_file, a
         assert torch.allclose(out(input_ids=PROBE).logits, snap.logits, rtol=0, atol=1e-5)
     src_cfg = json.loads((src / "config.json").read_text())
     assert src_cfg.get("tie_word_embeddings", True) is tied or arch == "gemma2"
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_default_partial_keeps_a_tied_model_tied(tmp_path, data_file, arch):
+    """Default tie mode "head": the shared matrix trains through the head only; the output stays tied and has
+    exactly the pruned model's parameter count; the frozen prefix still runs without autograd."""
+    from layerprune.models import count_parameters
+
+    src = save_tiny(tmp_path / "src", arch, tie_word_embeddings=True)
+    snap = Snap()
+    r = heal(src, tmp_path / "out", callbacks=[snap], method="partial", layers="last2", data=str(data_file), **FAST)
+    expected = {n for n in snap.before if n.startswith(("model.norm.", "model.embed_tokens.", "model.layers.4.",
+                                                          "model.layers.5."))}
+    assert snap.changed() == expected
+    info = r["method_info"]
+    assert info["tie_mode"] == "head" and info["untied"] is False and info["frozen_prefix_layers"] == 4
+    out = load_model(tmp_path / "out", dtype=torch.float32)
+    assert parts(out).tied and count_parameters(out) == count_parameters(load_model(src))
+    assert not (set(out.state_dict()) - set(load_model(src).state_dict()))
+    with torch.no_grad():
+        assert torch.allclose(out(input_ids=PROBE).logits, snap.logits, rtol=0, atol=1e-5)
+    assert r["prefix_cache"]["used"] is False and "embedding" in r["prefix_cache"]["why"]
+
+
+@pytest.mark.parametrize("mode", ["frozen", "both"])
+def test_tie_modes_frozen_and_both(tmp_path, data_file, mode):
+    src = save_tiny(tmp_path / "src", "llama", tie_word_embeddings=True)
+    snap = Snap()
+    r = heal(src, tmp_path / "out", callbacks=[snap], method="partial", layers="last1", data=str(data_file),
+             tie_mode=mode, **FAST)
+    changed = snap.changed()
+    assert ("model.embed_tokens.weight" in changed) is (mode == "both")
+    assert r["method_info"]["frozen_prefix_layers"] == (5 if mode == "frozen" else 0)
+    assert parts(load_model(tmp_path / "out")).tied
 
 
 def test_partial_without_untie_trains_the_shared_matrix(tmp_path, data_file):
@@ -273,6 +308,39 @@ def test_distill_optimises_the_teacher_kl(tmp_path, data_file):
     assert logs.losses[0] > 1e-3 and snap.changed()
     assert r["method_info"]["base_method"] == "partial"
     assert json.loads((tmp_path / "out" / "layerprune.json").read_text())["heal"]["method"] == "distill"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_shared_prefix_distill_equals_plain_and_calls_fewer_teacher_layers(tmp_path, data_file, tied):
+    """After removing the last layers, partial's frozen layers are the teacher's own first layers: the teacher
+    reuses them. Same losses and weights as the plain path, fewer teacher layer calls."""
+    from layerprune.prune import prune_checkpoint
+
+    src = save_tiny(tmp_path / "src", "llama", tie_word_embeddings=tied)
+    prune_checkpoint(str(src), tmp_path / "pruned", tail=2)
+    mode = "frozen" if tied else "head"  # "head" trains a tied matrix, which the prefix reads: no sharing
+    res, logs, snaps = {}, {}, {}
+    for share in (True, False):
+        logs[share], snaps[share] = Logs(), Snap()
+        res[share] = heal(tmp_path / "pruned", tmp_path / f"out{share}", callbacks=[logs[share], snaps[share]],
+                          method="distill", layers="last2", distill_shared_prefix=share, tie_mode=mode,
+                          data=str(data_file), **{**FAST, "max_steps": 3})
+    on, off = res[True]["distill_shared_prefix"], res[False]["distill_shared_prefix"]
+    assert on["used"] and on["layers"] == 2 and not off["used"]
+    assert logs[True].losses == pytest.approx(logs[False].losses, rel=1e-5, abs=1e-7)
+    for n, w in snaps[False].after.items():
+        assert torch.allclose(snaps[True].after[n], w, atol=1e-6), n
+    # 3 steps x 2 micro-batches: the teacher ran 4 of its 6 layers each time instead of all 6.
+    assert on["teacher_layer_calls"] == 3 * 2 * 4
+
+
+def test_shared_prefix_refused_when_the_prefix_differs(tmp_path, data_file):
+    src = save_tiny(tmp_path / "src", "llama", tie_word_embeddings=False)
+    from layerprune.prune import prune_checkpoint
+
+    prune_checkpoint(str(src), tmp_path / "pruned", remove=[0])  # the student's layer 0 is the teacher's layer 1
+    r = heal(tmp_path / "pruned", tmp_path / "out", method="distill", layers="last2", data=str(data_file), **FAST)
+    assert r["distill_shared_prefix"]["used"] is False and "differ" in r["distill_shared_prefix"]["why"]
 
 
 # ------------------------------------------------------------------------------------ engine behaviour

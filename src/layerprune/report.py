@@ -23,7 +23,7 @@ import yaml
 
 from .errors import LayerpruneError
 
-STAGES = ("dense", "pruned", "healed")
+STAGES = ("dense", "pruned", "compensated", "healed")
 CITATION = """@article{lu2024reassessing,
   title   = {Reassessing Layer Pruning in LLMs: New Insights and Methods},
   author  = {Lu, Yao and Cheng, Hao and Fang, Yujie and Wang, Zeyu and Wei, Jiaheng and Xu, Dongwei and
@@ -296,6 +296,29 @@ def _describe_method(m: dict) -> list[str]:
     return lines
 
 
+def compensation_table(m: dict) -> Table | None:
+    """One row per removed block: where its map was folded and how well it fits the dense residual."""
+    comp = m.get("compensation") if isinstance(m.get("compensation"), dict) else None
+    if not comp or not isinstance(comp.get("blocks"), list):
+        return None
+    rows = []
+    for b in comp["blocks"]:
+        if not isinstance(b, dict):
+            continue
+        fit = b.get("fit") if isinstance(b.get("fit"), dict) else {}
+        rows.append([_layer_list(_layers(b.get("removed"))), f"`{b.get('fold_point')}`", str(b.get("map")),
+                     _fmt(fit.get("relative_error_before"), 4), _fmt(fit.get("relative_error_after"), 4),
+                     _fmt(fit.get("cosine_before"), 4), _fmt(fit.get("cosine_after", fit.get("alpha")), 4),
+                     str(b.get("note") or "")])
+    if not rows:
+        return None
+    return Table(["Removed block", "Fold point", "Map", "Rel. error before", "Rel. error after", "Cosine before",
+                  "Cosine after / scale", "Note"], rows,
+                 caption=f"Compensation `{comp.get('method')}` ({comp.get('mode')}), fitted on "
+                         f"{(comp.get('calibration') or {}).get('source', '?')} calibration windows; relative error "
+                         "= ‖residual − dense‖² / ‖dense‖² on the calibration tokens.")
+
+
 def _describe_heal(m: dict) -> list[str]:
     heal = m.get("heal") if isinstance(m.get("heal"), dict) else {}
     recipe = m.get("recipe") if isinstance(m.get("recipe"), dict) else {}
@@ -545,7 +568,7 @@ def plot_accuracy(res: dict[str, dict], path: Path) -> Path | None:
     fig = _figure(max(6.0, 1.0 + 0.9 * len(labels)), 4.0)
     ax = fig.subplots()
     width = 0.8 / len(stages)
-    palette = {"dense": "#4c72b0", "pruned": "#d62728", "healed": "#2ca02c"}
+    palette = {"dense": "#4c72b0", "pruned": "#d62728", "compensated": "#ff7f0e", "healed": "#2ca02c"}
     for k, s in enumerate(stages):
         zs = res[s]["zero_shot"]
         vals, errs = [], []
@@ -659,6 +682,11 @@ def _section_zero_shot(m: dict, run_dir: Path) -> list[Block]:
     return blocks
 
 
+def _section_compensation(m: dict, run_dir: Path) -> list[Block]:
+    table = compensation_table(m)
+    return [Heading(2, "Compensation"), table] if table else []
+
+
 def _section_heal(m: dict, run_dir: Path) -> list[Block]:
     lines = _describe_heal(m)
     heal = m.get("heal") if isinstance(m.get("heal"), dict) else {}
@@ -727,7 +755,7 @@ def _section_exports(m: dict, run_dir: Path) -> list[Block]:
 SECTIONS: list[tuple[str, Callable[[dict, Path], list[Block]]]] = [
     ("overview", _section_overview), ("summary", _section_summary), ("perplexity", lambda m, d: ppl_blocks(m)),
     ("zero-shot", _section_zero_shot), ("scores", _section_scores), ("similarity", _section_similarity),
-    ("healing", _section_heal), ("rounds", _section_rounds), ("timings", _section_timings),
+    ("compensation", _section_compensation), ("healing", _section_heal), ("rounds", _section_rounds), ("timings", _section_timings),
     ("environment", _section_environment), ("recipe", _section_recipe), ("exports", _section_exports),
 ]
 
@@ -833,6 +861,9 @@ def model_card(manifest: dict, repo_id: str | None = None) -> str:
     method = _describe_method(m)
     if method:
         parts += ["## Method", "", *[f"- {x}" for x in method], ""]
+    ct = compensation_table(m)
+    if ct:
+        parts += ["## Compensation", "", render_markdown([ct]).rstrip(), ""]
     heal = _describe_heal(m)
     parts += ["## Healing", ""] + ([f"- {x}" for x in heal] if heal else ["No healing (fine-tuning) after pruning."])
     parts.append("")

@@ -16,7 +16,7 @@ from ..errors import LayerpruneError
 
 # Every module in this package with a ``register(subparsers)`` function is a sub-command; they are listed in
 # pipeline order first, any others after.
-PIPELINE_ORDER = ("info", "download", "score", "prune", "heal", "eval", "ppl", "compare", "bench", "generate",
+PIPELINE_ORDER = ("info", "download", "score", "prune", "compensate", "heal", "eval", "ppl", "compare", "bench", "generate",
                   "run")
 
 

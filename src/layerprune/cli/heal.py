@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from ..errors import LayerpruneError
+from ..heal.config import TIE_DEFAULT, TIE_MODES
 from .common import add_data_dir_arg, add_dtype_arg, add_model_arg, add_out_args, add_verbose
 
 _METHODS = ("partial", "lora", "dora", "qlora", "full", "distill")
@@ -32,9 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--layers", default="last3",
                    help="partial: lastK, lm_head (norm + head only), all, or indices like 18,19,21 "
                         "(default: %(default)s)")
+    g.add_argument("--tie-mode", default=TIE_DEFAULT, choices=TIE_MODES,
+                   help="partial on a tied-embedding model: head = train the shared matrix through the head only "
+                        "(stays tied, no larger); both = through both uses; frozen = head fixed; untie = the "
+                        "head gets its own copy (+vocab x hidden parameters) (default: %(default)s)")
     g.add_argument("--untie", action=argparse.BooleanOptionalAction, default=None,
-                   help="partial on a tied-embedding model: give the head its own copy so the input embeddings "
-                        "stay frozen (default: on)")
+                   help="same as --tie-mode untie (--no-untie: the default tied mode)")
     g.add_argument("--lora-r", type=int, default=8)
     g.add_argument("--lora-alpha", type=int, default=16)
     g.add_argument("--lora-dropout", type=float, default=0.05)
@@ -47,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="what --method distill trains (default: %(default)s)")
     g.add_argument("--distill-temperature", type=float, default=2.0)
     g.add_argument("--distill-weight", type=float, default=0.5, help="weight of the KL term (LM loss: 1 - w)")
+    g.add_argument("--distill-shared-prefix", action=argparse.BooleanOptionalAction, default=True,
+                   help="the teacher reuses the student's frozen layers when they are its own first layers "
+                        "(default: on)")
 
     d = p.add_argument_group("data")
     d.add_argument("--data", default="alpaca",
@@ -104,8 +111,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-_OPTION_KEYS = ("method", "layers", "untie", "lora_r", "lora_alpha", "lora_dropout", "save_adapter", "teacher",
-                "distill_base", "distill_temperature", "distill_weight", "data", "data_dir", "template", "fields",
+_OPTION_KEYS = ("method", "layers", "tie_mode", "untie", "lora_r", "lora_alpha", "lora_dropout", "save_adapter", "teacher",
+                "distill_base", "distill_temperature", "distill_weight", "distill_shared_prefix", "data", "data_dir", "template", "fields",
                 "train_on_inputs", "cutoff_len", "overflow", "val_size", "max_train_samples", "packing", "prefix_cache_gb", "epochs",
                 "max_steps", "batch_size", "micro_batch_size", "lr", "warmup_steps", "lr_scheduler",
                 "weight_decay", "max_grad_norm", "optim", "gradient_checkpointing", "seed", "eval_steps",

@@ -10,7 +10,9 @@ import argparse
 
 from ..errors import LayerpruneError
 from ..prune import parse_layer_list, prune_by_metric, prune_checkpoint
-from .common import add_dtype_arg, add_model_arg, add_out_args, add_verbose
+from ..compensation import METHODS as COMP_METHODS
+from ..compensation import CompensationConfig
+from .common import add_config_args, add_dtype_arg, add_model_arg, add_out_args, add_verbose, config_from_args
 from .score import (
     add_calib_args,
     add_metric_option_args,
@@ -53,6 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--max-memory", default=None, metavar="SPEC",
                    help="dispatch scoring: memory per device, e.g. '0=20GiB,cpu=60GiB'")
     s.add_argument("--no-cache", action="store_true", help="recompute scores instead of using the cache")
+    c = p.add_argument_group("compensation (see 'layerprune compensate')")
+    c.add_argument("--compensate", default=None, choices=tuple(COMP_METHODS),
+                   help="fold a training-free map for each removed block into the weights")
+    add_config_args(c, CompensationConfig, prefix="comp_", skip=("method",))
     add_calib_args(p)
     add_metric_option_args(p)
     add_dtype_arg(p)
@@ -68,13 +74,31 @@ def _count(text: str) -> int:
     return int(t)
 
 
+def _compensation(args: argparse.Namespace) -> CompensationConfig | None:
+    if args.compensate is None or args.compensate == "none":
+        return None
+    if args.streaming and args.comp_mode == "memory":
+        args.comp_mode = "layerwise"  # --streaming never loads the model: fit layer by layer as well
+    return config_from_args(CompensationConfig, args, prefix="comp_", method=args.compensate)
+
+
 def run(args: argparse.Namespace) -> int:
+    comp = _compensation(args)
     if args.metric is None:
         if args.num is not None or args.ratio is not None:
             raise LayerpruneError("--num and --ratio choose layers by a metric: add --metric NAME")
         if args.iterative:
             raise LayerpruneError("--iterative needs --metric")
         remove = parse_layer_list(args.remove) if args.remove is not None else None
+        if comp is not None:
+            from ..compensation import compensate_checkpoint
+            from .compensate import print_summary
+
+            man = compensate_checkpoint(args.model, args.out, remove=remove, tail=args.tail, config=comp,
+                                        calib_data_dir=args.data_dir, seed=args.seed, dtype=args.dtype,
+                                        device=args.device, overwrite=args.overwrite)
+            print_summary(man, args.out)
+            return 0
         rec = prune_checkpoint(args.model, args.out, remove=remove, tail=args.tail, streaming=args.streaming,
                                dtype=args.dtype, overwrite=args.overwrite)
         print(f"removed layers {rec.removed_layers} of {rec.original_num_layers}; "
@@ -90,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                                streaming=args.streaming, dtype=args.dtype, batch_size=args.batch_size,
                                overwrite=args.overwrite, cache=not args.no_cache, device=args.device,
                                offload_folder=args.offload_folder,
-                               max_memory=parse_max_memory(args.max_memory))
+                               max_memory=parse_max_memory(args.max_memory), compensation=comp)
     how = f"iterative, step {sel.step}" if sel.iterative else "one-shot"
     print(f"{sel.metric} ({how}): removed layers {rec.removed_layers} of {rec.original_num_layers} "
           f"(removal order {sel.order}); {len(rec.kept_layers)} kept -> {args.out}")

@@ -37,9 +37,9 @@ class CompensationConfig:
     batch_size: int = field(default=8, metadata={"help": "calibration windows per forward pass"})
     mode: str = field(default="memory", metadata={"help": "memory (load the model) or layerwise (one layer at a "
                                                           "time from safetensors)", "choices": MODES})
-    steps: int = field(default=200, metadata={"help": "cosine: Adam steps"})
+    steps: int = field(default=100, metadata={"help": "cosine: Adam steps"})
     lr: float = field(default=1e-3, metadata={"help": "cosine: Adam learning rate"})
-    max_tokens: int = field(default=65536, metadata={"help": "cosine: activations kept for the fit"})
+    max_tokens: int = field(default=16384, metadata={"help": "cosine: activations kept for the fit"})
 
     def validate(self) -> None:
         if self.method not in METHODS:

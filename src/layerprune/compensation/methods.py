@@ -114,7 +114,7 @@ class CompMethod:
     needs_m = True
     doc = ""
 
-    def __init__(self, ridge: float = 0.0, steps: int = 200, lr: float = 1e-3, max_tokens: int = 65536):
+    def __init__(self, ridge: float = 0.0, steps: int = 100, lr: float = 1e-3, max_tokens: int = 16384):
         if ridge < 0:
             raise LayerpruneError("--ridge must be >= 0")
         self.ridge, self.steps, self.lr, self.max_tokens = ridge, steps, lr, max_tokens
@@ -190,17 +190,19 @@ class CosineMethod(LstsqMethod):
 
     def fit(self, stats: Stats, site_shape: str, label: str) -> Fit:
         u0 = self.solve(stats, site_shape, label)
-        m = torch.cat([a[0] for a in stats.acts]).double()
-        h = torch.cat([a[1] for a in stats.acts]).double()
-        y = torch.cat([a[2] for a in stats.acts]).double()
+        # float32 for the optimisation (10x faster than float64 on a CPU); the start and result stay float64.
+        m = torch.cat([a[0] for a in stats.acts])
+        h = torch.cat([a[1] for a in stats.acts])
+        y = torch.cat([a[2] for a in stats.acts])
 
         def loss(u: torch.Tensor) -> torch.Tensor:
+            u = u.float()
             out = h + (m * u if site_shape == "diag" else m @ u)
             return (1 - torch.nn.functional.cosine_similarity(out, y, dim=-1)).mean()
 
         with torch.no_grad():
             candidates = [(float(loss(torch.zeros_like(u0))), torch.zeros_like(u0)), (float(loss(u0)), u0)]
-        u = u0.clone().requires_grad_(True)
+        u = u0.float().clone().requires_grad_(True)
         opt = torch.optim.Adam([u], lr=self.lr)
         with torch.enable_grad():  # the drivers run under no_grad
             for _ in range(self.steps):
@@ -209,7 +211,7 @@ class CosineMethod(LstsqMethod):
                 val.backward()
                 opt.step()
         with torch.no_grad():
-            candidates.append((float(loss(u)), u.detach().clone()))
+            candidates.append((float(loss(u)), u.detach().double().clone()))
         best_loss, best = min(candidates, key=lambda c: c[0])  # never worse than no map or the lstsq start
         rep = _fit_report(stats, stats.sq_error(best, site_shape), cos_after=1 - best_loss)
         rep["cosine_distance_before"] = candidates[0][0]

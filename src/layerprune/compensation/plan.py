@@ -86,7 +86,9 @@ class Site:
             return f"{adapter.layers}.{block.fold_layer}.{self.path}"
         if self.kind == EMBED:
             return adapter.embed + (f" + {adapter.pos_embed}" if adapter.pos_embed else "")
-        return "every later attention/MLP output" if not block.tail else "none (only the final norm follows)"
+        if self.kind == RESIDUAL:
+            return "every later attention/MLP output" if not block.tail else "none (only the final norm follows)"
+        return "none"
 
 
 def supported_fold_types() -> list[str]:
@@ -107,6 +109,8 @@ def branch_outputs(adapter: Adapter) -> list[str]:
 def resolve_site(block: Block, adapter: Adapter, model: Any, layers: Any, tied: bool, map_shape: str) -> Site:
     """The fold point for ``block`` under a method whose map is ``map_shape`` (matrix or scalar); raises a
     one-line error where there is none."""
+    if map_shape == "none":
+        return Site("none", "none")
     if map_shape == "scalar":
         if not block.tail:
             for mod in layers:

@@ -9,6 +9,10 @@ from typing import Any
 from ..errors import LayerpruneError
 
 
+TIE_MODES = ("head", "both", "frozen", "untie")
+TIE_DEFAULT = "head"  # chosen from measurements on SmolLM2 (docs/healing.md, "Tied embeddings")
+
+
 @dataclass
 class HealConfig:
     """Settings of one healing run. ``heal(model_dir, out_dir, **kwargs)`` builds this from its keyword args."""
@@ -16,7 +20,11 @@ class HealConfig:
     # What is trained.
     method: str = "partial"  # partial | lora | dora | qlora | full | distill
     layers: str | list[int] = "last3"  # partial: lastK, lm_head (= norm_lmhead), all, or explicit indices
-    untie: bool | None = None  # partial on a tied model: clone the head (default on for partial)
+    # partial on a tied-embedding model: "head" trains the shared matrix through the head only (the input-side
+    # lookup detached; the checkpoint stays tied and no larger), "both" through both uses (backward reaches the
+    # first layer), "frozen" keeps head and embeddings fixed, "untie" gives the head its own copy (+V*d params).
+    tie_mode: str = TIE_DEFAULT
+    untie: bool | None = None  # legacy switch: True = tie_mode "untie", False = the default tied mode
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -27,6 +35,8 @@ class HealConfig:
     distill_base: str = "partial"  # trainable-parameter choice under method=distill
     distill_temperature: float = 2.0
     distill_weight: float = 0.5  # weight of the KL term; the LM loss gets 1 - distill_weight
+    # The teacher reuses the student's frozen prefix when it is exactly the teacher's first layers.
+    distill_shared_prefix: bool = True
 
     # Data.
     data: str = "alpaca"  # preset (alpaca, dolly), local file/folder, or Hub id
@@ -112,6 +122,11 @@ class HealConfig:
             raise LayerpruneError("save_steps must be a multiple of eval_steps (best-checkpoint tracking)")
         if self.prefix_cache_gb is not None and self.prefix_cache_gb < 0:
             raise LayerpruneError("prefix_cache_gb must be 0 (off) or positive")
+        if self.tie_mode not in TIE_MODES:
+            raise LayerpruneError(f"tie_mode must be one of {', '.join(TIE_MODES)}, not '{self.tie_mode}'")
+        if self.untie is not None:
+            want = "untie" if self.untie else (TIE_DEFAULT if self.tie_mode == "untie" else self.tie_mode)
+            self.tie_mode = want
         if self.overflow not in ("truncate", "drop"):
             raise LayerpruneError(f"overflow must be 'truncate' or 'drop', not '{self.overflow}'")
 

@@ -41,7 +41,7 @@ from ..models import (
     save_pretrained_atomic,
 )
 from .config import HealConfig
-from .distill import check_vocab, load_teacher
+from .distill import SharedPrefix, check_vocab, load_teacher
 from .methods import ExportContext, get_method, resolved, trainable_parameters
 from .prefix_cache import PrefixCache
 from .train import (
@@ -167,8 +167,9 @@ class _Run:
 
         packing = self._packing(prepared.model, teacher, data, pad_id_for(tok))
         cache, cache_why = self._prefix_cache(prepared.model, prepared.info, packing["used"], data)
+        share, share_why = self._shared_prefix(prepared.model, teacher, prepared.info)
         progress = HealProgress(enabled=cfg.progress, desc=f"heal {cfg.method}")
-        trainer = self._trainer(prepared.model, tok, data, head, teacher, progress, packing["used"], cache)
+        trainer = self._trainer(prepared.model, tok, data, head, teacher, progress, packing["used"], cache, share)
         val_before = self._val_before(trainer, data, resume_from)
         mem = PeakMemory(self.device)
         mem.start()
@@ -201,6 +202,9 @@ class _Run:
             "data_fingerprint": data.fingerprint,
             "packing": packing,
             "prefix_cache": cache.summary() if cache is not None else {"used": False, "why": cache_why},
+            "distill_shared_prefix": None if teacher is None else
+            {"used": True, "layers": share.first, "teacher_layer_calls": share.teacher_layers_run}
+            if share is not None else {"used": False, "why": share_why},
             "steps": state.global_step,
             "max_steps": state.max_steps,
             "epochs": state.epoch,
@@ -351,6 +355,8 @@ class _Run:
         else:
             budget = int(cfg.prefix_cache_gb * 2**30)
         why = PrefixCache.why_not(layers, packing, budget)
+        if why is None and info.get("prefix_changes"):
+            why = str(info["prefix_changes"])
         if why is None and world_size() > 1:
             # The distributed sampler deals the samples to processes afresh every epoch, so a process would
             # rarely find a whole micro-batch among the samples it saw before.
@@ -369,9 +375,24 @@ class _Run:
                        f"{budget / 2**30:.2f} GiB (--prefix-cache-gb)")
         return (PrefixCache(layers, budget), None) if why is None else (None, why)
 
+    def _shared_prefix(self, model: torch.nn.Module, teacher: torch.nn.Module | None, info: dict[str, Any]
+                       ) -> tuple[SharedPrefix | None, str | None]:
+        """Shared-prefix distillation when the student's frozen layers are exactly the teacher's first ones."""
+        if teacher is None:
+            return None, None
+        if not self.cfg.distill_shared_prefix:
+            return None, "off (distill_shared_prefix: false)"
+        if info.get("prefix_changes"):
+            return None, str(info["prefix_changes"])
+        first = int(info.get("frozen_prefix_layers") or 0)
+        why = SharedPrefix.why_not(model, teacher, first)
+        if why is not None:
+            return None, why
+        return SharedPrefix(parts(model).layers, parts(teacher).layers, first), None
+
     def _trainer(self, model: torch.nn.Module, tok: Any, data: InstructData, head: torch.nn.Module,
                  teacher: torch.nn.Module | None, progress: HealProgress, packing: bool,
-                 prefix_cache: PrefixCache | None) -> HealTrainer:
+                 prefix_cache: PrefixCache | None, shared_prefix: SharedPrefix | None = None) -> HealTrainer:
         from transformers import TrainingArguments
 
         cfg = self.cfg
@@ -423,7 +444,7 @@ class _Run:
             callbacks=[progress, EvalAtEnd(), *self.callbacks], head=head, teacher=teacher,
             teacher_head=parts(teacher).head if teacher is not None else None,
             distill_temperature=cfg.distill_temperature, distill_weight=cfg.distill_weight,
-            prefix_cache=prefix_cache)
+            prefix_cache=prefix_cache, shared_prefix=shared_prefix)
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # our bar reports; the printer would dump every log dict

@@ -38,6 +38,61 @@ def load_teacher(path: str, dtype: Any, device: str) -> nn.Module:
     return teacher.to(device)
 
 
+class SharedPrefix:
+    """Shared-prefix distillation: when the student's frozen layers are the teacher's own first layers (same
+    weights, same order — partial fine-tuning after removing later layers), the teacher does not run them again.
+
+    A forward hook records what the student's last frozen layer hands on; during the teacher's pass its first
+    ``first - 1`` layers hand their input on untouched and layer ``first - 1`` returns the recording, so the
+    teacher computes only the layers above the shared prefix (and its head only where the loss is taken).
+    """
+
+    def __init__(self, student_layers: nn.ModuleList, teacher_layers: nn.ModuleList, first: int):
+        self.first = first
+        self.hidden: torch.Tensor | None = None
+        self.active = False
+        self.teacher_layers_run = 0  # teacher decoder-layer calls (for tests and heal.json)
+        self.handle = student_layers[first - 1].register_forward_hook(self._record)
+        for i, layer in enumerate(teacher_layers):
+            self._wrap(layer, i)
+
+    def _record(self, module: nn.Module, args: tuple, out: Any) -> None:
+        self.hidden = out if torch.is_tensor(out) else out[0]
+
+    def _wrap(self, layer: nn.Module, i: int) -> None:
+        fwd = layer.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if self.active and i < self.first and self.hidden is not None:
+                if i == self.first - 1:
+                    return self.hidden
+                return args[0] if args else kwargs["hidden_states"]
+            self.teacher_layers_run += 1
+            return fwd(*args, **kwargs)
+
+        layer.forward = forward
+
+    @classmethod
+    def why_not(cls, student: nn.Module, teacher: nn.Module, first: int) -> str | None:
+        """Why the prefix cannot be shared, or None when student and teacher agree on it exactly."""
+        from ..arch import parts
+
+        if first < 1:
+            return "no frozen prefix"
+        s, t = parts(student), parts(teacher)
+        if t.num_layers < first:
+            return "the teacher has fewer layers than the student's frozen prefix"
+        pairs = [(s.embed, t.embed)] + [(s.layers[i], t.layers[i]) for i in range(first)]
+        for a, b in pairs:
+            sa, sb = a.state_dict(), b.state_dict()
+            if sa.keys() != sb.keys() or any(not torch.equal(sa[k].to(sb[k].device), sb[k]) for k in sa):
+                return "the student's frozen layers differ from the teacher's first layers"
+        return None
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
 def check_vocab(student: nn.Module, teacher: nn.Module) -> None:
     """Teacher and student must score the same vocabulary."""
     s = student.get_output_embeddings().weight.shape[0]
@@ -47,4 +102,4 @@ def check_vocab(student: nn.Module, teacher: nn.Module) -> None:
                               "same tokenizer")
 
 
-__all__ = ["check_vocab", "kd_loss_sum", "load_teacher", "mixed_loss_sum"]
+__all__ = ["SharedPrefix", "check_vocab", "kd_loss_sum", "load_teacher", "mixed_loss_sum"]

@@ -201,27 +201,37 @@ class PartialMethod(HealMethod):
     def prepare(self, model: nn.Module, cfg: HealConfig) -> Prepared:
         p = parts(model)
         chosen = select_layers(cfg.layers, p.num_layers)
-        untie = True if cfg.untie is None else bool(cfg.untie)
         was_tied = p.tied
-        untied = untie_head(model) if untie else False
+        mode = cfg.tie_mode if was_tied else "untied"
+        untied = untie_head(model) if mode == "untie" else False
         p = parts(model)
         model.requires_grad_(False)
-        trainable: list[nn.Module] = [p.head] + ([p.norm] if p.norm is not None else [])
+        trainable: list[nn.Module] = ([p.head] if mode != "frozen" else []) + ([p.norm] if p.norm is not None else [])
         trainable += [p.layers[i] for i in chosen]
         for mod in trainable:
             mod.requires_grad_(True)
-        trains_embeddings = was_tied and not untied
+        # "both": the embedding lookup carries a gradient, so every layer below needs a backward pass.
+        trains_embeddings = mode == "both"
+        first = chosen[0] if chosen else p.num_layers
         if not trains_embeddings:
-            # Embeddings and the layers below the first trained one are frozen and nothing upstream needs a
-            # gradient: run them without autograd so no activation of the prefix is kept.
-            first = chosen[0] if chosen else p.num_layers
+            # Embeddings and the layers below the first trained one need no gradient: run them without autograd
+            # so no activation of the prefix is kept. Under "head" this also detaches the input-side lookup of
+            # the shared matrix, which then trains through the head only.
             run_without_grad(p.embed)
             for i in range(first):
                 run_without_grad(p.layers[i])
         upcast_trainable(model)
+        if not trainable or trainable_parameters(model) == 0:
+            raise LayerpruneError("nothing to train: --layers selects no layer and the head is frozen")
+        # The frozen layers' outputs stay the same across epochs only when the embeddings do not train.
+        moving = "the shared embedding matrix trains through the head, so the frozen layers' inputs change" \
+            if mode == "head" else None
         info = {"layers": chosen, "layers_spec": cfg.layers if isinstance(cfg.layers, str) else list(cfg.layers),
-                "tied_embeddings": was_tied, "untied": untied, "trains_input_embeddings": trains_embeddings,
-                "frozen_prefix_layers": 0 if trains_embeddings else (chosen[0] if chosen else p.num_layers)}
+                "tied_embeddings": was_tied, "tie_mode": mode, "untied": untied,
+                "untie_extra_params": p.head.weight.numel() if untied else 0,
+                "trains_input_embeddings": trains_embeddings or mode == "head",
+                "frozen_prefix_layers": 0 if trains_embeddings else first,
+                "prefix_changes": moving}
         return Prepared(model, info)
 
 

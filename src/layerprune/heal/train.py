@@ -72,12 +72,14 @@ class HealTrainer(Trainer):
 
     def __init__(self, *args: Any, head: nn.Module, teacher: nn.Module | None = None,
                  teacher_head: nn.Module | None = None, distill_temperature: float = 2.0,
-                 distill_weight: float = 0.5, prefix_cache: PrefixCache | None = None, **kwargs: Any):
+                 distill_weight: float = 0.5, prefix_cache: PrefixCache | None = None,
+                 shared_prefix: Any = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.selector = HeadSelector(head)
         self.prefix_cache = prefix_cache
         self.teacher = teacher
         self.teacher_selector = HeadSelector(teacher_head) if teacher is not None and teacher_head else None
+        self.shared_prefix = shared_prefix  # SharedPrefix: the teacher reuses the student's frozen prefix
         self.distill_temperature = distill_temperature
         self.distill_weight = distill_weight
 
@@ -98,8 +100,16 @@ class HealTrainer(Trainer):
             # Distillation shapes training only; evaluation reports the plain LM loss so validation losses
             # compare across methods and with the loss before healing.
             ctx = self.teacher_selector.select(keep) if self.teacher_selector else contextlib.nullcontext()
-            with torch.no_grad(), ctx:
-                t_logits = _selected(self.teacher(**fwd, use_cache=False).logits, keep)
+            share = self.shared_prefix
+            if share is not None:
+                share.active = True
+            try:
+                with torch.no_grad(), ctx:
+                    t_logits = _selected(self.teacher(**fwd, use_cache=False).logits, keep)
+            finally:
+                if share is not None:
+                    share.active = False
+                    share.hidden = None
             kd = kd_loss_sum(logits, t_logits, self.distill_temperature)
             loss_sum = mixed_loss_sum(loss_sum, kd, self.distill_weight)
         # Same normalisation as transformers' own causal-LM loss: by the trained tokens of the whole

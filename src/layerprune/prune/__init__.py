@@ -63,13 +63,15 @@ def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, met
                     calib: Any = None, score_mode: str = "memory", streaming: bool = False,
                     dtype: str | None = "auto", batch_size: int | None = None, overwrite: bool = False,
                     cache: bool = True, device: str | None = None, offload_folder: str | None = None,
-                    max_memory: dict | None = None, progress: bool = True) -> tuple[PruneRecord, Any]:
+                    max_memory: dict | None = None, progress: bool = True,
+                    compensation: Any = None) -> tuple[PruneRecord, Any]:
     """Score with ``metric``, select ``k`` layers (or ``ratio`` of them), prune and save with the manifest.
 
     One-shot by default; ``iterative`` re-scores the pruned model after every ``step`` removals (SLEB-style,
     in memory). The manifest's ``method`` is the metric, ``method_params`` its parameters, the selection
     settings and the calibration, and ``scores`` the selection with the scores it was made from (per step
-    when iterative). Returns (PruneRecord, Selection).
+    when iterative). ``compensation`` (a CompensationConfig) folds a training-free map for each removed block
+    into the weights (one-shot only). Returns (PruneRecord, Selection).
     """
     from ..data.calibration import CalibSpec, build_calibration
     from ..io import check_out_dir
@@ -91,6 +93,9 @@ def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, met
                               "iterative": iterative, "step": step if iterative else None,
                               "protect_first": protect_first, "protect_last": protect_last,
                               "score_mode": "memory" if iterative else score_mode}
+    if iterative and compensation is not None:
+        raise LayerpruneError("compensation after iterative pruning is not supported: prune one-shot, or "
+                              "compensate the final removal with 'layerprune compensate'")
     if iterative:
         if streaming or score_mode != "memory":
             raise LayerpruneError("--iterative re-scores the pruned model in memory: it cannot be combined "
@@ -107,6 +112,20 @@ def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, met
         return record, sel
 
     fp = model_fingerprint(path)
+    if compensation is not None:
+        from ..compensation import compensate_checkpoint
+
+        res = score(path, [m], spec if m.needs_calibration else None, mode=score_mode, batch_size=batch_size,
+                    cache=cache, dtype=dtype, device=device, offload_folder=offload_folder, max_memory=max_memory,
+                    progress=progress)
+        r = res.results[m.label]
+        sel = select_one_shot(r, k, protect_first=protect_first, protect_last=protect_last, metric=m)
+        params["calibration"] = res.calibration
+        man = compensate_checkpoint(path, out_dir, remove=sel.removed, config=compensation, seed=spec.seed,
+                                    calib_data_dir=spec.data_dir, dtype=dtype, device=device, overwrite=overwrite,
+                                    method_name=m.label, method_params=params,
+                                    scores={**sel.to_dict(), "metric_scores": r.to_dict()}, progress=progress)
+        return PruneRecord(man["original_num_layers"], man["removed_layers"], man["kept_layers"]), sel
     if score_mode == "memory" and not streaming:
         # Load once: score the model, then prune that same object.
         mdl, tok = load(path, dtype=dtype, device=device)

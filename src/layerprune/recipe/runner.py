@@ -33,6 +33,7 @@ from .state import RunState, folder_fingerprint
 
 FINAL = "model"
 NO_HEAL = "none"
+COMPENSATED = "compensated"
 
 
 def _layer_count(path: str) -> int:
@@ -136,6 +137,21 @@ class RecipeRun:
 
         return self.state.run(name, inputs, fn)
 
+    def _compensate(self, removed: list[int], inputs: dict) -> dict[str, Any]:
+        c = self.r["compensate"]
+
+        def fn(tmp: Path) -> dict[str, Any]:
+            from ..compensation import CompensationConfig, compensate_checkpoint
+
+            man = compensate_checkpoint(self.source, tmp / "ckpt", remove=removed,
+                                        config=CompensationConfig.from_kwargs(**c), calib_data_dir=self.data_dir,
+                                        seed=self.r["seed"], dtype=self.r["dtype"],
+                                        method_name=self.r["prune"]["metric"])
+            _flatten(tmp / "ckpt")
+            return man["compensation"]
+
+        return self.state.run(COMPENSATED, inputs, fn)
+
     def _heal(self, model_path: str, name: str, inputs: dict) -> dict[str, Any]:
         h = self.r["heal"]
 
@@ -205,6 +221,9 @@ class RecipeRun:
         (self.dir / "recipe.yaml").write_text(yaml.safe_dump(self.r, sort_keys=False))
         p, h = self.r["prune"], self.r["heal"]
         heal_on = h["method"] != NO_HEAL
+        comp_on = self.r["compensate"]["method"] != "none"
+        comp_path: str | None = None
+        compensation: dict[str, Any] | None = None
         scores: dict[str, Any] = {}
         rounds: list[dict[str, Any]] = []
 
@@ -219,9 +238,16 @@ class RecipeRun:
             pruned_path = str(self.dir / "pruned")
             pruned_fp = self.state.stages["pruned"]["fingerprint"]
             final_fp = pruned_fp
+            heal_from, heal_fp = pruned_path, pruned_fp
+            if comp_on:
+                compensation = self._compensate(removed, {**base, "removed": removed,
+                                                          "compensate": self.r["compensate"]})
+                comp_path = str(self.dir / COMPENSATED)
+                heal_from = comp_path
+                heal_fp = final_fp = self.state.stages[COMPENSATED]["fingerprint"]
             if heal_on:
-                self._heal(pruned_path, FINAL, {"pruned": pruned_fp, "heal": h, "seed": self.r["seed"],
-                                                "data_dir": self.data_dir})
+                self._heal(heal_from, FINAL, {"pruned": heal_fp, "heal": h, "seed": self.r["seed"],
+                                              "data_dir": self.data_dir})
                 final_fp = self.state.stages[FINAL]["fingerprint"]
             kept = pr["kept_layers"]
         else:
@@ -259,11 +285,14 @@ class RecipeRun:
         if not heal_on and not p["iterative"]:
             if (self.dir / FINAL).exists():
                 shutil.rmtree(self.dir / FINAL)
-            _link_or_copy(self.dir / "pruned", self.dir / FINAL)
+            _link_or_copy(Path(comp_path) if comp_path else self.dir / "pruned", self.dir / FINAL)
 
         # Evaluation and measurement.
-        paths = {"dense": self.source, "pruned": pruned_path, "healed": str(self.dir / FINAL)}
-        fps = {"dense": self.source_fp, "pruned": pruned_fp, "healed": final_fp}
+        paths = {"dense": self.source, "pruned": pruned_path, "compensated": comp_path,
+                 "healed": str(self.dir / FINAL)}
+        fps = {"dense": self.source_fp, "pruned": pruned_fp,
+               "compensated": self.state.stages[COMPENSATED]["fingerprint"] if comp_path else None,
+               "healed": final_fp}
         if not heal_on:  # the final model is the pruned one
             paths.pop("healed")
             if p["iterative"]:
@@ -275,9 +304,12 @@ class RecipeRun:
         bench = None
         if self.r["measure"]["enabled"]:
             # Healing can change the size (an untied head), so every model is measured on its own.
-            bench = self._measure({k: v for k, v in paths.items() if v}, {k: fps[k] for k in paths if paths[k]})
+            # A compensated model has the pruned model's shapes: measured once, as the pruned one.
+            todo = {k: v for k, v in paths.items() if v and k != "compensated"}
+            bench = self._measure(todo, {k: fps[k] for k in todo})
 
         manifest = self._manifest(removed, kept, scores, rounds, results, bench, similarity)
+        manifest["compensation"] = compensation
         manifest["timings"]["total_s"] = round(time.perf_counter() - t0, 1)
         self._finish(manifest)
         return manifest
@@ -296,9 +328,9 @@ class RecipeRun:
                 row["avg_acc"] = zs.get("mean_acc")
             out_results[which] = row
         if bench:
-            for which in ("dense", "pruned", "healed"):
-                if which in bench:
-                    b = bench[which]
+            for which in ("dense", "pruned", "compensated", "healed"):
+                b = bench.get("pruned" if which == "compensated" else which)
+                if b is not None and (which != "compensated" or which in out_results):
                     sp = (b.get("speed") or [{}])[0]
                     out_results.setdefault(which, {}).update({
                         "params": b["params"]["total"], "non_embedding_params": b["params"].get("non_embedding"),

@@ -42,9 +42,11 @@ SCHEMA: dict[str, Any] = {
         "iterative": (bool, False),  # score -> prune step -> heal -> re-score ... until the target
         "step": (int, 1),
     },
+    "compensate": "CompensationConfig",  # generated below from layerprune.compensation.CompensationConfig
     "heal": {
         "method": (str, "partial"),  # partial | lora | dora | qlora | full | distill | none
         "layers": (str, "last3"),  # partial: last3 | last1 | lm_head | 20,21 ...
+        "tie_mode": (str, "head"),  # partial on tied models: head | both | frozen | untie
         "data": (str, "alpaca"),
         "template": (OPT_STR, None),
         "epochs": (NUM, 2),
@@ -63,12 +65,13 @@ SCHEMA: dict[str, Any] = {
         "distill_base": (str, "partial"),  # trainable parameters under distillation
         "distill_temperature": (NUM, 2.0),
         "distill_weight": (NUM, 0.5),  # weight of the KL term; the LM loss gets 1 - weight
+        "distill_shared_prefix": (bool, True),
         "lora_r": (int, 8),
         "lora_alpha": (int, 16),
         "lora_dropout": (NUM, 0.05),
     },
     "evaluate": {
-        "models": (LIST_STR, ["dense", "pruned", "healed"]),
+        "models": (LIST_STR, ["dense", "pruned", "compensated", "healed"]),
         "tasks": (LIST_STR, ["mmlu", "cmmlu", "piqa", "openbookqa", "winogrande", "hellaswag", "arc_easy",
                              "arc_challenge"]),
         "limit": (OPT_INT, None),
@@ -86,6 +89,28 @@ SCHEMA: dict[str, Any] = {
         "repeats": (int, 3),
     },
 }
+
+
+def _section_from_config(cls: type, defaults: dict[str, Any]) -> dict[str, Any]:
+    """A schema section from a config dataclass: one entry per field, its type and default (one source)."""
+    import dataclasses
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        default = defaults.get(f.name, f.default)
+        kind = type(f.default)
+        out[f.name] = (NUM if kind is float else kind, default)
+    return out
+
+
+def _compensation_section() -> dict[str, Any]:
+    from ..compensation import CompensationConfig
+
+    # Recipes compensate only when asked: "none" keeps older recipes' results unchanged.
+    return _section_from_config(CompensationConfig, {"method": "none"})
+
+
+SCHEMA["compensate"] = _compensation_section()
 
 
 def _type_name(types: Any) -> str:
@@ -144,9 +169,19 @@ def validate(data: Any) -> dict[str, Any]:
         raise LayerpruneError("recipe: 'prune.ratio' must be in (0, 1) when prune.num_layers is not set")
     if p["step"] < 1:
         raise LayerpruneError("recipe: 'prune.step' must be >= 1")
-    bad = set(rec["evaluate"]["models"]) - {"dense", "pruned", "healed"}
+    bad = set(rec["evaluate"]["models"]) - {"dense", "pruned", "compensated", "healed"}
     if bad:
-        raise LayerpruneError(f"recipe: 'evaluate.models' has unknown entries {sorted(bad)}; use dense, pruned, healed")
+        raise LayerpruneError(f"recipe: 'evaluate.models' has unknown entries {sorted(bad)}; use dense, pruned, "
+                              "compensated, healed")
+    from ..compensation import CompensationConfig
+
+    try:
+        CompensationConfig.from_kwargs(**rec["compensate"])
+    except LayerpruneError as e:
+        raise LayerpruneError(f"recipe: compensate: {e}") from None
+    if rec["compensate"]["method"] != "none" and p["iterative"]:
+        raise LayerpruneError("recipe: compensation after iterative pruning is not supported (set "
+                              "compensate.method: none or prune.iterative: false)")
     return rec
 
 
