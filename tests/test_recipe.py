@@ -114,6 +114,26 @@ def test_end_to_end_resume_and_outputs(tiny_smol, tmp_path, data_dir, monkeypatc
         run_recipe(_recipe(tiny_smol), out)
 
 
+def test_compensation_stage_between_prune_and_heal(tiny_smol, tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("LAYERPRUNE_DATA", str(data_dir))
+    out = tmp_path / "run"
+    r = _recipe(tiny_smol, prune={"metric": "reverse"}, compensate={"method": "lstsq", "nsamples": 4, "seqlen": 32},
+                measure={"enabled": True})
+    m = run_recipe(r, out, log=lambda s: None)
+    assert set(m["results"]) == {"dense", "pruned", "compensated", "healed"}
+    block = m["compensation"]["blocks"][0]
+    assert block["removed"] == [4, 5] and block["fold_point"] == "model.layers.3.mlp.down_proj"
+    # Healing starts from the compensated checkpoint; the compensated model has the pruned model's size.
+    heal = json.loads((out / "model" / "heal.json").read_text())
+    assert Path(heal["source_path"]).name == "compensated"
+    assert m["results"]["compensated"]["params"] == m["results"]["pruned"]["params"]
+    report = (out / "report.md").read_text()
+    assert "## Compensation" in report and "model.layers.3.mlp.down_proj" in report
+    assert "| compensated |" in report or "compensated" in report.split("## Summary")[1].split("##")[0]
+    assert "## Compensation" in (out / "model" / "README.md").read_text()
+    assert json.loads((out / "compensated" / "layerprune.json").read_text())["compensation"]["method"] == "lstsq"
+
+
 def test_iterative_rounds(tiny_smol, tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("LAYERPRUNE_DATA", str(data_dir))
     r = _recipe(tiny_smol, prune={"iterative": True, "step": 1}, evaluate={"tasks": [], "models": ["dense", "healed"]},
@@ -138,11 +158,13 @@ def test_demo_recipe_on_smollm2(smollm2_path, tmp_path, data_dir, monkeypatch):
     m = run_recipe(REPO / "recipes" / "best-practice.yaml", tmp_path / "demo", overrides=over, log=lambda s: None)
     # ratio 0.25 rounds down like the paper (6 of 26 for Gemma2): 7 of SmolLM2's 30 layers.
     assert m["removed_layers"] == list(range(23, 30)) and m["original_num_layers"] == 30
-    assert set(m["results"]) == {"dense", "pruned", "healed"}
+    assert set(m["results"]) == {"dense", "pruned", "compensated", "healed"}
     heal = json.loads((tmp_path / "demo" / "model" / "heal.json").read_text())
     assert heal["method"] == "partial"
     re = AutoModelForCausalLM.from_pretrained(tmp_path / "demo" / "model")
-    assert re.config.num_hidden_layers == 23 and not re.config.tie_word_embeddings
+    # The healed model stays tied: never larger than the pruned one.
+    assert re.config.num_hidden_layers == 23 and re.config.tie_word_embeddings
+    assert m["results"]["healed"]["params"] == m["results"]["pruned"]["params"]
     assert "23, 24, 25" in (tmp_path / "demo" / "model" / "README.md").read_text()
 
 

@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""Healing quality against wall-clock time: {partial, distill, LoRA} x {no compensation, lstsq}, one run.
+
+SmolLM2-135M-Instruct with the demo's removal (the last 7 of 30 layers). Every cell heals the same Alpaca rows
+with the same batch, seed and constant learning rate for the same *training* time budgets (evaluation time is
+not counted); at each budget it records the validation loss and wikitext-2 perplexity (seed protocol, first
+``--ppl-tokens`` tokens). Compensation's own time is reported beside it and charged to the compensated cells.
+
+Prints, per cell and budget, PPL and validation loss; then, as ratios measured in this run:
+* the training time each cell needs to reach the final validation loss of uncompensated partial (goal: the
+  compensated cells reach it in <= 1/10 of partial's time);
+* distill / partial tokens/s (goal >= 0.8, shared-prefix distillation).
+
+    python bench/heal_quality.py                          # budgets 2,5,10 minutes (about 70 minutes in all)
+    python bench/heal_quality.py --budgets 1,2 --cells partial:lstsq,distill:lstsq
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="default")
+    p.add_argument("--tail", type=int, default=7, help="layers removed from the tail (the demo's 7 of 30)")
+    p.add_argument("--budgets", default="2,5,10", help="training minutes at which quality is recorded")
+    p.add_argument("--cells", default="partial:none,partial:lstsq,distill:none,distill:lstsq,lora:none,lora:lstsq",
+                   help="method:compensation pairs")
+    p.add_argument("--lr", default="partial=3e-4,distill=3e-4,lora=1e-3,full=5e-5",
+                   help="learning rate per method (constant after --warmup-steps)")
+    p.add_argument("--layers", default="last3")
+    p.add_argument("--tie-mode", default=None, help="partial/distill on the tied SmolLM2 (default: heal's)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--cutoff-len", type=int, default=128)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--eval-every", type=float, default=0.5, help="also evaluate the validation loss every N minutes")
+    p.add_argument("--val-size", type=int, default=100)
+    p.add_argument("--ppl-tokens", type=int, default=16384)
+    p.add_argument("--comp-nsamples", type=int, default=64)
+    p.add_argument("--comp-seqlen", type=int, default=256)
+    p.add_argument("--data-dir", default=os.environ.get("LAYERPRUNE_DATA") or str(REPO.parent / "shared" / "data"))
+    p.add_argument("--work", default=str(REPO / "bench_runs" / "heal_quality"), help="scratch folder")
+    p.add_argument("--json", default=None, help="also write the results here")
+    return p.parse_args(argv)
+
+
+def main() -> int:
+    args = parse()
+    import torch
+    from transformers import TrainerCallback
+
+    from layerprune.compensation import CompensationConfig, compensate_checkpoint
+    from layerprune.evaluate import perplexity
+    from layerprune.heal import heal
+    from layerprune.models import load
+    from layerprune.prune import prune_checkpoint
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    budgets = sorted(float(b) * 60 for b in args.budgets.split(","))
+    lrs = {k: float(v) for k, v in (x.split("=") for x in args.lr.split(","))}
+
+    def ppl(model: torch.nn.Module, tok: object) -> float:
+        return float(perplexity(model, tok, "wikitext2", "seed", data_dir=args.data_dir, seq_len=128,
+                                max_tokens=args.ppl_tokens, progress=False)["ppl"])
+
+    def ppl_of(path: str | Path) -> float:
+        m, tok = load(path, dtype="float32")
+        return ppl(m.eval(), tok)
+
+    results: dict = {"settings": vars(args), "cells": {}}
+    pruned = work / "pruned"
+    if not pruned.exists():
+        prune_checkpoint(args.model, pruned, tail=args.tail)
+    comp = work / "lstsq"
+    t0 = time.perf_counter()
+    if not comp.exists():
+        compensate_checkpoint(args.model, comp, tail=args.tail, calib_data_dir=args.data_dir, progress=False,
+                              config=CompensationConfig(nsamples=args.comp_nsamples, seqlen=args.comp_seqlen))
+    comp_s = json.loads((comp / "layerprune.json").read_text())["compensation"]["seconds"]
+    results["compensation_seconds"] = comp_s
+    results["ppl"] = {"dense": ppl_of(args.model if args.model != "default" else _default()),
+                      "pruned": ppl_of(pruned), "lstsq": ppl_of(comp)}
+    print(f"PPL dense {results['ppl']['dense']:.1f}  pruned {results['ppl']['pruned']:.4g}  "
+          f"lstsq {results['ppl']['lstsq']:.1f} (compensation {comp_s:.0f} s, {time.perf_counter() - t0:.0f} s "
+          "with loading)", flush=True)
+
+    class Budget(TrainerCallback):
+        """Training-time clock; evaluates at each budget (and every --eval-every), stops after the last."""
+
+        def __init__(self, tok: object) -> None:
+            self.train_s, self.t = 0.0, None
+            self.tok = tok
+            self.marks = sorted(set(budgets) | {x * args.eval_every * 60 for x in
+                                                range(1, int(budgets[-1] / (args.eval_every * 60)) + 1)})
+            self.points: list[dict] = []
+            self.pending: float | None = None
+
+        def on_step_begin(self, a, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            self.train_s += time.perf_counter() - self.t
+            if self.marks and self.train_s >= self.marks[0]:
+                self.pending = self.marks.pop(0)
+                control.should_evaluate = True
+                if not self.marks:
+                    control.should_training_stop = True
+            return control
+
+        def on_evaluate(self, a, state, control, metrics=None, model=None, **kw):
+            if self.pending is None:
+                return
+            point = {"minutes": self.pending / 60, "train_s": self.train_s, "step": state.global_step,
+                     "val_loss": float(metrics["eval_loss"])}
+            if any(abs(self.pending - b) < 1e-6 for b in budgets):
+                was = model.training
+                model.eval()
+                with torch.no_grad():
+                    point["ppl"] = ppl(model, self.tok)
+                model.train(was)
+            self.points.append(point)
+            self.pending = None
+            print(f"  {point['minutes']:5.1f} min  step {point['step']:4d}  val {point['val_loss']:.4f}"
+                  + (f"  ppl {point['ppl']:.1f}" if "ppl" in point else ""), flush=True)
+
+    for cell in args.cells.split(","):
+        method, c = cell.split(":")
+        src = comp if c == "lstsq" else pruned
+        _, tok = load(src, dtype="float32")
+        cb = Budget(tok)
+        print(f"{method} + {c}", flush=True)
+        opts = dict(method=method, data="alpaca", data_dir=args.data_dir, max_steps=10**6, lr=lrs[method],
+                    lr_scheduler="constant_with_warmup", warmup_steps=args.warmup_steps,
+                    batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
+                    cutoff_len=args.cutoff_len, val_size=args.val_size, eval_steps=10**6, eval_before=True,
+                    save_total_limit=1, progress=False, overwrite=True, logging_steps=10)
+        if method in ("partial", "distill"):
+            opts["layers"] = args.layers
+            if args.tie_mode:
+                opts["tie_mode"] = args.tie_mode
+        if method == "distill":
+            opts["teacher"] = str(_default() if args.model == "default" else args.model)
+        r = heal(src, work / f"healed-{method}-{c}", callbacks=[cb], **opts)
+        results["cells"][cell] = {"points": cb.points, "val_loss_before": r["val_loss_before"],
+                                  "tokens_per_s": r["tokens_per_s"], "steps": r["steps"],
+                                  "compensation_s": comp_s if c == "lstsq" else 0.0,
+                                  "shared_prefix": r.get("distill_shared_prefix"),
+                                  "prefix_cache": r["prefix_cache"].get("used")}
+    _summary(results, budgets)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _default() -> Path:
+    from layerprune.models import default_model_path
+
+    return default_model_path()
+
+
+def _summary(results: dict, budgets: list[float]) -> None:
+    cells = results["cells"]
+    print("\n| cell | " + " | ".join(f"{b / 60:g} min PPL / val" for b in budgets) + " | tokens/s |")
+    print("|---|" + "---:|" * (len(budgets) + 1))
+    for cell, r in cells.items():
+        row = []
+        for b in budgets:
+            pt = next((p for p in r["points"] if abs(p["minutes"] * 60 - b) < 1e-6), None)
+            row.append(f"{pt['ppl']:.1f} / {pt['val_loss']:.3f}" if pt and "ppl" in pt else "–")
+        print(f"| {cell} | " + " | ".join(row) + f" | {r['tokens_per_s']:.0f} |")
+    ref = cells.get("partial:none")
+    if ref and ref["points"]:
+        target = ref["points"][-1]["val_loss"]
+        t_ref = ref["points"][-1]["train_s"]
+        print(f"\ntarget: partial without compensation's final validation loss {target:.4f} "
+              f"(after {t_ref / 60:.1f} min)")
+        for cell, r in cells.items():
+            if r["val_loss_before"] is not None and r["val_loss_before"] <= target:
+                t = r["compensation_s"]
+            else:
+                t = next((p["train_s"] + r["compensation_s"] for p in r["points"] if p["val_loss"] <= target), None)
+            print(f"  {cell:16s} reaches it after " + (f"{t / 60:.2f} min = {t / t_ref:.3f}x partial's time"
+                                                     if t is not None else "– (not within the budget)"))
+    for c in ("none", "lstsq"):
+        d, p = cells.get(f"distill:{c}"), cells.get(f"partial:{c}")
+        if d and p and p["tokens_per_s"]:
+            print(f"distill / partial tokens/s ({c}): {d['tokens_per_s'] / p['tokens_per_s']:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
