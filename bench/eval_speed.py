@@ -32,8 +32,8 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from layerprune.evaluate.harness import evaluate, markdown_table  # noqa: E402
-from layerprune.measure import analytic_macs, bench_speed, decode_macs  # noqa: E402
+from layerprune.evaluation.harness import evaluate, markdown_table  # noqa: E402
+from layerprune.measurement import analytic_macs, bench_speed, decode_macs  # noqa: E402
 from layerprune.models import load  # noqa: E402
 from layerprune.prune import prune_layers, tail_layers  # noqa: E402
 

@@ -64,8 +64,8 @@ def main() -> int:
     from transformers import TrainerCallback
 
     from layerprune.compensation import CompensationConfig, compensate_checkpoint
-    from layerprune.evaluate import perplexity
-    from layerprune.heal import heal
+    from layerprune.evaluation import perplexity
+    from layerprune.healing import heal
     from layerprune.models import load
     from layerprune.prune import prune_checkpoint
 

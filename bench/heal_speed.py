@@ -106,8 +106,8 @@ def worker() -> None:
     """One method: a short heal run; per-step time and tokens from a callback; memory above the baseline."""
     from transformers import TrainerCallback
 
-    from layerprune.heal import heal
-    from layerprune.heal.train import current_rss
+    from layerprune.healing import heal
+    from layerprune.healing.train import current_rss
 
     class Steps(TrainerCallback):
         def __init__(self) -> None:

@@ -37,7 +37,7 @@ from layerprune.data.calibration import CalibSpec, build_calibration  # noqa: E4
 from layerprune.metrics._forward import capture, finish_fn, nll_from_hidden  # noqa: E402
 from layerprune.metrics.perplexity import iter_remove_one_naive, iter_remove_one_prefix  # noqa: E402
 from layerprune.models import load  # noqa: E402
-from layerprune.score import score  # noqa: E402
+from layerprune.scoring import score  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

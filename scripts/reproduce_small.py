@@ -87,7 +87,7 @@ def zero_shot(model_dir: str, out: Path) -> dict:
     f = out / "zero_shot.json"
     if f.is_file():
         return json.loads(f.read_text())
-    from layerprune.evaluate import evaluate
+    from layerprune.evaluation import evaluate
     from layerprune.models import load
 
     e = BUDGET["evaluate"]
@@ -112,7 +112,7 @@ def _data_dir() -> str | None:
 def dense_eval(model: str, out: Path) -> dict:
     f = out / "ppl.json"
     if not f.is_file():
-        from layerprune.evaluate import perplexity
+        from layerprune.evaluation import perplexity
         from layerprune.models import load
 
         m, tok = load(model, dtype="float32")

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from layerprune.errors import LayerpruneError
-from layerprune.evaluate.agreement import choice_changes, compare
-from layerprune.evaluate.perplexity import perplexity
+from layerprune.evaluation.agreement import choice_changes, compare
+from layerprune.evaluation.perplexity import perplexity
 from layerprune.prune import prune_layers
 
 from conftest import make_tiny, tiny_tokenizer

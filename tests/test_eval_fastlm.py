@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from layerprune.evaluate.harness import evaluate, make_lm
-from layerprune.evaluate.tasks import TaskSource
+from layerprune.evaluation.harness import evaluate, make_lm
+from layerprune.evaluation.tasks import TaskSource
 
 from conftest import ARCHS, make_tiny, tiny_tokenizer
 

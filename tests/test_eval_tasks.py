@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from layerprune.errors import LayerpruneError
-from layerprune.evaluate.tasks import SPECS, SUITE, TaskSource, lm_eval_tasks_dir, local_files, subjects
+from layerprune.evaluation.tasks import SPECS, SUITE, TaskSource, lm_eval_tasks_dir, local_files, subjects
 
 # (reported task, leaf task whose requests are compared, built-in YAML relative to lm_eval/tasks, local file)
 CASES = [

@@ -17,9 +17,9 @@ from transformers.pytorch_utils import Conv1D
 from layerprune.arch import parts
 from layerprune.cli import main
 from layerprune.errors import LayerpruneError
-from layerprune.heal import HealConfig, get_method, heal
-from layerprune.heal.distill import kd_loss_sum
-from layerprune.heal.methods import lora_target_regex, probe_bitsandbytes, select_layers
+from layerprune.healing import HealConfig, get_method, heal
+from layerprune.healing.distill import kd_loss_sum
+from layerprune.healing.methods import lora_target_regex, probe_bitsandbytes, select_layers
 from layerprune.models import load_model
 
 from conftest import FAST, ROWS, make_tiny, save_tiny, tiny_tokenizer
@@ -165,7 +165,7 @@ def test_response_only_loss_equals_transformers_loss(tmp_path):
     from transformers import TrainingArguments
 
     from layerprune.data.instruct import PadCollator, build_instruct_data
-    from layerprune.heal.train import HealTrainer
+    from layerprune.healing.train import HealTrainer
 
     model = make_tiny("llama").eval()
     data = build_instruct_data(tiny_tokenizer(), rows=ROWS, val_size=4)

@@ -17,8 +17,8 @@ from layerprune.data.instruct import (
     model_inputs,
 )
 from layerprune.errors import LayerpruneError
-from layerprune.heal import heal
-from layerprune.heal.train import HealTrainer, packing_problem
+from layerprune.healing import heal
+from layerprune.healing.train import HealTrainer, packing_problem
 
 from conftest import FAST, ROWS, make_tiny, save_tiny, tiny_tokenizer
 
@@ -137,7 +137,7 @@ def test_prefix_cache_skips_the_frozen_layers_after_epoch_one_with_the_same_resu
 
 def test_prefix_cache_replay_does_no_prefix_compute():
     """In replay the frozen layers' own computation does not run; the logits are unchanged; the budget holds."""
-    from layerprune.heal.prefix_cache import PrefixCache
+    from layerprune.healing.prefix_cache import PrefixCache
 
     model = make_tiny("llama")
     inner = []

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from layerprune.arch import parts
-from layerprune.heal import heal
+from layerprune.healing import heal
 from layerprune.models import load_model
 from layerprune.prune import prune_checkpoint
 

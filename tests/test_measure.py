@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from layerprune.measure import (
+from layerprune.measurement import (
     _inputs,
     analytic_macs,
     bench_speed,

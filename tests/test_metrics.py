@@ -21,7 +21,7 @@ from layerprune.metrics import (
     remove_one_nll_prefix,
 )
 from layerprune.metrics.magnitude import weight_rows
-from layerprune.score import score
+from layerprune.scoring import score
 
 from conftest import ARCHS, make_tiny
 

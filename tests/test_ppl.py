@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from layerprune.errors import LayerpruneError
-from layerprune.evaluate.perplexity import (
+from layerprune.evaluation.perplexity import (
     PRESETS,
     check_not_calibration,
     perplexity,

@@ -13,7 +13,7 @@ from layerprune.arch import parts
 from layerprune.cli import main
 from layerprune.errors import LayerpruneError
 from layerprune.models import load_model
-from layerprune.score import ScoreCache, model_fingerprint, score
+from layerprune.scoring import ScoreCache, model_fingerprint, score
 from test_metrics import calib, zero_residual
 
 from conftest import make_tiny, tiny_tokenizer

@@ -11,7 +11,7 @@ from layerprune.arch import parts
 from layerprune.errors import LayerpruneError
 from layerprune.metrics import MetricResult, remove_one_nll_naive
 from layerprune.prune import prune_layers
-from layerprune.score import score
+from layerprune.scoring import score
 from layerprune.select import iterative_prune, protected_layers, resolve_k, select_layers, select_one_shot
 from test_metrics import calib, zero_residual
 

@@ -23,10 +23,11 @@ _API = {
     "parts": "arch", "adapter_for": "arch", "supported_types": "arch",
     "prune_layers": "prune", "prune_checkpoint": "prune", "prune_checkpoint_streaming": "prune",
     "PruneRecord": "prune",
-    "score": "score", "select_layers": "select",
-    "heal": "heal",
-    "evaluate": "evaluate", "perplexity": "evaluate",
-    "measure": "measure",
+    "score": "scoring", "select_layers": "select",
+    "compensate": "compensation", "compensate_checkpoint": "compensation",
+    "heal": "healing",
+    "evaluate": "evaluation", "perplexity": "evaluation",
+    "measure": "measurement",
     "run_recipe": "recipe",
 }
 
@@ -35,5 +36,7 @@ __all__ = sorted(_API)
 
 def __getattr__(name: str) -> Any:
     if name in _API:
-        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+        globals()[name] = value  # later accesses skip __getattr__; no submodule shares a public name
+        return value
     raise AttributeError(f"module 'layerprune' has no attribute {name!r}")

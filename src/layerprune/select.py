@@ -144,7 +144,7 @@ def iterative_prune(model: nn.Module, metric: str | Metric, k: int, *, step: int
     """
     from .arch import parts
     from .prune import PruneRecord, prune_layers
-    from .score import score
+    from .scoring import score
 
     if step < 1:
         raise LayerpruneError("--step must be >= 1")

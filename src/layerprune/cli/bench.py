@@ -30,8 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate.report import load_for_eval, write_report
-    from ..measure import markdown, measure, speedup
+    from ..evaluation.report import load_for_eval, write_report
+    from ..measurement import markdown, measure, speedup
 
     try:
         batches = tuple(int(b) for b in str(args.batch).split(",") if b.strip())

@@ -35,10 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data.presets import resolve_data_dir
-    from ..evaluate.agreement import compare
-    from ..evaluate.perplexity import PRESETS, check_not_calibration
-    from ..evaluate.report import load_for_eval, model_info, write_report
-    from ..evaluate.tasks import parse_tasks
+    from ..evaluation.agreement import compare
+    from ..evaluation.perplexity import PRESETS, check_not_calibration
+    from ..evaluation.report import load_for_eval, model_info, write_report
+    from ..evaluation.tasks import parse_tasks
 
     data_dir = resolve_data_dir(args.data_dir)
     split = args.split or PRESETS["seed"].split_for(args.data)

@@ -60,8 +60,8 @@ def _parse_model_args(text: str | None) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     from ..data.presets import resolve_data_dir
-    from ..evaluate.harness import evaluate, markdown_table
-    from ..evaluate.report import default_device, load_for_eval, model_info, write_report
+    from ..evaluation.harness import evaluate, markdown_table
+    from ..evaluation.report import default_device, load_for_eval, model_info, write_report
     from ..models import resolve_model
 
     data_dir = resolve_data_dir(args.data_dir)

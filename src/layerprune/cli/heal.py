@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..errors import LayerpruneError
-from ..heal.config import TIE_DEFAULT, TIE_MODES
+from ..healing.config import TIE_DEFAULT, TIE_MODES
 from .common import add_data_dir_arg, add_dtype_arg, add_model_arg, add_out_args, add_verbose
 
 _METHODS = ("partial", "lora", "dora", "qlora", "full", "distill")
@@ -122,7 +122,7 @@ _OPTION_KEYS = ("method", "layers", "tie_mode", "untie", "lora_r", "lora_alpha",
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..heal import heal
+    from ..healing import heal
 
     opts = {k: getattr(args, k) for k in _OPTION_KEYS}
     if args.lora_targets:

@@ -42,8 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data.presets import resolve_data_dir
-    from ..evaluate.perplexity import check_not_calibration, perplexity, resolve_protocol
-    from ..evaluate.report import load_for_eval, model_info, write_report
+    from ..evaluation.perplexity import check_not_calibration, perplexity, resolve_protocol
+    from ..evaluation.report import load_for_eval, model_info, write_report
 
     data_dir = resolve_data_dir(args.data_dir)
     proto = resolve_protocol(args.preset, seq_len=args.seqlen, stride=args.stride, bos=args.bos)

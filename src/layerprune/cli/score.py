@@ -125,7 +125,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..metrics import parse_metric_list
-    from ..score import score_and_write
+    from ..scoring import score_and_write
 
     metrics = parse_metric_list(args.metric)
     res, k = score_and_write(args.model, metrics, args.out, calib=calib_spec_from_args(args), k=args.num,

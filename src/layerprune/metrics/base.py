@@ -1,7 +1,7 @@
 """The metric registry, the :class:`Metric` base class and :class:`MetricResult`.
 
 Every metric is a small dataclass (its fields are its parameters) registered under a name. Metrics that
-share a pass over the model declare the same ``group``; the stage (:func:`layerprune.score.score`) calls the
+share a pass over the model declare the same ``group``; the stage (:func:`layerprune.scoring.score`) calls the
 group's ``run`` classmethod once with all requested metrics of that group, so e.g. ``bi``, ``angular`` and
 ``cka`` come out of one forward. Scores are always indexed by the ORIGINAL layer index (layers already
 removed are ``None``) and carry an explicit direction.

@@ -77,7 +77,7 @@ def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, met
     from ..io import check_out_dir
     from ..metrics import make_metric
     from ..models import load
-    from ..score import model_fingerprint, score
+    from ..scoring import model_fingerprint, score
     from ..select import iterative_prune, resolve_k, select_one_shot
 
     path = resolve_model(model)

@@ -94,7 +94,7 @@ class RecipeRun:
 
         def fn(tmp: Path) -> dict[str, Any]:
             from ..data.calibration import CalibSpec
-            from ..score import score
+            from ..scoring import score
             from ..select import select_one_shot
 
             spec = CalibSpec(source=p["calib"], nsamples=p["nsamples"], seqlen=p["seqlen"], seed=self.r["seed"],
@@ -156,7 +156,7 @@ class RecipeRun:
         h = self.r["heal"]
 
         def fn(tmp: Path) -> dict[str, Any]:
-            from ..heal import heal
+            from ..healing import heal
 
             opts = {k: v for k, v in h.items() if v is not None}
             if opts["method"] == "distill" and not opts.get("teacher"):
@@ -174,7 +174,7 @@ class RecipeRun:
         inputs = {"model": fp, "evaluate": e, "data_dir": self.data_dir}
 
         def fn(tmp: Path) -> dict[str, Any]:
-            from ..evaluate import check_not_calibration, evaluate, perplexity, resolve_protocol
+            from ..evaluation import check_not_calibration, evaluate, perplexity, resolve_protocol
             from ..models import load
 
             for ds in e["ppl"]:  # refuse before loading or computing anything
@@ -197,7 +197,7 @@ class RecipeRun:
         inputs = {"models": fps, "measure": m}
 
         def fn(tmp: Path) -> dict[str, Any]:
-            from ..measure import measure, speedup
+            from ..measurement import measure, speedup
             from ..models import load_model
 
             out: dict[str, Any] = {}

@@ -2,7 +2,7 @@
 
 Public API::
 
-    from layerprune.heal import heal
+    from layerprune.healing import heal
     result = heal("pruned/", "healed/", method="partial", layers="last3", data="alpaca", max_steps=200)
 
 ``result`` is the content of ``healed/heal.json``. Methods live in :mod:`.methods` (a registry), the training

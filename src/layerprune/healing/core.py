@@ -65,7 +65,7 @@ def heal(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, callbacks:
          **options: Any) -> dict[str, Any]:
     """Heal ``model_dir`` (usually a pruned checkpoint) and write a standard HF checkpoint to ``out_dir``.
 
-    ``options`` are :class:`~layerprune.heal.config.HealConfig` fields (method, layers, data, epochs,
+    ``options`` are :class:`~layerprune.healing.config.HealConfig` fields (method, layers, data, epochs,
     max_steps, lr, ...). ``callbacks`` are extra ``transformers.TrainerCallback`` objects. Returns the
     heal.json content (also written beside the model; the pruned model's layerprune.json is carried over with a
     ``heal`` section added).
