@@ -30,11 +30,11 @@ def test_no_public_name_is_a_submodule():
 
 
 def test_repeated_calls_work():
-    from conftest import make_tiny
+    import torch
 
     from layerprune.data.calibration import Calibration
 
-    import torch
+    from conftest import make_tiny
 
     ids = torch.randint(3, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     cal = Calibration(ids, torch.ones_like(ids))

@@ -8,7 +8,6 @@ import json
 
 import pytest
 import torch
-from conftest import ARCHS, make_tiny, save_tiny, tiny_tokenizer
 
 from layerprune.arch import parts
 from layerprune.cli import main
@@ -20,6 +19,8 @@ from layerprune.data.calibration import Calibration
 from layerprune.errors import LayerpruneError
 from layerprune.metrics._forward import skipped
 from layerprune.prune.surgery import prune_layers
+
+from conftest import ARCHS, make_tiny, save_tiny, tiny_tokenizer
 
 
 def _calib(n: int = 6, t: int = 24, seed: int = 0) -> Calibration:

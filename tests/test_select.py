@@ -10,9 +10,10 @@ import torch
 from layerprune.arch import parts
 from layerprune.errors import LayerpruneError
 from layerprune.metrics import MetricResult, remove_one_nll_naive
+from layerprune.pipeline import iterative_prune
 from layerprune.prune import prune_layers
 from layerprune.scoring import score
-from layerprune.select import iterative_prune, protected_layers, resolve_k, select_layers, select_one_shot
+from layerprune.select import protected_layers, resolve_k, select_layers, select_one_shot
 from test_metrics import calib, zero_residual
 
 from conftest import make_tiny

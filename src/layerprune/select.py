@@ -9,15 +9,11 @@ protectable (all but ``random`` and ``reverse``).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
-from tqdm.auto import tqdm
-
 from .errors import LayerpruneError
-from .metrics.base import METRICS, Metric, MetricResult, make_metric
+from .metrics.base import METRICS, Metric, MetricResult
 
 
 def resolve_k(num_layers: int, k: int | None = None, ratio: float | None = None) -> int:
@@ -128,52 +124,3 @@ def select_one_shot(result: MetricResult, k: int, *, protect_first: int = 0, pro
     removed = select_layers(result, k, protect_first=protect_first, protect_last=protect_last, metric=metric)
     order = [i for i in result.removal_order() if i in set(removed)]
     return Selection(result.name, k, removed, order, protect_first=protect_first, protect_last=protect_last)
-
-
-StepCallback = Callable[[nn.Module, IterationStep, list[int]], None]
-
-
-def iterative_prune(model: nn.Module, metric: str | Metric, k: int, *, step: int = 1, calib: Any = None,
-                    protect_first: int = 0, protect_last: int = 0, batch_size: int | None = None,
-                    progress: bool = True, on_step: StepCallback | None = None,
-                    metric_options: dict[str, Any] | None = None) -> tuple[Any, Selection]:
-    """SLEB-style iterative pruning IN PLACE: score, remove ``step`` layers, re-score the pruned model, ...
-
-    ``on_step(model, step, kept)`` runs after each removal (``kept``: original indices still present); the
-    recipe stage plugs healing in there. Returns (PruneRecord against the original indices, Selection).
-    """
-    from .arch import parts
-    from .prune import PruneRecord, prune_layers
-    from .scoring import score
-
-    if step < 1:
-        raise LayerpruneError("--step must be >= 1")
-    m = make_metric(metric, **(metric_options or {}))
-    n0 = parts(model).num_layers
-    k = resolve_k(n0, k)
-    kept = list(range(n0))
-    steps: list[IterationStep] = []
-    order: list[int] = []
-    it = 0
-    bar = tqdm(total=k, desc=f"iterative {m.label}", disable=not progress, leave=False)
-    while len(order) < k:
-        it += 1
-        res = score(model, [m], calib, layer_map=kept, num_layers=n0, batch_size=batch_size,
-                    progress=progress, cache=False).results[m.label]
-        s = min(step, k - len(order))
-        chosen = select_layers(res, s, protect_first=protect_first, protect_last=protect_last, metric=m)
-        positions = [kept.index(i) for i in chosen]
-        prune_layers(model, positions)
-        order.extend(i for i in res.removal_order() if i in set(chosen))
-        kept = [i for i in kept if i not in set(chosen)]
-        st = IterationStep(it, chosen, res)
-        steps.append(st)
-        bar.update(len(chosen))
-        if on_step is not None:
-            on_step(model, st, list(kept))
-    bar.close()
-    removed = sorted(order)
-    record = PruneRecord(n0, removed, kept)
-    sel = Selection(m.label, k, removed, order, iterative=True, step=step, protect_first=protect_first,
-                    protect_last=protect_last, steps=steps)
-    return record, sel

@@ -8,16 +8,8 @@ from typing import Any
 from torch import nn
 
 from ..errors import LayerpruneError
-from .registry import (
-    ADAPTERS,
-    TESTED_TYPES,
-    Adapter,
-    adapter_for,
-    adapter_for_config,
-    adapter_for_type,
-    get_module,
-    supported_types,
-)
+from .generic import adapter_for, adapter_for_config
+from .registry import ADAPTERS, TESTED_TYPES, Adapter, adapter_for_type, get_module, supported_types
 
 # Keys that may hold the layer count, by architecture family (GPT-2 spells it n_layer).
 COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")

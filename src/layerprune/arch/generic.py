@@ -1,11 +1,15 @@
-"""Structural fallback: find the decoder layer list of an unregistered model by its shape."""
+"""Adapter lookup with a structural fallback: the registered adapter, else the decoder layer list of an
+unregistered model found by its shape."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import nn
 
 from ..errors import LayerpruneError
-from .registry import Adapter, supported_types
+from .registry import ADAPTERS, Adapter, get_module, supported_types
 
 
 def _path_of(model: nn.Module, target: nn.Module) -> str | None:
@@ -54,3 +58,32 @@ def discover(model: nn.Module) -> Adapter:
         head=_path_of(model, head) or "lm_head",
         notes="discovered by structure (no registered adapter)",
     )
+
+
+def adapter_for_config(cfg: dict[str, Any]) -> Adapter:
+    """Adapter from a ``config.json`` dict without loading weights: the registered one, else structural
+    discovery on a weightless (meta-device) instance of the model."""
+    mt = cfg.get("model_type", "?")
+    if mt in ADAPTERS:
+        return ADAPTERS[mt]
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.for_model(**cfg)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # any failure here means transformers cannot build it as a causal LM
+        raise LayerpruneError(
+            f"unsupported architecture '{mt}'; supported model types: {', '.join(supported_types())}"
+        ) from None
+    return adapter_for(model)
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """Adapter for a loaded model: the registered one, else one discovered from the module structure."""
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    if mt in ADAPTERS:
+        ad = ADAPTERS[mt]
+        if isinstance(get_module(model, ad.layers), nn.ModuleList):
+            return ad
+    return discover(model)

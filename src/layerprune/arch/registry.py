@@ -177,34 +177,3 @@ def adapter_for_type(model_type: str) -> Adapter:
         raise LayerpruneError(
             f"unsupported architecture '{model_type}'; supported model types: {', '.join(supported_types())}"
         ) from None
-
-
-def adapter_for_config(cfg: dict[str, Any]) -> Adapter:
-    """Adapter from a ``config.json`` dict without loading weights: the registered one, else structural
-    discovery on a weightless (meta-device) instance of the model."""
-    mt = cfg.get("model_type", "?")
-    if mt in ADAPTERS:
-        return ADAPTERS[mt]
-    try:
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.for_model(**cfg)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-    except Exception:  # any failure here means transformers cannot build it as a causal LM
-        raise LayerpruneError(
-            f"unsupported architecture '{mt}'; supported model types: {', '.join(supported_types())}"
-        ) from None
-    return adapter_for(model)
-
-
-def adapter_for(model: nn.Module) -> Adapter:
-    """Adapter for a loaded model: the registered one, else one discovered from the module structure."""
-    from .generic import discover
-
-    mt = getattr(getattr(model, "config", None), "model_type", None)
-    if mt in ADAPTERS:
-        ad = ADAPTERS[mt]
-        if isinstance(get_module(model, ad.layers), nn.ModuleList):
-            return ad
-    return discover(model)

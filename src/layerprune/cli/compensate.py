@@ -11,8 +11,15 @@ import argparse
 
 from ..compensation import CompensationConfig, compensate_checkpoint
 from ..prune import parse_layer_list
-from .common import add_config_args, add_data_dir_arg, add_dtype_arg, add_model_arg, add_out_args, add_verbose, \
-    config_from_args
+from .common import (
+    add_config_args,
+    add_data_dir_arg,
+    add_dtype_arg,
+    add_model_arg,
+    add_out_args,
+    add_verbose,
+    config_from_args,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import LayerpruneError
-from ..prune import parse_layer_list, prune_by_metric, prune_checkpoint
 from ..compensation import METHODS as COMP_METHODS
 from ..compensation import CompensationConfig
+from ..errors import LayerpruneError
+from ..pipeline import prune_by_metric
+from ..prune import parse_layer_list, prune_checkpoint
 from .common import add_config_args, add_dtype_arg, add_model_arg, add_out_args, add_verbose, config_from_args
 from .score import (
     add_calib_args,

@@ -34,7 +34,15 @@ from ..metrics._forward import (
     model_inputs,
     skipped,
 )
-from .fold import apply_map, fold_into_model, fold_tensors, fold_targets, map_hooks, map_tensor, residual_scale
+from .fold import (
+    apply_map,
+    fold_into_model,
+    fold_targets,
+    fold_tensors,
+    map_hooks,
+    map_tensor,
+    residual_scale,
+)
 from .methods import CompMethod, Fit, Stats
 from .plan import EMBED, MODULE, RESIDUAL, Block, Site, module_kind, plan_blocks, resolve_site
 
@@ -229,7 +237,7 @@ def fit_layerwise(lw: Any, removed: list[int], calib: Any, method: CompMethod, *
             blk, site = by_end[pos]
             h = pruned if pruned is not None else dense  # always parted by now: the block was removed
             stats = Stats(dim, method.keep_activations())
-            for b, (ids, mask) in enumerate(prep.batches):
+            for b, (_ids, mask) in enumerate(prep.batches):
                 sel = _valid(mask)
                 m = parked[b] if site.kind == MODULE else h[b] if site.kind == EMBED else None
                 stats.update(_flat(m, sel) if m is not None else None, _flat(h[b], sel), _flat(dense[b], sel))

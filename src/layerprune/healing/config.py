@@ -8,7 +8,6 @@ from typing import Any
 
 from ..errors import LayerpruneError
 
-
 TIE_MODES = ("head", "both", "frozen", "untie")
 TIE_DEFAULT = "head"  # chosen from measurements on SmolLM2 (docs/healing.md, "Tied embeddings")
 

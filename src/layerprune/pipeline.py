@@ -1,0 +1,160 @@
+"""Orchestration above the stages: prune by a metric (score -> select -> prune [-> compensate]) and
+SLEB-style iterative pruning. Stage modules never import this one; the CLI and the recipe runner do."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import layer_count, parts
+from .compensation import compensate_checkpoint
+from .data.calibration import CalibSpec, build_calibration
+from .errors import LayerpruneError
+from .io import check_out_dir
+from .metrics import make_metric
+from .metrics.base import Metric
+from .models import build_manifest, count_parameters, load, resolve_model, save_pruned
+from .prune import PruneRecord, prune_checkpoint, prune_layers
+from .scoring import model_fingerprint, score
+from .select import IterationStep, Selection, resolve_k, select_layers, select_one_shot
+
+StepCallback = Callable[[nn.Module, IterationStep, list[int]], None]
+
+
+def iterative_prune(model: nn.Module, metric: str | Metric, k: int, *, step: int = 1, calib: Any = None,
+                    protect_first: int = 0, protect_last: int = 0, batch_size: int | None = None,
+                    progress: bool = True, on_step: StepCallback | None = None,
+                    metric_options: dict[str, Any] | None = None) -> tuple[Any, Selection]:
+    """SLEB-style iterative pruning IN PLACE: score, remove ``step`` layers, re-score the pruned model, ...
+
+    ``on_step(model, step, kept)`` runs after each removal (``kept``: original indices still present); the
+    recipe stage plugs healing in there. Returns (PruneRecord against the original indices, Selection).
+    """
+    if step < 1:
+        raise LayerpruneError("--step must be >= 1")
+    m = make_metric(metric, **(metric_options or {}))
+    n0 = parts(model).num_layers
+    k = resolve_k(n0, k)
+    kept = list(range(n0))
+    steps: list[IterationStep] = []
+    order: list[int] = []
+    it = 0
+    bar = tqdm(total=k, desc=f"iterative {m.label}", disable=not progress, leave=False)
+    while len(order) < k:
+        it += 1
+        res = score(model, [m], calib, layer_map=kept, num_layers=n0, batch_size=batch_size,
+                    progress=progress, cache=False).results[m.label]
+        s = min(step, k - len(order))
+        chosen = select_layers(res, s, protect_first=protect_first, protect_last=protect_last, metric=m)
+        positions = [kept.index(i) for i in chosen]
+        prune_layers(model, positions)
+        order.extend(i for i in res.removal_order() if i in set(chosen))
+        kept = [i for i in kept if i not in set(chosen)]
+        st = IterationStep(it, chosen, res)
+        steps.append(st)
+        bar.update(len(chosen))
+        if on_step is not None:
+            on_step(model, st, list(kept))
+    bar.close()
+    removed = sorted(order)
+    record = PruneRecord(n0, removed, kept)
+    sel = Selection(m.label, k, removed, order, iterative=True, step=step, protect_first=protect_first,
+                    protect_last=protect_last, steps=steps)
+    return record, sel
+
+
+def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, metric: str,
+                    k: int | None = None, ratio: float | None = None, metric_options: dict | None = None,
+                    iterative: bool = False, step: int = 1, protect_first: int = 0, protect_last: int = 0,
+                    calib: Any = None, score_mode: str = "memory", streaming: bool = False,
+                    dtype: str | None = "auto", batch_size: int | None = None, overwrite: bool = False,
+                    cache: bool = True, device: str | None = None, offload_folder: str | None = None,
+                    max_memory: dict | None = None, progress: bool = True,
+                    compensation: Any = None) -> tuple[PruneRecord, Any]:
+    """Score with ``metric``, select ``k`` layers (or ``ratio`` of them), prune and save with the manifest.
+
+    One-shot by default; ``iterative`` re-scores the pruned model after every ``step`` removals (SLEB-style,
+    in memory). The manifest's ``method`` is the metric, ``method_params`` its parameters, the selection
+    settings and the calibration, and ``scores`` the selection with the scores it was made from (per step
+    when iterative). ``compensation`` (a CompensationConfig) folds a training-free map for each removed block
+    into the weights (one-shot only). Returns (PruneRecord, Selection).
+    """
+
+    path = resolve_model(model)
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise LayerpruneError(f"pruning by a metric needs a local model folder with config.json: {path}")
+    n = layer_count(json.loads(cfg_file.read_text()))
+    k = resolve_k(n, k, ratio)
+    m = make_metric(metric, **(metric_options or {}))
+    spec = calib if isinstance(calib, CalibSpec) else CalibSpec()
+    check_out_dir(out_dir, overwrite)
+    params: dict[str, Any] = {"metric": m.label, "metric_params": m.params(), "k": k, "ratio": ratio,
+                              "iterative": iterative, "step": step if iterative else None,
+                              "protect_first": protect_first, "protect_last": protect_last,
+                              "score_mode": "memory" if iterative else score_mode}
+    if iterative and compensation is not None:
+        raise LayerpruneError("compensation after iterative pruning is not supported: prune one-shot, or "
+                              "compensate the final removal with 'layerprune compensate'")
+    if iterative:
+        if streaming or score_mode != "memory":
+            raise LayerpruneError("--iterative re-scores the pruned model in memory: it cannot be combined "
+                                  "with --streaming or a non-memory --score-mode")
+        mdl, tok = load(path, dtype=dtype, device=device)
+        cal = build_calibration(tok, spec) if m.needs_calibration else None
+        before = count_parameters(mdl)
+        record, sel = iterative_prune(mdl, m, k, step=step, calib=cal, protect_first=protect_first,
+                                      protect_last=protect_last, batch_size=batch_size, progress=progress)
+        params["calibration"] = cal.describe() if cal is not None else None
+        manifest = build_manifest(str(model), record, method=m.label, params=params, scores=sel.to_dict(),
+                                  params_before=before, params_after=count_parameters(mdl), mode="in-memory")
+        save_pruned(mdl, None, out_dir, manifest, overwrite=overwrite, copy_from=path)
+        return record, sel
+
+    fp = model_fingerprint(path)
+    if compensation is not None:
+        res = score(path, [m], spec if m.needs_calibration else None, mode=score_mode, batch_size=batch_size,
+                    cache=cache, dtype=dtype, device=device, offload_folder=offload_folder, max_memory=max_memory,
+                    progress=progress)
+        r = res.results[m.label]
+        sel = select_one_shot(r, k, protect_first=protect_first, protect_last=protect_last, metric=m)
+        params["calibration"] = res.calibration
+        man = compensate_checkpoint(path, out_dir, remove=sel.removed, config=compensation, seed=spec.seed,
+                                    calib_data_dir=spec.data_dir, dtype=dtype, device=device, overwrite=overwrite,
+                                    method_name=m.label, method_params=params,
+                                    scores={**sel.to_dict(), "metric_scores": r.to_dict()}, progress=progress)
+        return PruneRecord(man["original_num_layers"], man["removed_layers"], man["kept_layers"]), sel
+    if score_mode == "memory" and not streaming:
+        # Load once: score the model, then prune that same object.
+        mdl, tok = load(path, dtype=dtype, device=device)
+        cal = build_calibration(tok, spec) if m.needs_calibration else None
+        res = score(mdl, [m], cal, batch_size=batch_size, cache=cache, fingerprint=fp, progress=progress)
+        r = res.results[m.label]
+        sel = select_one_shot(r, k, protect_first=protect_first, protect_last=protect_last, metric=m)
+        params["calibration"] = res.calibration
+        before = count_parameters(mdl)
+        record = prune_layers(mdl, sel.removed)
+        manifest = build_manifest(str(model), record, method=m.label, params=params,
+                                  scores={**sel.to_dict(), "metric_scores": r.to_dict()}, params_before=before,
+                                  params_after=count_parameters(mdl), mode="in-memory")
+        save_pruned(mdl, None, out_dir, manifest, overwrite=overwrite, copy_from=path)
+        return record, sel
+    res = score(path, [m], spec if m.needs_calibration else None, mode=score_mode, batch_size=batch_size,
+                cache=cache, dtype=dtype, device=device, offload_folder=offload_folder, max_memory=max_memory,
+                progress=progress)
+    r = res.results[m.label]
+    sel = select_one_shot(r, k, protect_first=protect_first, protect_last=protect_last, metric=m)
+    params["calibration"] = res.calibration
+    record = prune_checkpoint(path, out_dir, remove=sel.removed, streaming=streaming, dtype=dtype,
+                              overwrite=overwrite, method=m.label, method_params=params,
+                              scores={**sel.to_dict(), "metric_scores": r.to_dict()})
+    return record, sel
+
+
+__all__ = ["StepCallback", "iterative_prune", "prune_by_metric"]

@@ -1,0 +1,88 @@
+"""The layout's promises: stages import only downward (no import cycle, function-level imports included) and
+architecture facts live in arch/."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1] / "src" / "layerprune"
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> layerprune modules it imports anywhere (module level or inside functions)."""
+    mods = {_module(p): p for p in ROOT.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in mods.items():
+        is_pkg = path.name == "__init__.py"
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = name.split(".") if is_pkg else name.split(".")[:-1]
+                    base = base[:len(base) - (node.level - 1)]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                for cand in [target] + [f"{target}.{a.name}" for a in node.names]:
+                    if cand in mods and cand != name:
+                        deps.add(cand)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name in mods and a.name != name}
+        graph[name] = deps
+    return graph
+
+
+def _stage(module: str) -> str:
+    return ".".join(module.split(".")[:2])
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    color: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        color[n] = 1
+        stack.append(n)
+        for d in sorted(graph.get(n, ())):
+            if color.get(d) == 1:
+                return stack[stack.index(d):] + [d]
+            if d not in color:
+                found = visit(d)
+                if found:
+                    return found
+        stack.pop()
+        color[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in color:
+            found = visit(n)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_cycle_between_stages():
+    graph = import_graph()
+    stages: dict[str, set[str]] = {}
+    for m, deps in graph.items():
+        stages.setdefault(_stage(m), set()).update(_stage(d) for d in deps if _stage(d) != _stage(m))
+    assert _cycle(stages) is None, " -> ".join(_cycle(stages) or [])
+
+
+def test_no_import_cycle_between_modules():
+    # A package's __init__ re-exporting its own modules is not a cycle of stages; everything else is.
+    graph = {m: {d for d in deps if not (m.startswith(d + ".") and d == _stage(m))} for m, deps in import_graph().items()}
+    cyc = _cycle(graph)
+    assert cyc is None, " -> ".join(cyc or [])
+
+
+def test_the_checker_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
