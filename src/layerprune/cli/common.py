@@ -28,24 +28,60 @@ def add_verbose(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="show library warnings")
 
 
-def add_config_args(p: Any, cls: type, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
-    """Flags generated from a config dataclass: each field's default, type, choices and ``help`` metadata."""
-    import dataclasses
+def _number(text: str) -> int | float:
+    """An int, or a float strictly between 0 and 1 (a fraction)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+    return v if 0 < v < 1 else int(v)
 
+
+def _comma_list(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def _flag_kwargs(hint: Any) -> dict[str, Any]:
+    """argparse settings for a field's type hint (``X | None`` takes X's)."""
+    import types
+    import typing
+
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if isinstance(hint, types.UnionType) or \
+        typing.get_origin(hint) is typing.Union else [hint]
+    if args == [bool]:
+        return {"action": argparse.BooleanOptionalAction}
+    if set(args) == {int, float}:
+        return {"type": _number}
+    first = args[0]
+    if typing.get_origin(first) is list:
+        return {"type": _comma_list}
+    if first in (int, float, str):
+        return {"type": first}
+    return {"type": str}
+
+
+def add_config_args(p: Any, cls: type, prefix: str = "", skip: tuple[str, ...] = (),
+                    choices: dict[str, tuple[str, ...]] | None = None, groups: dict[str, Any] | None = None) -> None:
+    """Flags generated from a config dataclass: each field's default, type hint, choices and ``help`` metadata.
+
+    ``choices`` overrides a field's choices (e.g. from a registry); ``groups`` maps a field's ``group`` metadata
+    to the argparse group it is added to (default ``p``); fields with ``cli=False`` metadata are skipped.
+    """
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip:
+        if f.name in skip or f.metadata.get("cli") is False:
             continue
-        flag = "--" + (prefix + f.name).replace("_", "-")
-        kind = type(f.default)
-        kw: dict[str, Any] = {"dest": prefix + f.name, "default": f.default,
-                              "help": f"{f.metadata.get('help', '')} (default: %(default)s)"}
-        if f.metadata.get("choices"):
-            kw["choices"] = f.metadata["choices"]
-        if kind is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        else:
-            kw["type"] = kind
-        p.add_argument(flag, **kw)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kw: dict[str, Any] = {"dest": prefix + f.name, "default": default, **_flag_kwargs(hints[f.name])}
+        kw["help"] = f"{f.metadata.get('help', '')} (default: %(default)s)"
+        ch = (choices or {}).get(f.name) or f.metadata.get("choices")
+        if ch:
+            kw["choices"] = tuple(ch)
+        target = (groups or {}).get(f.metadata.get("group"), p)
+        target.add_argument("--" + (prefix + f.name).replace("_", "-"), **kw)
 
 
 def config_from_args(cls: type, args: argparse.Namespace, prefix: str = "", **fixed: Any) -> Any:

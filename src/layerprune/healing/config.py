@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,81 +13,105 @@ TIE_MODES = ("head", "both", "frozen", "untie")
 TIE_DEFAULT = "head"  # chosen from measurements on SmolLM2 (docs/healing.md, "Tied embeddings")
 
 
+def opt(default: Any, help: str, group: str = "training", choices: tuple[str, ...] | None = None,
+        recipe: bool = True, **extra: Any) -> Any:
+    """A config field with the metadata the CLI flags and the recipe schema are generated from."""
+    meta = {"help": help, "group": group, "recipe": recipe, **extra}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class HealConfig:
-    """Settings of one healing run. ``heal(model_dir, out_dir, **kwargs)`` builds this from its keyword args."""
+    """Settings of one healing run: the single source of every option, its default and its help.
+
+    ``heal(model_dir, out_dir, **kwargs)`` builds this from keyword arguments; ``layerprune heal`` flags and the
+    recipe's ``heal:`` section are generated from these fields (``recipe=False``: command line only).
+    """
 
     # What is trained.
-    method: str = "partial"  # partial | lora | dora | qlora | full | distill
-    layers: str | list[int] = "last3"  # partial: lastK, lm_head (= norm_lmhead), all, or explicit indices
-    # partial on a tied-embedding model: "head" trains the shared matrix through the head only (the input-side
-    # lookup detached; the checkpoint stays tied and no larger), "both" through both uses (backward reaches the
-    # first layer), "frozen" keeps head and embeddings fixed, "untie" gives the head its own copy (+V*d params).
-    tie_mode: str = TIE_DEFAULT
-    untie: bool | None = None  # legacy switch: True = tie_mode "untie", False = the default tied mode
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_targets: list[str] | None = None  # leaf module names; None = every linear layer in the decoder layers
-    save_adapter: bool = False  # also keep the adapter (out/adapter) next to the merged model
+    method: str = opt("partial", "healing method (the method registry)", "method")
+    layers: str | list[int] = opt("last3", "partial: lastK, lm_head (norm + head only), all, or indices like "
+                                           "18,19,21", "method")
+    tie_mode: str = opt(TIE_DEFAULT, "partial on a tied-embedding model: head = train the shared matrix through "
+                                     "the head only (stays tied, no larger); both = through both uses; frozen = "
+                                     "head fixed; untie = the head gets its own copy (+vocab x hidden "
+                                     "parameters)", "method", TIE_MODES)
+    untie: bool | None = opt(None, "same as --tie-mode untie (--no-untie: the default tied mode)", "method")
+    lora_r: int = opt(8, "LoRA rank", "method")
+    lora_alpha: int = opt(16, "LoRA alpha", "method")
+    lora_dropout: float = opt(0.05, "LoRA dropout", "method")
+    lora_targets: list[str] | None = opt(None, "comma-separated module names (default: every linear layer in "
+                                               "the decoder layers)", "method")
+    save_adapter: bool = opt(False, "lora/dora/qlora: also keep the adapter in OUT/adapter", "method")
     # Distillation: the teacher's logits (KL at temperature T) mixed with the LM loss.
-    teacher: str | None = None  # None with method=distill: the manifest's source model (the unpruned one)
-    distill_base: str = "partial"  # trainable-parameter choice under method=distill
-    distill_temperature: float = 2.0
-    distill_weight: float = 0.5  # weight of the KL term; the LM loss gets 1 - distill_weight
-    # The teacher reuses the student's frozen prefix when it is exactly the teacher's first layers.
-    distill_shared_prefix: bool = True
+    teacher: str | None = opt(None, "distillation teacher (default for --method distill: the unpruned source "
+                                    "model named in layerprune.json)", "method")
+    distill_base: str = opt("partial", "what --method distill trains", "method")
+    distill_temperature: float = opt(2.0, "distillation temperature", "method")
+    distill_weight: float = opt(0.5, "weight of the KL term (the LM loss gets 1 - w)", "method")
+    distill_shared_prefix: bool = opt(True, "the teacher reuses the student's frozen layers when they are its own "
+                                            "first layers", "method")
 
     # Data.
-    data: str = "alpaca"  # preset (alpaca, dolly), local file/folder, or Hub id
-    data_dir: str | None = None
-    template: str | None = None  # alpaca | dolly | chat; None = the format's own
-    fields: str | dict[str, str] | None = None
-    train_on_inputs: bool = False
-    cutoff_len: int = 256
-    overflow: str = "truncate"  # truncate | drop
-    val_size: int | float | None = None  # None: 2000 (Alpaca) / 200 (Dolly), capped on small datasets
-    max_train_samples: int | None = None
-    # Padding-free micro-batches (samples concatenated, positions restarting per sample). None: on when the
-    # model is checked to honour it and a micro-batch holds at most 8192 tokens; True: required; False: padded.
-    packing: bool | None = None
-    # Frozen-prefix cache (partial, packed): after the first epoch the frozen layers are not run again; their
-    # outputs are kept on the CPU up to this many GiB. None: half the memory available when the run starts; 0: off.
-    prefix_cache_gb: float | None = None
+    data: str = opt("alpaca", "preset (alpaca, dolly), local JSON/JSONL/Parquet file or folder, or Hub id", "data")
+    data_dir: str | None = opt(None, "folder laid out like shared/data (default: $LAYERPRUNE_DATA); used "
+                                     "instead of the Hub", "data", recipe=False)
+    template: str | None = opt(None, "prompt template (default: the dataset format's own)", "data",
+                               ("alpaca", "dolly", "chat"))
+    fields: str | dict[str, str] | None = opt(None, "field mapping, e.g. instruction=question,input=ctx,"
+                                                    "output=answer", "data")
+    train_on_inputs: bool = opt(False, "also train on the prompt tokens", "data")
+    cutoff_len: int = opt(256, "tokens per sample", "data")
+    overflow: str = opt("truncate", "samples longer than the cutoff", "data", ("truncate", "drop"))
+    val_size: int | float | None = opt(None, "validation rows (or a fraction); default 2000 Alpaca / 200 Dolly, "
+                                             "capped on small sets", "data")
+    max_train_samples: int | None = opt(None, "use at most this many training rows", "data")
+    packing: bool | None = opt(None, "padding-free micro-batches (default: on when the model is checked to "
+                                     "support it and a micro-batch holds at most 8192 tokens)", "data")
+    prefix_cache_gb: float | None = opt(None, "partial: keep the frozen layers' outputs (CPU memory, GiB) so later "
+                                              "epochs skip them; 0 turns it off (default: half the memory "
+                                              "available at the start)", "data")
 
     # Optimisation (seed: AdamW, lr 1e-5, 100 warm-up steps, linear decay, 2 epochs, batch 64 / micro 4).
-    epochs: float = 2.0
-    max_steps: int | None = None  # overrides epochs
-    batch_size: int = 64  # global batch (all processes, after accumulation)
-    micro_batch_size: int = 4  # per process and forward pass
-    lr: float = 1e-5
-    warmup_steps: int = 100
-    lr_scheduler: str = "linear"
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    optim: str | None = None  # None: the Trainer's AdamW (fused on torch >= 2.8; paged_adamw_8bit for qlora on CUDA)
-    gradient_checkpointing: bool | None = None  # None: on for qlora only
-    seed: int = 42
+    epochs: float = opt(2.0, "epochs")
+    max_steps: int | None = opt(None, "optimizer steps (overrides --epochs)")
+    batch_size: int = opt(64, "global batch (all processes, after accumulation)")
+    micro_batch_size: int = opt(4, "per process and forward pass")
+    lr: float = opt(1e-5, "learning rate")
+    warmup_steps: int = opt(100, "warm-up steps")
+    lr_scheduler: str = opt("linear", "learning-rate schedule (a transformers scheduler name)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm")
+    optim: str | None = opt(None, "Trainer optimizer name (default: the Trainer's AdamW, fused on torch >= 2.8; "
+                                  "paged_adamw_8bit for qlora on CUDA)")
+    gradient_checkpointing: bool | None = opt(None, "activation checkpointing (default: on for qlora only)")
+    seed: int = opt(42, "seed", recipe=False)
 
     # Evaluation and checkpoints.
-    eval_steps: int = 100
-    save_steps: int | None = None  # None = eval_steps (best-model tracking needs checkpoints at eval steps)
-    save_total_limit: int = 2
-    logging_steps: int = 10
-    eval_batch_size: int | None = None  # None = micro_batch_size
-    eval_before: bool = True  # measure the validation loss before training (reported in heal.json)
-    checkpoint_dir: str | None = None  # None: <out>.checkpoints
-    keep_checkpoints: bool = False
-    resume: bool = False
+    eval_steps: int = opt(100, "evaluate (and checkpoint) every N steps")
+    save_steps: int | None = opt(None, "checkpoint every N steps (default: --eval-steps; best-model tracking "
+                                       "needs checkpoints at evaluations)")
+    save_total_limit: int = opt(2, "checkpoints kept")
+    logging_steps: int = opt(10, "log the training loss every N steps")
+    eval_batch_size: int | None = opt(None, "evaluation batch (default: the micro-batch size)")
+    eval_before: bool = opt(True, "measure the validation loss before training")
+    checkpoint_dir: str | None = opt(None, "checkpoint folder (default: OUT.checkpoints)", recipe=False)
+    keep_checkpoints: bool = opt(False, "keep the checkpoint folder after success", recipe=False)
+    resume: bool = opt(False, "continue from the last checkpoint of an interrupted run", recipe=False)
 
     # Runtime.
-    fsdp: str | None = None  # Trainer FSDP option under torchrun, e.g. "full_shard auto_wrap" (full/partial)
-    fsdp_config: str | dict[str, Any] | None = None  # Trainer fsdp_config: a JSON file or a dict
-    dtype: str = "auto"  # auto: checkpoint dtype on GPU, float32 on CPU
-    device: str | None = None  # None: cuda when available, else cpu
-    overwrite: bool = False
-    progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)  # recorded in heal.json as given
+    fsdp: str | None = opt(None, "FSDP under torchrun for full/partial, e.g. 'full_shard auto_wrap'")
+    fsdp_config: str | dict[str, Any] | None = opt(None, "FSDP settings: a JSON file (or a dict) for the Trainer")
+    dtype: str = opt("auto", "float32|bfloat16|float16|auto (auto: checkpoint dtype on GPU, float32 on CPU)",
+                     recipe=False)
+    device: str | None = opt(None, "cpu or cuda (default: cuda when available)")
+    overwrite: bool = opt(False, "replace an existing output folder", recipe=False, cli=False)
+    progress: bool = opt(True, "progress bar", recipe=False)
+    extra: dict[str, Any] = opt({}, "recorded in heal.json as given", recipe=False, cli=False)
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> HealConfig:

@@ -43,33 +43,7 @@ SCHEMA: dict[str, Any] = {
         "step": (int, 1),
     },
     "compensate": "CompensationConfig",  # generated below from layerprune.compensation.CompensationConfig
-    "heal": {
-        "method": (str, "partial"),  # partial | lora | dora | qlora | full | distill | none
-        "layers": (str, "last3"),  # partial: last3 | last1 | lm_head | 20,21 ...
-        "tie_mode": (str, "head"),  # partial on tied models: head | both | frozen | untie
-        "data": (str, "alpaca"),
-        "template": (OPT_STR, None),
-        "epochs": (NUM, 2),
-        "max_steps": (OPT_INT, None),
-        "lr": (NUM, 1e-5),
-        "warmup_steps": (int, 100),
-        "batch_size": (int, 64),
-        "micro_batch_size": (int, 4),
-        "cutoff_len": (int, 256),
-        "val_size": (OPT_INT, None),
-        "eval_steps": (int, 100),
-        "max_train_samples": (OPT_INT, None),
-        "packing": (OPT_BOOL, None),  # padding-free micro-batches; None: automatic
-        "prefix_cache_gb": (OPT_NUM, None),  # partial: frozen-prefix cache budget (null: half the free RAM; 0: off)
-        "teacher": (OPT_STR, None),  # method=distill: teacher model (default: the unpruned source)
-        "distill_base": (str, "partial"),  # trainable parameters under distillation
-        "distill_temperature": (NUM, 2.0),
-        "distill_weight": (NUM, 0.5),  # weight of the KL term; the LM loss gets 1 - weight
-        "distill_shared_prefix": (bool, True),
-        "lora_r": (int, 8),
-        "lora_alpha": (int, 16),
-        "lora_dropout": (NUM, 0.05),
-    },
+    "heal": "HealConfig",  # generated below from layerprune.healing.config.HealConfig (recipe fields)
     "evaluate": {
         "models": (LIST_STR, ["dense", "pruned", "compensated", "healed"]),
         "tasks": (LIST_STR, ["mmlu", "cmmlu", "piqa", "openbookqa", "winogrande", "hellaswag", "arc_easy",
@@ -91,15 +65,32 @@ SCHEMA: dict[str, Any] = {
 }
 
 
-def _section_from_config(cls: type, defaults: dict[str, Any]) -> dict[str, Any]:
-    """A schema section from a config dataclass: one entry per field, its type and default (one source)."""
-    import dataclasses
+def _schema_types(hint: Any) -> Any:
+    """Accepted recipe types for a config field's type hint."""
+    import types
+    import typing
 
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+        else (hint,)
+    out: list[type] = []
+    for a in args:
+        a = typing.get_origin(a) or a
+        out += [int, float] if a is float else [a]
+    return tuple(dict.fromkeys(out)) if len(out) > 1 else out[0]
+
+
+def _section_from_config(cls: type, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A schema section from a config dataclass: every field meant for recipes, its types and default."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        default = defaults.get(f.name, f.default)
-        kind = type(f.default)
-        out[f.name] = (NUM if kind is float else kind, default)
+        if f.metadata.get("recipe") is False:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        out[f.name] = (_schema_types(hints[f.name]), (defaults or {}).get(f.name, default))
     return out
 
 
@@ -110,7 +101,14 @@ def _compensation_section() -> dict[str, Any]:
     return _section_from_config(CompensationConfig, {"method": "none"})
 
 
+def _heal_section() -> dict[str, Any]:
+    from ..healing.config import HealConfig
+
+    return _section_from_config(HealConfig)
+
+
 SCHEMA["compensate"] = _compensation_section()
+SCHEMA["heal"] = _heal_section()
 
 
 def _type_name(types: Any) -> str:
@@ -174,7 +172,18 @@ def validate(data: Any) -> dict[str, Any]:
         raise LayerpruneError(f"recipe: 'evaluate.models' has unknown entries {sorted(bad)}; use dense, pruned, "
                               "compensated, healed")
     from ..compensation import CompensationConfig
+    from ..healing.config import HealConfig
+    from ..healing.methods import METHODS
 
+    h = rec["heal"]
+    if h["method"] != "none":
+        if h["method"] not in METHODS:
+            raise LayerpruneError(f"recipe: unknown heal.method '{h['method']}'; choose one of "
+                                  f"{', '.join([*METHODS, 'none'])}")
+        try:
+            HealConfig.from_kwargs(**{k: v for k, v in h.items() if v is not None})
+        except LayerpruneError as e:
+            raise LayerpruneError(f"recipe: heal: {e}") from None
     try:
         CompensationConfig.from_kwargs(**rec["compensate"])
     except LayerpruneError as e:
