@@ -156,7 +156,8 @@ def main() -> int:
                 opts["tie_mode"] = args.tie_mode
         if method == "distill":
             opts["teacher"] = str(_default() if args.model == "default" else args.model)
-        r = heal(src, work / f"healed-{method}-{c}", callbacks=[cb], **opts)
+        tag = f"-{args.tie_mode}" if args.tie_mode else ""
+        r = heal(src, work / f"healed-{method}-{c}{tag}", callbacks=[cb], **opts)
         results["cells"][cell] = {"points": cb.points, "val_loss_before": r["val_loss_before"],
                                   "tokens_per_s": r["tokens_per_s"], "steps": r["steps"],
                                   "compensation_s": comp_s if c == "lstsq" else 0.0,

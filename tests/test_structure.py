@@ -86,3 +86,41 @@ def test_no_import_cycle_between_modules():
 def test_the_checker_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_tested_architectures_are_the_test_configs():
+    from conftest import TINY_CONFIGS
+
+    from layerprune.arch import TESTED_TYPES
+
+    assert set(TESTED_TYPES) == set(TINY_CONFIGS)
+
+
+def test_adapter_facts_match_the_models():
+    """Gated-MLP flags and fold points in the adapters agree with the modules of every tested architecture."""
+    from conftest import ARCHS, make_tiny
+
+    from layerprune.arch import get_module, parts
+
+    for arch in ARCHS:
+        p = parts(make_tiny(arch))
+        layer = p.layers[0]
+        names = {n.rsplit(".", 1)[-1] for n, _ in layer.named_modules()}
+        assert p.adapter.gated_mlp is bool(names & {"gate_proj", "gate_up_proj"}), arch
+        for path in (p.adapter.mlp_out, p.adapter.attn_out, p.adapter.mlp_post_norm, p.adapter.attn_post_norm):
+            assert path is None or get_module(layer, path) is not None, (arch, path)
+        assert p.adapter.mlp_out and p.adapter.attn_out, arch
+
+
+def test_no_model_type_lists_outside_arch():
+    """Architecture facts are adapter data: no module outside arch/ keeps a list of model types."""
+    import re
+
+    offenders = []
+    for path in ROOT.rglob("*.py"):
+        if "arch" in path.relative_to(ROOT).parts:
+            continue
+        text = path.read_text()
+        if re.search(r'\(\s*"(llama|gemma|gpt2|qwen2)"\s*,\s*"', text) or re.search(r'\{\s*"(llama|gemma)"\s*,', text):
+            offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders, offenders

@@ -29,8 +29,6 @@ from tqdm.auto import tqdm
 
 from .errors import LayerpruneError
 
-GATED_MLP_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text",
-                   "phi3", "olmo", "olmo2", "granite", "cohere", "starcoder2_gated", "smollm3", "glm", "exaone"}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -100,9 +98,10 @@ def shape_of(config: Any) -> dict[str, Any]:
     n_kv = c.get("num_key_value_heads") or n_q
     d = c.get("head_dim") or h // n_q
     i = c.get("intermediate_size") or c.get("ffn_dim") or c.get("n_inner") or 4 * h
-    gated = mtype in GATED_MLP_TYPES or str(c.get("hidden_act", "")).endswith("glu")
-    if mtype in ("gpt2", "gpt_neox", "opt", "gptj", "falcon", "bloom", "gpt_bigcode"):
-        gated = False
+    from .arch import ADAPTERS
+
+    known = ADAPTERS[mtype].gated_mlp if mtype in ADAPTERS else None
+    gated = known if known is not None else str(c.get("hidden_act", "")).endswith("glu")
     return {"model_type": mtype, "hidden": int(h), "heads": int(n_q), "kv_heads": int(n_kv), "head_dim": int(d),
             "intermediate": int(i), "layers": int(L), "vocab": int(c["vocab_size"]), "gated_mlp": bool(gated),
             "proj_dim": c.get("word_embed_proj_dim") if mtype == "opt" else None}

@@ -7,7 +7,7 @@ not registered falls back to :func:`layerprune.arch.generic.discover`, which fin
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,8 +34,6 @@ class Adapter:
     embed: str
     norm: str | None
     head: str = "lm_head"
-    # Config fields holding the layer count (``num_hidden_layers`` is aliased by attribute_map in e.g. GPT-2).
-    count_fields: tuple[str, ...] = ("num_hidden_layers",)
     # Per-layer config fields whose values are layer *indices* (remapped, removed entries dropped).
     index_list_fields: tuple[str, ...] = ("mlp_only_layers",)
     # Per-layer config fields that are a prefix count: layers with index < value behave differently.
@@ -56,8 +54,12 @@ class Adapter:
     norm_offset: float = 0.0
     # Learned position embeddings added to the token embeddings (folded too when a block starts at layer 0).
     pos_embed: str | None = None
+    # The MLP has three projections (SwiGLU/GeGLU) rather than two: the MAC count reads it. None: guessed from
+    # the config's activation name.
+    gated_mlp: bool | None = None
+    # Perplexity collapses without a BOS at the start of every window (Gemma): the "auto" BOS policy reads it.
+    bos_per_window: bool = False
     notes: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -113,7 +115,7 @@ def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
 
 
 _LLAMA_LIKE = dict(layers="model.layers", embed="model.embed_tokens", norm="model.norm",
-                   mlp_out="mlp.down_proj", attn_out="self_attn.o_proj")
+                   mlp_out="mlp.down_proj", attn_out="self_attn.o_proj", gated_mlp=True)
 
 ADAPTERS: dict[str, Adapter] = {}
 
@@ -126,27 +128,32 @@ def register(adapter: Adapter) -> Adapter:
 
 
 register(Adapter(("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo", "granite",
-                  "cohere", "stablelm", "starcoder2", "helium", "glm"), **_LLAMA_LIKE))
+                  "cohere", "stablelm", "helium", "glm"), **_LLAMA_LIKE))
+register(Adapter(("starcoder2",), layers="model.layers", embed="model.embed_tokens", norm="model.norm",
+                 mlp_out="mlp.c_proj", attn_out="self_attn.o_proj", gated_mlp=False))
 register(Adapter(("olmo2",), **_LLAMA_LIKE, mlp_post_norm="post_feedforward_layernorm",
                  attn_post_norm="post_attention_layernorm"))
-register(Adapter(("gemma",), **_LLAMA_LIKE, norm_offset=1.0, notes="Tied embeddings."))
-register(Adapter(("gemma2", "gemma3_text"), **_LLAMA_LIKE, norm_offset=1.0,
+register(Adapter(("gemma",), **_LLAMA_LIKE, norm_offset=1.0, bos_per_window=True, notes="Tied embeddings."))
+register(Adapter(("gemma2", "gemma3_text", "gemma3"), **_LLAMA_LIKE, norm_offset=1.0, bos_per_window=True,
                  mlp_post_norm="post_feedforward_layernorm", attn_post_norm="post_attention_layernorm",
                  notes="Tied embeddings; per-layer attention types live in config.layer_types; a norm after the "
                        "MLP limits compensation to a diagonal map."))
 # Sparse MoE blocks have no single MLP output projection: no compensation fold point.
 register(Adapter(("qwen2_moe", "qwen3_moe"), layers="model.layers", embed="model.embed_tokens", norm="model.norm",
-                 attn_out="self_attn.o_proj", config_quirk=_qwen_moe_sparse_step))
+                 attn_out="self_attn.o_proj", gated_mlp=True, config_quirk=_qwen_moe_sparse_step))
+register(Adapter(("mixtral",), layers="model.layers", embed="model.embed_tokens", norm="model.norm",
+                 attn_out="self_attn.o_proj", gated_mlp=True))
 register(Adapter(("gpt2",), layers="transformer.h", embed="transformer.wte", norm="transformer.ln_f",
                  tensor_quirk=_gpt2_inverse_idx, quirk_tensors=("attn.c_attn.weight", "attn.c_attn.bias"),
                  module_quirk=_gpt2_scaling, mlp_out="mlp.c_proj", attn_out="attn.c_proj",
-                 pos_embed="transformer.wpe",
+                 pos_embed="transformer.wpe", gated_mlp=False,
                  notes="scale_attn_by_inverse_layer_idx is folded into the query weights of moved layers."))
 register(Adapter(("opt",), layers="model.decoder.layers", embed="model.decoder.embed_tokens",
                  norm="model.decoder.final_layer_norm", mlp_out="fc2", attn_out="self_attn.out_proj",
-                 pos_embed="model.decoder.embed_positions"))
+                 pos_embed="model.decoder.embed_positions", gated_mlp=False))
 register(Adapter(("gpt_neox",), layers="gpt_neox.layers", embed="gpt_neox.embed_in",
-                 norm="gpt_neox.final_layer_norm", mlp_out="mlp.dense_4h_to_h", attn_out="attention.dense"))
+                 norm="gpt_neox.final_layer_norm", mlp_out="mlp.dense_4h_to_h", attn_out="attention.dense",
+                 gated_mlp=False))
 
 # The architectures the test suite proves (tiny random configs); others use the same data or the fallback.
 TESTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox",

@@ -34,8 +34,6 @@ from tqdm.auto import tqdm
 from ..errors import LayerpruneError
 
 BOS_POLICIES = ("auto", "start", "always", "never")
-# Model families whose perplexity collapses without a BOS at the start of every window.
-NEEDS_BOS_PER_WINDOW = ("gemma", "gemma2", "gemma3", "gemma3_text", "recurrent_gemma")
 
 
 @dataclass(frozen=True)
@@ -179,8 +177,12 @@ def resolve_bos(policy: str, model: nn.Module, tokenizer: Any) -> tuple[str, int
     """The effective BOS policy and BOS id (``never`` when the tokenizer has no BOS token)."""
     bos_id = getattr(tokenizer, "bos_token_id", None)
     if policy == "auto":
+        from ..arch import ADAPTERS
+
         mtype = str(getattr(getattr(model, "config", None), "model_type", ""))
-        policy = "always" if mtype in NEEDS_BOS_PER_WINDOW or mtype.startswith("gemma") else "start"
+        # Adapter data; an unregistered Gemma variant (recurrent_gemma, ...) behaves like the family.
+        per_window = ADAPTERS[mtype].bos_per_window if mtype in ADAPTERS else mtype.startswith("gemma")
+        policy = "always" if per_window else "start"
     if bos_id is None and policy != "never":
         return "never", None
     return policy, bos_id
