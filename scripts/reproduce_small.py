@@ -152,12 +152,9 @@ def _acc(zs: dict, task: str) -> tuple[float | None, float | None]:
 
 
 def _avg(zs: dict) -> tuple[float | None, float | None]:
-    vals = [_acc(zs, t) for t in MAIN_TASKS]
-    if any(v[0] is None for v in vals):
-        return None, None
-    mean = sum(v[0] for v in vals) / len(vals)
-    se = math.sqrt(sum((v[1] or 0) ** 2 for v in vals)) / len(vals)
-    return mean, se
+    from layerprune.evaluation.harness import avg_acc
+
+    return avg_acc((zs or {}).get("tasks", {}), only=list(MAIN_TASKS))
 
 
 def _cell(v: tuple[float | None, float | None]) -> str:

@@ -29,8 +29,6 @@ from tqdm.auto import tqdm
 
 from .errors import LayerpruneError
 
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Parameters and weight memory
 

@@ -212,9 +212,20 @@ def summarize(res: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
         else:
             row["n"] = int(n_samples.get(name, {}).get("effective", 0))
         rows[name] = row
-    accs = [r["acc"] for r in rows.values() if "acc" in r]
-    return {"tasks": rows, "mean_acc": sum(accs) / len(accs) if accs else None,
-            "mean_acc_over": [n for n, r in rows.items() if "acc" in r]}
+    return {"tasks": rows, "mean_acc": avg_acc(rows)[0], "mean_acc_over": [n for n, r in rows.items() if "acc" in r]}
+
+
+def avg_acc(tasks: dict[str, Any], only: list[str] | None = None) -> tuple[float | None, float | None]:
+    """The paper's Avg Acc: the mean accuracy over ``tasks`` (rows with an ``acc``; ``only``: exactly these
+    tasks, None unless all are present) and its standard error (task stderrs combined as independent)."""
+    names = list(only) if only is not None else [n for n, r in tasks.items() if isinstance(r, dict) and
+                                                  isinstance(r.get("acc"), (int, float))]
+    rows = [tasks.get(n) for n in names]
+    if not rows or any(not isinstance(r, dict) or not isinstance(r.get("acc"), (int, float)) for r in rows):
+        return None, None
+    mean = sum(float(r["acc"]) for r in rows) / len(rows)
+    se = math.sqrt(sum(float(r.get("acc_stderr") or 0.0) ** 2 for r in rows)) / len(rows)
+    return mean, se
 
 
 def _leaves(name: str, subtasks: dict[str, list[str]]) -> list[str]:

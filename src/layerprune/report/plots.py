@@ -1,0 +1,136 @@
+"""Every plot of the report (and of ``layerprune score``), drawn with matplotlib's Agg backend."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .format import _num
+from .tables import _avg_acc
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _figure(w: float, h: float) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(w, h), dpi=100, layout="constrained")
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100, metadata={"Software": None})
+    os.replace(tmp, path)
+    return path
+
+
+def plot_layer_scores(scores: dict[str, dict], removed: Iterable[int], path: Path) -> Path | None:
+    """One bar chart per metric over original layer indices; removed layers in red."""
+    if not scores:
+        return None
+    removed = set(removed)
+    fig = _figure(9, 1.0 + 2.0 * len(scores))
+    axes = fig.subplots(len(scores), 1, squeeze=False)[:, 0]
+    for ax, (name, entry) in zip(axes, scores.items()):
+        vals = [_num(v) for v in entry["scores"]]
+        xs = list(range(len(vals)))
+        colors = ["#d62728" if i in removed else "#4c72b0" for i in xs]
+        ax.bar(xs, [v if v is not None else 0.0 for v in vals], color=colors)
+        for i, v in enumerate(vals):
+            if v is None:  # e.g. a layer already removed in an earlier iterative round
+                ax.text(i, 0, "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color="#777")
+        direction = str(entry.get("direction", "higher_is_more_important")).replace("_", " ")
+        ax.set_title(f"{name}  ({direction}; red = removed)", fontsize=10)
+        ax.set_xticks(xs[:: max(1, len(xs) // 40)])  # stay legible for 80-layer models
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_xlim(-0.6, len(xs) - 0.4)
+    axes[-1].set_xlabel("original layer index (0-based)")
+    return _save(fig, path)
+
+
+def plot_similarity(matrix: list[list[float]], name: str, removed: Iterable[int], path: Path) -> Path | None:
+    """Layer-by-layer similarity heat map (0..1, the seed's coolwarm scale); removed layers' ticks in red."""
+    n = len(matrix)
+    if n == 0 or any(not isinstance(r, list) or len(r) != n for r in matrix):
+        return None
+    data = [[_num(v) if _num(v) is not None else float("nan") for v in row] for row in matrix]
+    removed = set(removed)
+    fig = _figure(6.2, 5.2)
+    ax = fig.subplots()
+    im = ax.imshow(data, cmap="coolwarm", vmin=0.0, vmax=1.0, origin="upper")
+    fig.colorbar(im, ax=ax, shrink=0.85)
+    ax.set_title(f"{name} between layer outputs")
+    step = max(1, n // 32)
+    ticks = list(range(0, n, step))
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_xticklabels([str(t) for t in ticks], fontsize=7, rotation=90)
+    ax.set_yticklabels([str(t) for t in ticks], fontsize=7)
+    for lab in list(ax.get_xticklabels()) + list(ax.get_yticklabels()):
+        if int(lab.get_text()) in removed:
+            lab.set_color("#d62728")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("layer")
+    return _save(fig, path)
+
+
+def plot_accuracy(res: dict[str, dict], path: Path) -> Path | None:
+    """Grouped bars per task (and Avg Acc) for each stage, with stderr error bars."""
+    stages = [s for s in res if isinstance(res[s].get("zero_shot"), dict)]
+    tasks: list[str] = []
+    for s in stages:
+        tasks += [t for t in res[s]["zero_shot"] if t not in tasks]
+    if not tasks:
+        return None
+    labels = tasks + ["Avg Acc"]
+    fig = _figure(max(6.0, 1.0 + 0.9 * len(labels)), 4.0)
+    ax = fig.subplots()
+    width = 0.8 / len(stages)
+    palette = {"dense": "#4c72b0", "pruned": "#d62728", "compensated": "#ff7f0e", "healed": "#2ca02c"}
+    for k, s in enumerate(stages):
+        zs = res[s]["zero_shot"]
+        vals, errs = [], []
+        for t in tasks:
+            v = zs.get(t) if isinstance(zs.get(t), dict) else {}
+            vals.append(_num(v.get("acc")) or 0.0)
+            errs.append(_num(v.get("acc_stderr")) or 0.0)
+        vals.append(_avg_acc(res[s]) or 0.0)
+        errs.append(0.0)
+        xs = [i + (k - (len(stages) - 1) / 2) * width for i in range(len(labels))]
+        ax.bar(xs, vals, width, yerr=errs, capsize=2, label=s, color=palette.get(s))
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("Zero-shot accuracy")
+    return _save(fig, path)
+
+
+def plot_loss(log_history: list[dict], path: Path) -> Path | None:
+    """Training and evaluation loss against optimizer step (HF Trainer ``log_history`` entries)."""
+    train = [(e["step"], e["loss"]) for e in log_history if isinstance(e, dict)
+             and _num(e.get("step")) is not None and _num(e.get("loss")) is not None]
+    evals = [(e["step"], e["eval_loss"]) for e in log_history if isinstance(e, dict)
+             and _num(e.get("step")) is not None and _num(e.get("eval_loss")) is not None]
+    if not train and not evals:
+        return None
+    fig = _figure(7, 3.6)
+    ax = fig.subplots()
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="#4c72b0", lw=1.2)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="#d62728", lw=1.2, ms=4)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Healing loss")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections
