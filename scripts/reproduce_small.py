@@ -126,6 +126,7 @@ def dense_eval(model: str, out: Path) -> dict:
 
 def run_config(name: str, cfg: dict, model: str, out: Path) -> dict:
     from layerprune.recipe import run_recipe
+    from layerprune.run_manifest import RunManifest
 
     run_dir = out / name
     done = run_dir / "done.json"
@@ -134,7 +135,7 @@ def run_config(name: str, cfg: dict, model: str, out: Path) -> dict:
     t0 = time.perf_counter()
     prev = json.loads((run_dir / "elapsed.json").read_text())["s"] if (run_dir / "elapsed.json").is_file() else 0
     resume = (run_dir / "state.json").is_file()
-    manifest = run_recipe(recipe(name, cfg, model), run_dir, resume=resume, overwrite=not resume)
+    manifest: RunManifest = run_recipe(recipe(name, cfg, model), run_dir, resume=resume, overwrite=not resume)
     res = {"removed_layers": manifest["removed_layers"], "heal": manifest.get("heal"),
            "ppl": {w: r.get("ppl") for w, r in manifest["results"].items()}}
     res["zero_shot"] = {"healed": zero_shot(str(run_dir / "model"), run_dir / "zs-healed")}

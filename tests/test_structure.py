@@ -89,18 +89,18 @@ def test_the_checker_finds_a_cycle():
 
 
 def test_tested_architectures_are_the_test_configs():
-    from conftest import TINY_CONFIGS
-
     from layerprune.arch import TESTED_TYPES
+
+    from conftest import TINY_CONFIGS
 
     assert set(TESTED_TYPES) == set(TINY_CONFIGS)
 
 
 def test_adapter_facts_match_the_models():
     """Gated-MLP flags and fold points in the adapters agree with the modules of every tested architecture."""
-    from conftest import ARCHS, make_tiny
-
     from layerprune.arch import get_module, parts
+
+    from conftest import ARCHS, make_tiny
 
     for arch in ARCHS:
         p = parts(make_tiny(arch))

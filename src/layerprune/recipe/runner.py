@@ -28,12 +28,12 @@ import yaml
 from ..errors import LayerpruneError
 from ..io import check_out_dir, read_json, write_json
 from ..models import MANIFEST, library_versions, resolve_model
+from ..run_manifest import COMPENSATED, DENSE, HEALED, PRUNED, STAGES, RunManifest
 from .schema import load_recipe
 from .state import RunState, folder_fingerprint
 
 FINAL = "model"
 NO_HEAL = "none"
-COMPENSATED = "compensated"
 
 
 def _layer_count(path: str) -> int:
@@ -85,6 +85,7 @@ class RecipeRun:
 
         self.k = resolve_k(self.n0, p["num_layers"], None if p["num_layers"] is not None else p["ratio"])
         self.timings: dict[str, float] = {}
+        self.heal_stage: str | None = None  # the stage whose heal.json the manifest reports (None: FINAL)
 
     # ---- stages -------------------------------------------------------------------------------------------
     def _score(self, model_path: str, name: str, k: int, inputs: dict, layer_map: list[int] | None = None
@@ -206,16 +207,16 @@ class RecipeRun:
                 out[which] = measure(model, seq_len=m["seqlen"], batches=tuple(m["batch"]),
                                      new_tokens=m["new_tokens"], repeats=m["repeats"])
                 del model
-            final = "healed" if "healed" in out else "pruned"
-            if "dense" in out and final in out:
-                out["speedup"] = speedup(out["dense"], out[final])
+            final = HEALED if HEALED in out else PRUNED
+            if DENSE in out and final in out:
+                out["speedup"] = speedup(out[DENSE], out[final])
             write_json(tmp / "bench.json", out)
             return out
 
         return self.state.run("measure", inputs, fn)
 
     # ---- pipeline -----------------------------------------------------------------------------------------
-    def execute(self) -> dict[str, Any]:
+    def execute(self) -> RunManifest:
         t0 = time.perf_counter()
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "recipe.yaml").write_text(yaml.safe_dump(self.r, sort_keys=False))
@@ -234,9 +235,9 @@ class RecipeRun:
             removed = sc["removed"]
             similarity = sc.get("similarity")
             scores[sc["metric"]] = sc["scores"]
-            pr = self._prune(self.source, removed, "pruned", {**base, "removed": removed})
-            pruned_path = str(self.dir / "pruned")
-            pruned_fp = self.state.stages["pruned"]["fingerprint"]
+            pr = self._prune(self.source, removed, PRUNED, {**base, "removed": removed})
+            pruned_path = str(self.dir / PRUNED)
+            pruned_fp = self.state.stages[PRUNED]["fingerprint"]
             final_fp = pruned_fp
             heal_from, heal_fp = pruned_path, pruned_fp
             if comp_on:
@@ -268,8 +269,9 @@ class RecipeRun:
                 current = str(self.dir / rd / "pruned")
                 cur_fp = self.state.stages[f"{rd}/pruned"]["fingerprint"]
                 if heal_on:
-                    self._heal(current, f"{rd}/healed", {"pruned": cur_fp, "heal": h, "seed": self.r["seed"],
-                                                         "data_dir": self.data_dir})
+                    self.heal_stage = f"{rd}/{HEALED}"
+                    self._heal(current, self.heal_stage, {"pruned": cur_fp, "heal": h, "seed": self.r["seed"],
+                                                          "data_dir": self.data_dir})
                     current = str(self.dir / rd / "healed")
                     cur_fp = self.state.stages[f"{rd}/healed"]["fingerprint"]
                 removed = sorted(removed + chosen)
@@ -285,18 +287,17 @@ class RecipeRun:
         if not heal_on and not p["iterative"]:
             if (self.dir / FINAL).exists():
                 shutil.rmtree(self.dir / FINAL)
-            _link_or_copy(Path(comp_path) if comp_path else self.dir / "pruned", self.dir / FINAL)
+            _link_or_copy(Path(comp_path) if comp_path else self.dir / PRUNED, self.dir / FINAL)
 
         # Evaluation and measurement.
-        paths = {"dense": self.source, "pruned": pruned_path, "compensated": comp_path,
-                 "healed": str(self.dir / FINAL)}
-        fps = {"dense": self.source_fp, "pruned": pruned_fp,
-               "compensated": self.state.stages[COMPENSATED]["fingerprint"] if comp_path else None,
-               "healed": final_fp}
+        paths = {DENSE: self.source, PRUNED: pruned_path, COMPENSATED: comp_path, HEALED: str(self.dir / FINAL)}
+        fps = {DENSE: self.source_fp, PRUNED: pruned_fp,
+               COMPENSATED: self.state.stages[COMPENSATED]["fingerprint"] if comp_path else None,
+               HEALED: final_fp}
         if not heal_on:  # the final model is the pruned one
-            paths.pop("healed")
+            paths.pop(HEALED)
             if p["iterative"]:
-                paths["pruned"], fps["pruned"] = str(self.dir / FINAL), final_fp
+                paths[PRUNED], fps[PRUNED] = str(self.dir / FINAL), final_fp
         results: dict[str, Any] = {}
         for which in self.r["evaluate"]["models"]:
             if which in paths and paths[which]:
@@ -305,7 +306,7 @@ class RecipeRun:
         if self.r["measure"]["enabled"]:
             # Healing can change the size (an untied head), so every model is measured on its own.
             # A compensated model has the pruned model's shapes: measured once, as the pruned one.
-            todo = {k: v for k, v in paths.items() if v and k != "compensated"}
+            todo = {k: v for k, v in paths.items() if v and k != COMPENSATED}
             bench = self._measure(todo, {k: fps[k] for k in todo})
 
         manifest = self._manifest(removed, kept, scores, rounds, results, bench, similarity)
@@ -317,7 +318,7 @@ class RecipeRun:
     # ---- outputs ------------------------------------------------------------------------------------------
     def _manifest(self, removed: list[int], kept: list[int], scores: dict[str, Any], rounds: list[dict],
                   results: dict[str, Any], bench: dict[str, Any] | None,
-                  similarity: list[list[float]] | None) -> dict[str, Any]:
+                  similarity: list[list[float]] | None) -> RunManifest:
         out_results: dict[str, Any] = {}
         for which, r in results.items():
             ev = r["eval"]
@@ -328,19 +329,17 @@ class RecipeRun:
                 row["avg_acc"] = zs.get("mean_acc")
             out_results[which] = row
         if bench:
-            for which in ("dense", "pruned", "compensated", "healed"):
-                b = bench.get("pruned" if which == "compensated" else which)
-                if b is not None and (which != "compensated" or which in out_results):
+            for which in STAGES:
+                b = bench.get(PRUNED if which == COMPENSATED else which)
+                if b is not None and (which != COMPENSATED or which in out_results):
                     sp = (b.get("speed") or [{}])[0]
                     out_results.setdefault(which, {}).update({
                         "params": b["params"]["total"], "non_embedding_params": b["params"].get("non_embedding"),
                         "macs": b["macs"]["total"],
                         "prefill_ms": sp.get("prefill_seconds", {}).get("median", math.nan) * 1000,
                         "decode_tok_s": sp.get("decode_tokens_per_s")})
-        heal_stage = self.state.stages.get(FINAL, {}).get("result") if self.r["heal"]["method"] != NO_HEAL else None
-        if self.r["prune"]["iterative"] and self.r["heal"]["method"] != NO_HEAL:
-            last = max((k for k in self.state.stages if k.endswith("/healed")), default=None)
-            heal_stage = self.state.stages[last]["result"] if last else None
+        heal_stage = self.state.stages.get(self.heal_stage or FINAL, {}).get("result") \
+            if self.r["heal"]["method"] != NO_HEAL else None
         return {
             "model": self.r["model"], "source_model": self.source, "recipe": self.r,
             "original_num_layers": self.n0, "removed_layers": sorted(removed), "kept_layers": kept,
@@ -352,7 +351,7 @@ class RecipeRun:
             "library_versions": library_versions(), "final_model": str(self.dir / FINAL),
         }
 
-    def _finish(self, manifest: dict[str, Any]) -> None:
+    def _finish(self, manifest: RunManifest) -> None:
         from ..report import model_card, write_exports, write_report
 
         write_json(self.dir / MANIFEST, manifest)
@@ -376,7 +375,7 @@ class RecipeRun:
 
 def run_recipe(recipe: str | os.PathLike | dict[str, Any], out_dir: str | os.PathLike | None = None, *,
                overrides: list[str] | None = None, resume: bool = False, overwrite: bool = False,
-               log: Callable[[str], None] = print) -> dict[str, Any]:
+               log: Callable[[str], None] = print) -> RunManifest:
     """Run a recipe file (or an already validated dict) into ``out_dir`` (default ``runs/<name>``)."""
     from .schema import apply_overrides, validate
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..errors import LayerpruneError
 from ..io import write_text
+from ..run_manifest import HEALED, RunManifest
 from .card import model_card
 from .format import _MERGEKIT_DTYPES, _layers
 from .tables import _check_manifest, _model_name, _results
@@ -84,7 +85,7 @@ def _dtype_of(m: dict) -> str | None:
     return str(d) if d and str(d).lower().removeprefix("torch.") in _MERGEKIT_DTYPES else None
 
 
-def write_exports(run_dir: str | os.PathLike, manifest: dict) -> dict[str, Path]:
+def write_exports(run_dir: str | os.PathLike, manifest: RunManifest) -> dict[str, Path]:
     """Write ``exports/{mergekit.yaml, llama_cpp_prune_layers.txt, model_card.md, README.md}`` into ``run_dir``."""
     m = _check_manifest(manifest)
     ex = Path(run_dir) / "exports"
@@ -94,7 +95,7 @@ def write_exports(run_dir: str | os.PathLike, manifest: dict) -> dict[str, Path]
     out = {"exports/mergekit.yaml": write_text(ex / "mergekit.yaml", mergekit_yaml(source, kept, _dtype_of(m))),
            "exports/llama_cpp_prune_layers.txt": write_text(ex / "llama_cpp_prune_layers.txt", prune_list + "\n"),
            "exports/model_card.md": write_text(ex / "model_card.md", model_card(m))}
-    healed = isinstance(m.get("heal"), dict) or isinstance(_results(m).get("healed"), dict)
+    healed = isinstance(m.get("heal"), dict) or isinstance(_results(m).get(HEALED), dict)
     readme = [
         "# Exports", "",
         f"Reproduce this cut of `{source}` with other tools. Removed layers (0-based original indices): "

@@ -7,7 +7,6 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-STAGES = ("dense", "pruned", "compensated", "healed")
 CITATION = """@article{lu2024reassessing,
   title   = {Reassessing Layer Pruning in LLMs: New Insights and Methods},
   author  = {Lu, Yao and Cheng, Hao and Fang, Yujie and Wang, Zeyu and Wei, Jiaheng and Xu, Dongwei and

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..run_manifest import STAGES
 from .format import _num
 from .tables import _avg_acc
 
@@ -89,7 +90,7 @@ def plot_accuracy(res: dict[str, dict], path: Path) -> Path | None:
     fig = _figure(max(6.0, 1.0 + 0.9 * len(labels)), 4.0)
     ax = fig.subplots()
     width = 0.8 / len(stages)
-    palette = {"dense": "#4c72b0", "pruned": "#d62728", "compensated": "#ff7f0e", "healed": "#2ca02c"}
+    palette = dict(zip(STAGES, ("#4c72b0", "#d62728", "#ff7f0e", "#2ca02c"), strict=True))
     for k, s in enumerate(stages):
         zs = res[s]["zero_shot"]
         vals, errs = [], []

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from ..io import write_text
+from ..run_manifest import RunManifest
 from .document import Block, Bullets, Code, Heading, Image, Para, Table, render_html, render_markdown
 from .format import _fmt, _fmt_seconds, _fmt_value, _layer_list, _layers, _num, _scalar
 from .plots import plot_accuracy, plot_layer_scores, plot_loss, plot_similarity
@@ -192,7 +193,7 @@ def build_report(run_dir: Path, manifest: dict) -> list[Block]:
 
 
 
-def write_report(run_dir: str | os.PathLike, manifest: dict) -> dict[str, Path]:
+def write_report(run_dir: str | os.PathLike, manifest: RunManifest) -> dict[str, Path]:
     """Write ``report.md`` (plots as files under ``plots/``) and a self-contained ``report.html`` into ``run_dir``.
 
     Manifest keys (all optional but ``model``, ``removed_layers``, ``kept_layers``): ``recipe``,

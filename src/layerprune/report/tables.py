@@ -7,9 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 from ..errors import LayerpruneError
+from ..run_manifest import STAGES
 from .document import Block, Bullets, Heading, Para, Table
 from .format import (
-    STAGES,
     _fmt,
     _fmt_pm,
     _fmt_seconds,
