@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from ..run_manifest import RunManifest
 from .document import Bullets, render_markdown
 from .format import CITATION, DEFAULT_BASE_MODEL, _layers, _num
 from .tables import (
