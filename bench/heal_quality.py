@@ -54,6 +54,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--comp-seqlen", type=int, default=256)
     p.add_argument("--data-dir", default=os.environ.get("LAYERPRUNE_DATA") or str(REPO.parent / "shared" / "data"))
     p.add_argument("--work", default=str(REPO / "bench_runs" / "heal_quality"), help="scratch folder")
+    p.add_argument("--heal-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra heal option for every cell (YAML value), e.g. train_on_inputs=true")
+    p.add_argument("--tag", default="", help="suffix of the cells' output folders (parallel runs)")
     p.add_argument("--json", default=None, help="also write the results here")
     return p.parse_args(argv)
 
@@ -159,9 +162,12 @@ def main() -> int:
             opts["layers"] = args.layers
             if args.tie_mode:
                 opts["tie_mode"] = args.tie_mode
+        import yaml
+
+        opts.update({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.heal_opt)})
         if method == "distill":
             opts["teacher"] = str(_default() if args.model == "default" else args.model)
-        tag = f"-{args.tie_mode}" if args.tie_mode else ""
+        tag = (f"-{args.tie_mode}" if args.tie_mode else "") + (f"-{args.tag}" if args.tag else "")
         r = heal(src, work / f"healed-{method}-{c}{tag}", callbacks=[cb], **opts)
         results["cells"][cell] = {"points": cb.points, "val_loss_before": r["val_loss_before"],
                                   "tokens_per_s": r["tokens_per_s"], "steps": r["steps"],

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from .errors import LayerpruneError
 
@@ -37,7 +36,7 @@ def _ids(x: Any) -> list[int]:
     return [int(i) for i in x if i is not None]
 
 
-def stop_token_ids(tokenizer: Any, model: nn.Module | None = None) -> list[int]:
+def stop_token_ids(tokenizer: Any, model: Any | None = None) -> list[int]:
     """The tokenizer's eos and pad ids, plus any eos ids in the model's generation config (chat models often
     list their end-of-turn token there, e.g. Llama-3's <|eot_id|>)."""
     ids = _ids(getattr(tokenizer, "eos_token_id", None)) + _ids(getattr(tokenizer, "pad_token_id", None))
@@ -61,7 +60,7 @@ def build_prompt(tokenizer: Any, prompt: str, chat: bool | None = None) -> tuple
     return text, True
 
 
-def generate(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 64, do_sample: bool = False,
+def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None, seed: int = 0,
              chat: bool | None = None) -> Generation:
     """Generate a reply to ``prompt``; see :func:`generate_text`. Returns text plus token count and timing."""
@@ -97,7 +96,7 @@ def generate(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int 
                       new_tokens=len(new), stopped=stopped, seconds=seconds, chat=used_chat)
 
 
-def generate_text(model: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 64, do_sample: bool = False,
+def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, do_sample: bool = False,
                   temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, chat: bool | None = None) -> str:
     """The model's reply to ``prompt`` (new text only, special tokens stripped).
 

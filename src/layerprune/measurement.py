@@ -32,7 +32,7 @@ from .errors import LayerpruneError
 # ---------------------------------------------------------------------------------------------------------------
 # Parameters and weight memory
 
-def param_counts(model: nn.Module) -> dict[str, int]:
+def param_counts(model: Any) -> dict[str, int]:
     """Total, embedding and non-embedding parameter counts (tied weights counted once).
 
     ``embedding`` = token (+ learned position) embeddings; ``head`` = an untied output head (0 when tied);
@@ -64,7 +64,7 @@ def param_counts(model: nn.Module) -> dict[str, int]:
             "layers": layers}
 
 
-def weight_bytes(model: nn.Module) -> int:
+def weight_bytes(model: Any) -> int:
     """Bytes held by distinct parameters and buffers (what stays resident while serving)."""
     seen: set[int] = set()
     n = 0
@@ -141,7 +141,7 @@ def decode_macs(config: Any, context: int, num_layers: int | None = None) -> int
 
 
 @torch.no_grad()
-def profiled_macs(model: nn.Module, seq_len: int, batch: int = 1) -> int:
+def profiled_macs(model: Any, seq_len: int, batch: int = 1) -> int:
     """MACs of one forward pass measured with ``torch.utils.flop_counter`` (FLOPs / 2; matmuls only)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -230,7 +230,7 @@ def _stats(xs: list[float]) -> dict[str, float]:
             "n": len(xs)}
 
 
-def _inputs(model: nn.Module, batch: int, seq_len: int) -> torch.Tensor:
+def _inputs(model: Any, batch: int, seq_len: int) -> torch.Tensor:
     device = next(model.parameters()).device
     vocab = int(getattr(model.config, "vocab_size", 1000))
     g = torch.Generator().manual_seed(1234)
@@ -239,7 +239,7 @@ def _inputs(model: nn.Module, batch: int, seq_len: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def bench_speed(model: nn.Module, *, seq_len: int = 64, batch: int = 1, new_tokens: int = 128, warmup: int = 2,
+def bench_speed(model: Any, *, seq_len: int = 64, batch: int = 1, new_tokens: int = 128, warmup: int = 2,
                 repeats: int = 5, progress: bool = True) -> dict[str, Any]:
     """Prefill latency and decode throughput of ``model`` for ``batch`` random sequences of ``seq_len`` tokens.
 
@@ -292,6 +292,7 @@ def bench_speed(model: nn.Module, *, seq_len: int = 64, batch: int = 1, new_toke
             res[f"{name}_peak_memory_bytes"] = int(peak)
             res[f"{name}_activation_bytes"] = int(peak - base)
         else:
+            assert rss is not None
             res[f"{name}_peak_memory_bytes"] = int(rss.peak)
             res[f"{name}_activation_bytes"] = int(max(0, rss.peak - rss.base))
         res[f"{name}_seconds"] = _stats(times)
@@ -321,7 +322,7 @@ def _threads() -> dict[str, Any]:
     return {"torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
 
-def measure(model: nn.Module, *, seq_len: int = 64, batches: tuple[int, ...] = (1, 8), new_tokens: int = 128,
+def measure(model: Any, *, seq_len: int = 64, batches: tuple[int, ...] = (1, 8), new_tokens: int = 128,
             warmup: int = 2, repeats: int = 5, timing: bool = True, progress: bool = True) -> dict[str, Any]:
     """Parameters, MACs (analytic for ``seq_len`` tokens, batch 1), weight memory and, with ``timing``, the
     prefill/decode benchmark for every batch size."""

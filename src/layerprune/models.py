@@ -114,7 +114,7 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LayerpruneError(f"cannot load model from {name_or_path}: {msg}") from None
     if device:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]
     model.eval()
     return model
 
@@ -135,7 +135,7 @@ def load(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = "aut
     return load_model(name_or_path, dtype, device, **kwargs), load_tokenizer(name_or_path)
 
 
-def count_parameters(model: nn.Module) -> int:
+def count_parameters(model: Any) -> int:
     """Distinct parameters (a tied head is counted once)."""
     seen: set[int] = set()
     total = 0
@@ -190,7 +190,7 @@ def _strip_custom_code(folder: Path) -> None:
         py.unlink()
 
 
-def save_pretrained_atomic(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike,
+def save_pretrained_atomic(model: Any, tokenizer: Any, out_dir: str | os.PathLike,
                            manifest: dict | None = None, *, overwrite: bool = False,
                            max_shard_size: str | int = "2GB", extra_files: dict[str, Any] | None = None,
                            copy_from: str | os.PathLike | None = None) -> Path:
@@ -214,7 +214,7 @@ def save_pretrained_atomic(model: nn.Module, tokenizer: Any, out_dir: str | os.P
     return Path(out_dir)
 
 
-def save_pruned(model: nn.Module, tokenizer: Any, out_dir: str | os.PathLike, manifest: dict,
+def save_pruned(model: Any, tokenizer: Any, out_dir: str | os.PathLike, manifest: dict,
                 *, overwrite: bool = False, max_shard_size: str | int = "2GB",
                 copy_from: str | os.PathLike | None = None) -> Path:
     """Save a pruned model plus its ``layerprune.json`` manifest, atomically (see save_pretrained_atomic)."""

@@ -16,6 +16,7 @@ fingerprint (hash of the token ids), the batch size and the dtype.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -64,7 +65,7 @@ def model_fingerprint(path: str | os.PathLike, deep: bool = False) -> str:
             h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
             if deep:
                 with f.open("rb") as fh:
-                    for chunk in iter(lambda fh=fh: fh.read(1 << 24), b""):
+                    for chunk in iter(functools.partial(fh.read, 1 << 24), b""):
                         h.update(chunk)
     return h.hexdigest()[:20]
 
@@ -316,7 +317,7 @@ def score(model: nn.Module | str | os.PathLike, metrics: Sequence[str | Metric |
                 raise LayerpruneError("pass a tokenizer (or a Calibration) to score an in-memory model")
             from .models import load_tokenizer
 
-            tokenizer = load_tokenizer(source)
+            tokenizer = load_tokenizer(str(source))
         calib = build_calibration(tokenizer, calib if isinstance(calib, CalibSpec) else CalibSpec())
     calib_obj = calib if isinstance(calib, Calibration) else None
 

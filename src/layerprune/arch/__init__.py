@@ -24,9 +24,9 @@ class ModelParts:
 
     adapter: Adapter
     layers: nn.ModuleList
-    embed: nn.Module
-    norm: nn.Module | None
-    head: nn.Module
+    embed: Any  # modules with a .weight (typed loosely: torch types attributes as Tensor | Module)
+    norm: Any
+    head: Any
     tied: bool
 
     @property

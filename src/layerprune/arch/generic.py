@@ -12,14 +12,14 @@ from ..errors import LayerpruneError
 from .registry import ADAPTERS, Adapter, get_module, supported_types
 
 
-def _path_of(model: nn.Module, target: nn.Module) -> str | None:
+def _path_of(model: Any, target: nn.Module) -> str | None:
     for name, mod in model.named_modules():
         if mod is target:
             return name
     return None
 
 
-def discover(model: nn.Module) -> Adapter:
+def discover(model: Any) -> Adapter:
     """Build an adapter for ``model`` from structure: the ModuleList of identical blocks whose length equals
     the configured layer count, the input/output embeddings, and the norm that is a sibling of the list."""
     cfg = getattr(model, "config", None)
@@ -79,7 +79,7 @@ def adapter_for_config(cfg: dict[str, Any]) -> Adapter:
     return adapter_for(model)
 
 
-def adapter_for(model: nn.Module) -> Adapter:
+def adapter_for(model: Any) -> Adapter:
     """Adapter for a loaded model: the registered one, else one discovered from the module structure."""
     mt = getattr(getattr(model, "config", None), "model_type", None)
     if mt in ADAPTERS:

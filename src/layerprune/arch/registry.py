@@ -114,8 +114,8 @@ def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     return getattr(cfg, key, default)
 
 
-_LLAMA_LIKE = dict(layers="model.layers", embed="model.embed_tokens", norm="model.norm",
-                   mlp_out="mlp.down_proj", attn_out="self_attn.o_proj", gated_mlp=True)
+_LLAMA_LIKE: dict[str, Any] = dict(layers="model.layers", embed="model.embed_tokens", norm="model.norm",
+                                   mlp_out="mlp.down_proj", attn_out="self_attn.o_proj", gated_mlp=True)
 
 ADAPTERS: dict[str, Adapter] = {}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ..options import field_default
+
 
 def add_model_arg(p: argparse.ArgumentParser, name: str = "model") -> None:
     p.add_argument(name, help="local model folder, Hub id (when online), or 'default' (embedded SmolLM2-135M)")
@@ -74,17 +76,17 @@ def add_config_args(p: Any, cls: type, prefix: str = "", skip: tuple[str, ...] =
     for f in dataclasses.fields(cls):
         if f.name in skip or f.metadata.get("cli") is False:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = field_default(f)
         kw: dict[str, Any] = {"dest": prefix + f.name, "default": default, **_flag_kwargs(hints[f.name])}
         kw["help"] = f"{f.metadata.get('help', '')} (default: %(default)s)"
         ch = (choices or {}).get(f.name) or f.metadata.get("choices")
         if ch:
             kw["choices"] = tuple(ch)
-        target = (groups or {}).get(f.metadata.get("group"), p)
+        target = (groups or {}).get(str(f.metadata.get("group")), p)
         target.add_argument("--" + (prefix + f.name).replace("_", "-"), **kw)
 
 
-def config_from_args(cls: type, args: argparse.Namespace, prefix: str = "", **fixed: Any) -> Any:
+def config_from_args(cls: Any, args: argparse.Namespace, prefix: str = "", **fixed: Any) -> Any:
     """The config dataclass built from flags made by :func:`add_config_args` (``fixed`` overrides)."""
     import dataclasses
 

@@ -48,7 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--iterative", action="store_true",
                    help="re-score the pruned model after every --step removals (SLEB-style, no healing)")
     s.add_argument("--step", type=int, default=1, help="layers removed per iteration (default: 1)")
-    add_protect_args(s)  # type: ignore[arg-type]
+    add_protect_args(s)
     s.add_argument("--score-mode", default="memory", choices=("memory", "dispatch", "layerwise"),
                    help="how scoring holds the model (see 'layerprune score --mode'; default: memory)")
     s.add_argument("--device", default=None, help="device for scoring (default: cuda if any)")

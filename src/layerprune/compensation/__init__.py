@@ -13,11 +13,12 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import LayerpruneError
+from ..options import opt
 from .methods import METHODS, CompMethod, make_method
 from .plan import supported_fold_types
 
@@ -26,20 +27,20 @@ MODES = ("memory", "layerwise")
 
 @dataclass
 class CompensationConfig:
-    """Settings of one compensation run; each field's metadata is its help text (CLI and recipe)."""
+    """Settings of one compensation run: the single source of its options (CLI flags and recipe keys)."""
 
-    method: str = field(default="lstsq", metadata={"help": "compensation method", "choices": tuple(METHODS)})
-    ridge: float = field(default=0.0, metadata={"help": "ridge penalty towards no compensation, relative to the "
-                                                        "mean activation energy (lstsq/cosine)"})
-    calib: str = field(default="c4", metadata={"help": "calibration text: preset (c4, wikitext2, ptb) or a file"})
-    nsamples: int = field(default=64, metadata={"help": "calibration windows"})
-    seqlen: int = field(default=256, metadata={"help": "tokens per calibration window"})
-    batch_size: int = field(default=8, metadata={"help": "calibration windows per forward pass"})
-    mode: str = field(default="memory", metadata={"help": "memory (load the model) or layerwise (one layer at a "
-                                                          "time from safetensors)", "choices": MODES})
-    steps: int = field(default=100, metadata={"help": "cosine: Adam steps"})
-    lr: float = field(default=1e-3, metadata={"help": "cosine: Adam learning rate"})
-    max_tokens: int = field(default=16384, metadata={"help": "cosine: activations kept for the fit"})
+    method: str = opt("lstsq", "compensation method", "compensation", tuple(METHODS))
+    ridge: float = opt(0.0, "ridge penalty towards no compensation, relative to the mean activation energy "
+                            "(lstsq/cosine)", "compensation")
+    calib: str = opt("c4", "calibration text: preset (c4, wikitext2, ptb) or a file", "compensation")
+    nsamples: int = opt(64, "calibration windows", "compensation")
+    seqlen: int = opt(256, "tokens per calibration window", "compensation")
+    batch_size: int = opt(8, "calibration windows per forward pass", "compensation")
+    mode: str = opt("memory", "memory (load the model) or layerwise (one layer at a time from safetensors)",
+                    "compensation", MODES)
+    steps: int = opt(100, "cosine: Adam steps", "compensation")
+    lr: float = opt(1e-3, "cosine: Adam learning rate", "compensation")
+    max_tokens: int = opt(16384, "cosine: activations kept for the fit", "compensation")
 
     def validate(self) -> None:
         if self.method not in METHODS:

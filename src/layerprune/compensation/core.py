@@ -109,6 +109,7 @@ class _Capture:
                 if site.kind == MODULE:
                     self.need.add("m")
                     mod = get_module(layers[block.fold_layer], str(site.path))
+                    assert mod is not None
                     self.handles.append(mod.register_forward_hook(lambda mo, a, o: self._put("m", o)))
                 last = max(last, block.fold_layer)
         self.last = last
@@ -154,7 +155,7 @@ def fit_in_memory(model: nn.Module, removed: list[int], calib: Any, method: Comp
     layers = p.layers
     blocks = plan_blocks(removed, len(layers))
     sites = _sites(blocks, p.adapter, model, layers, p.tied, method)
-    dim = p.embed.weight.shape[1]
+    dim = int(p.embed.weight.shape[1])
     check_calibration(method, sites, int(calib.attention_mask.sum()), dim)
     batches = calib.batches(batch_size)
     fits: list[BlockFit] = []
@@ -211,7 +212,7 @@ def fit_layerwise(lw: Any, removed: list[int], calib: Any, method: CompMethod, *
     n = lw.num_layers
     blocks = plan_blocks(removed, n)
     sites = _sites(blocks, lw.adapter, lw.shell, lw.layers, p.tied, method)
-    dim = p.embed.weight.shape[1]
+    dim = int(p.embed.weight.shape[1])
     check_calibration(method, sites, int(calib.attention_mask.sum()), dim)
     removed_set = set(removed)
     prep = lw.prepare(calib, batch_size)
@@ -260,6 +261,7 @@ def _run_layer(layer: nn.Module, xs: list[torch.Tensor], calls: list[Any], fold:
     if fold is not None:
         parked.clear()
         mod = get_module(layer, str(fold[1].path))
+        assert mod is not None
         handle = mod.register_forward_hook(lambda mo, a, o: parked.append(o.detach()))
     try:
         return [call_layer(layer, x, calls[b]) for b, x in enumerate(xs)]
@@ -283,7 +285,7 @@ def fold_overrides(lw: Any, fits: list[BlockFit], removed: list[int]) -> dict[st
         with safe_open(str(lw.files[name]), "pt", device="cpu") as fh:
             return fh.get_tensor(name)
 
-    dim = parts(lw.shell).embed.weight.shape[1]
+    dim = int(parts(lw.shell).embed.weight.shape[1])
     for f in fits:
         if f.fit.shape == "none" or (f.site.kind == RESIDUAL and f.block.tail):
             continue

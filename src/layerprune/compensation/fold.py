@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch import get_module
+from ..arch import get_module, parts
 from ..errors import LayerpruneError
 from .plan import EMBED, MODULE, RESIDUAL, Block, Site, branch_outputs, module_kind
 
@@ -51,10 +51,10 @@ def fold_tensors(kind: str, tensors: dict[str, torch.Tensor], t: torch.Tensor, n
     return out
 
 
-def fold_module(mod: nn.Module, t: torch.Tensor, norm_offset: float = 0.0) -> None:
+def fold_module(mod: Any, t: torch.Tensor, norm_offset: float = 0.0) -> None:
     """Fold the map into ``mod``'s parameters in place."""
     kind = module_kind(mod)
-    current = {"weight": mod.weight.data}
+    current: dict[str, torch.Tensor] = {"weight": mod.weight.data}
     if getattr(mod, "bias", None) is not None:
         current["bias"] = mod.bias.data
     with torch.no_grad():
@@ -90,7 +90,7 @@ def fold_targets(block: Block, site: Site, kept_after: list[int], adapter: Any) 
 def fold_into_model(model: nn.Module, layers: nn.ModuleList, adapter: Any, block: Block, site: Site,
                     t: torch.Tensor, kept: list[int]) -> None:
     """Fold one block's map into an in-memory model (layers still at their original indices)."""
-    dim = model.config.hidden_size if hasattr(model.config, "hidden_size") else t.shape[-1]
+    dim = int(parts(model).embed.weight.shape[1])
     for layer_idx, path, inverse in fold_targets(block, site, [i for i in kept if i > block.end], adapter):
         root = model if layer_idx is None else layers[layer_idx]
         mod = get_module(root, path)
@@ -119,7 +119,8 @@ def map_hooks(model: nn.Module, layers: nn.ModuleList, maps: list[tuple[Block, S
     try:
         for block, site, t in maps:
             if site.kind == MODULE:
-                mod = get_module(layers[block.fold_layer], str(site.path))
+                mod = get_module(layers[int(block.fold_layer or 0)], str(site.path))
+                assert mod is not None
                 handles.append(mod.register_forward_hook(lambda m, a, out, t=t: apply_map(out, t)))
             elif not block.tail:
                 handles.append(layers[block.end + 1].register_forward_pre_hook(_pre_hook_residual(t),

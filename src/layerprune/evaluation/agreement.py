@@ -19,12 +19,12 @@ from ..errors import LayerpruneError
 from .perplexity import load_text, resolve_bos, resolve_protocol, windows
 
 
-def _device(model: nn.Module) -> torch.device:
+def _device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
 @torch.no_grad()
-def token_agreement(pruned: nn.Module, teacher: nn.Module, ids: torch.Tensor, spans: list[tuple[int, int, int]],
+def token_agreement(pruned: nn.Module, teacher: Any, ids: torch.Tensor, spans: list[tuple[int, int, int]],
                     bos_id: int | None, batch_size: int = 1, progress: bool = True) -> dict[str, float]:
     """KL(teacher‖pruned), top-1 agreement and both models' NLL over the scored tokens of ``spans``."""
     kl_sum = agree = nll_t = nll_p = 0.0
@@ -59,7 +59,7 @@ def token_agreement(pruned: nn.Module, teacher: nn.Module, ids: torch.Tensor, sp
             "teacher_nll": nll_t / count, "pruned_nll": nll_p / count}
 
 
-def choice_changes(pruned: nn.Module, teacher: nn.Module, tokenizer: Any, tasks: Sequence[str], *,
+def choice_changes(pruned: nn.Module, teacher: Any, tokenizer: Any, tasks: Sequence[str], *,
                    limit: int | None = 100, data_dir: str | os.PathLike | None = None,
                    batch_size: int | str = "auto") -> dict[str, Any]:
     """Per task: fraction of documents whose multiple-choice pick (by ``acc`` and ``acc_norm``) changed."""
@@ -94,7 +94,7 @@ def choice_changes(pruned: nn.Module, teacher: nn.Module, tokenizer: Any, tasks:
     return out
 
 
-def compare(pruned: nn.Module, teacher: nn.Module, tokenizer: Any, dataset: str = "wikitext2", *,
+def compare(pruned: nn.Module, teacher: Any, tokenizer: Any, dataset: str = "wikitext2", *,
             split: str | None = None, data_dir: str | os.PathLike | None = None, protocol: str = "seed",
             seq_len: int | None = None, bos: str | None = None, max_tokens: int | None = 16384,
             batch_size: int = 1, tasks: Sequence[str] | None = None, task_limit: int | None = 100,
@@ -105,7 +105,7 @@ def compare(pruned: nn.Module, teacher: nn.Module, tokenizer: Any, dataset: str 
     first ``max_tokens`` tokens of the split are used (None = all). Both models must share the tokenizer.
     """
     vt = int(teacher.get_output_embeddings().weight.shape[0])
-    vp = int(pruned.get_output_embeddings().weight.shape[0])
+    vp = int(pruned.get_output_embeddings().weight.shape[0])  # type: ignore[operator]
     if vt != vp:
         raise LayerpruneError(f"teacher and pruned model have different vocabularies ({vt} vs {vp})")
     proto = resolve_protocol(protocol, seq_len=seq_len, bos=bos)

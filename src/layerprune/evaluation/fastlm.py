@@ -33,7 +33,7 @@ class SharedPrefixHFLM(HFLM):
     """An lm-eval ``HFLM`` whose ``loglikelihood`` computes each distinct context only once."""
 
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
-                              override_bs: int | None = None) -> list[tuple[float, bool]]:  # type: ignore[override]
+                              override_bs: int | None = None) -> list[tuple[float, bool]]:
         # Rolling windows (override_bs) and seq2seq models keep lm-eval's path.
         if self.backend != "causal" or override_bs is not None or getattr(self, "_no_shared_prefix", False):
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
@@ -50,8 +50,9 @@ class SharedPrefixHFLM(HFLM):
         pbar = tqdm(total=len(requests) - len(plain), disable=disable_tqdm or self.rank != 0,
                     desc="Running loglikelihood requests (shared prefix)")
         # Longest first, as lm-eval does: memory problems show up at once.
-        for ctx in sorted(groups, key=lambda c: -(len(c) + max(len(requests[i][2]) for i in groups[c]))):
-            idxs = groups[ctx]
+        for key in sorted(groups, key=lambda c: -(len(c) + max(len(requests[i][2]) for i in groups[c]))):
+            idxs = groups[key]
+            ctx = list(key)
             for s in range(0, len(idxs), bs):
                 chunk = idxs[s:s + bs]
                 try:

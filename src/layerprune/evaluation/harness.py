@@ -220,8 +220,9 @@ def avg_acc(tasks: dict[str, Any], only: list[str] | None = None) -> tuple[float
     tasks, None unless all are present) and its standard error (task stderrs combined as independent)."""
     names = list(only) if only is not None else [n for n, r in tasks.items() if isinstance(r, dict) and
                                                   isinstance(r.get("acc"), (int, float))]
-    rows = [tasks.get(n) for n in names]
-    if not rows or any(not isinstance(r, dict) or not isinstance(r.get("acc"), (int, float)) for r in rows):
+    rows: list[dict[str, Any]] = [r for r in (tasks.get(n) for n in names) if isinstance(r, dict)
+                                  and isinstance(r.get("acc"), (int, float))]
+    if not rows or len(rows) != len(names):
         return None, None
     mean = sum(float(r["acc"]) for r in rows) / len(rows)
     se = math.sqrt(sum(float(r.get("acc_stderr") or 0.0) ** 2 for r in rows)) / len(rows)

@@ -63,7 +63,7 @@ def model_info(model: Any, source: str, peft: str | None = None) -> dict[str, An
 
         layers = parts(model.get_base_model() if hasattr(model, "get_base_model") else model).num_layers
     except Exception:  # noqa: BLE001 - informational only
-        layers = getattr(cfg, "num_hidden_layers", None)
+        layers = getattr(cfg, "num_hidden_layers", None)  # type: ignore[assignment]
     p = next(model.parameters())
     return {"source": str(source), "peft": peft, "model_type": getattr(cfg, "model_type", None),
             "num_layers": layers, "dtype": str(p.dtype).replace("torch.", ""), "device": str(p.device),

@@ -159,7 +159,7 @@ def write_offline_configs(tasks: Iterable[str], data_dir: str | os.PathLike, out
     out = Path(out_dir)
     root = lm_eval_tasks_dir()
     for name in tasks:
-        spec = SPECS.get(name)
+        spec = SPECS[name]
         files_by_task = local_files(name, data_dir, num_fewshot)
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
@@ -227,7 +227,7 @@ class TaskSource:
             if self._config_dir is None:
                 self._tmp = tempfile.TemporaryDirectory(prefix="layerprune-tasks-")
                 self._config_dir = Path(self._tmp.name)
-            write_offline_configs(self.tasks, self.data_dir, self._config_dir, self.num_fewshot)
+            write_offline_configs(self.tasks, str(self.data_dir), str(self._config_dir), self.num_fewshot)
             self.manager = TaskManager(include_path=str(self._config_dir), include_defaults=False)
         else:
             self.manager = TaskManager(include_path=self._online_paths(), include_defaults=False)

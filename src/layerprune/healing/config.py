@@ -2,26 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import LayerpruneError
+from ..options import opt
 
 TIE_MODES = ("head", "both", "frozen", "untie")
 TIE_DEFAULT = "head"  # chosen from measurements on SmolLM2 (docs/healing.md, "Tied embeddings")
-
-
-def opt(default: Any, help: str, group: str = "training", choices: tuple[str, ...] | None = None,
-        recipe: bool = True, **extra: Any) -> Any:
-    """A config field with the metadata the CLI flags and the recipe schema are generated from."""
-    meta = {"help": help, "group": group, "recipe": recipe, **extra}
-    if choices:
-        meta["choices"] = choices
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass

@@ -406,7 +406,7 @@ class _Run:
         optim = cfg.optim or ("paged_adamw_8bit" if self.behaviour.quantized and cuda
                               else TrainingArguments.__dataclass_fields__["optim"].default)
         gc = bool(cfg.gradient_checkpointing) and not self.behaviour.quantized  # qlora enables it itself
-        args = dict(
+        args: dict[str, Any] = dict(
             output_dir=str(self.ckpt_dir), overwrite_output_dir=True,
             per_device_train_batch_size=cfg.micro_batch_size,
             per_device_eval_batch_size=cfg.eval_batch_size or cfg.micro_batch_size,
@@ -494,7 +494,7 @@ def _full_model(trainer: HealTrainer) -> torch.nn.Module:
 def _params(cls: type) -> set[str]:
     import inspect
 
-    return set(inspect.signature(cls.__init__).parameters)
+    return set(inspect.signature(cls).parameters)
 
 
 def _supported(cls: type, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -56,7 +56,7 @@ class SharedPrefix:
         for i, layer in enumerate(teacher_layers):
             self._wrap(layer, i)
 
-    def _record(self, module: nn.Module, args: tuple, out: Any) -> None:
+    def _record(self, module: Any, args: tuple, out: Any) -> None:
         self.hidden = out if torch.is_tensor(out) else out[0]
 
     def _wrap(self, layer: nn.Module, i: int) -> None:
@@ -73,7 +73,7 @@ class SharedPrefix:
         layer.forward = forward
 
     @classmethod
-    def why_not(cls, student: nn.Module, teacher: nn.Module, first: int) -> str | None:
+    def why_not(cls, student: Any, teacher: Any, first: int) -> str | None:
         """Why the prefix cannot be shared, or None when student and teacher agree on it exactly."""
         from ..arch import parts
 
@@ -93,7 +93,7 @@ class SharedPrefix:
         self.handle.remove()
 
 
-def check_vocab(student: nn.Module, teacher: nn.Module) -> None:
+def check_vocab(student: Any, teacher: Any) -> None:
     """Teacher and student must score the same vocabulary."""
     s = student.get_output_embeddings().weight.shape[0]
     t = teacher.get_output_embeddings().weight.shape[0]

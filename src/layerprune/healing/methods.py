@@ -28,7 +28,7 @@ _HALF = (torch.float16, torch.bfloat16)
 class Prepared:
     """A prepared model and what the method did to it (recorded in heal.json)."""
 
-    model: nn.Module
+    model: Any
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -56,10 +56,10 @@ class HealMethod:
         """Extra ``from_pretrained`` keyword arguments."""
         return {}
 
-    def prepare(self, model: nn.Module, cfg: HealConfig) -> Prepared:
+    def prepare(self, model: Any, cfg: HealConfig) -> Prepared:
         raise NotImplementedError
 
-    def export(self, model: nn.Module, cfg: HealConfig, ctx: ExportContext) -> nn.Module:
+    def export(self, model: Any, cfg: HealConfig, ctx: ExportContext) -> nn.Module:
         """The trained model as a plain transformers model in ``ctx.save_dtype``."""
         return model.to(ctx.save_dtype)
 
@@ -82,7 +82,7 @@ def get_method(name: str) -> HealMethod:
 # ------------------------------------------------------------------------------------------------- helpers
 
 
-def trainable_parameters(model: nn.Module) -> int:
+def trainable_parameters(model: Any) -> int:
     """Distinct trainable parameters (a tied tensor counts once)."""
     seen: set[int] = set()
     n = 0
@@ -93,7 +93,7 @@ def trainable_parameters(model: nn.Module) -> int:
     return n
 
 
-def upcast_trainable(model: nn.Module) -> None:
+def upcast_trainable(model: Any) -> None:
     """Half-precision trainable weights become fp32 (AdamW updates of 1e-5 vanish in bf16); frozen weights
     keep their load dtype."""
     for p in model.parameters():
@@ -101,7 +101,7 @@ def upcast_trainable(model: nn.Module) -> None:
             p.data = p.data.float()
 
 
-def run_without_grad(module: nn.Module) -> None:
+def run_without_grad(module: Any) -> None:
     """Run ``module``'s forward under ``torch.no_grad``: a frozen prefix then records no autograd graph and
     stores no activations for backward. Patched per instance so state dicts and wrappers are unaffected."""
     if getattr(module, "_layerprune_nograd", False):
@@ -114,10 +114,10 @@ def run_without_grad(module: nn.Module) -> None:
             return fwd(*args, **kwargs)
 
     module.forward = forward
-    module._layerprune_nograd = True
+    setattr(module, "_layerprune_nograd", True)  # noqa: B010 (torch types module attributes as Tensors)
 
 
-def untie_head(model: nn.Module) -> bool:
+def untie_head(model: Any) -> bool:
     """Give the output head its own copy of a tied embedding matrix; returns whether it was tied.
 
     The config says ``tie_word_embeddings=False`` afterwards and transformers' tied-key map is cleared, so
@@ -162,7 +162,7 @@ def select_layers(spec: str | list[int] | tuple[int, ...], num_layers: int) -> l
     return sorted(idx)
 
 
-def linear_leaf_names(model: nn.Module) -> list[str]:
+def linear_leaf_names(model: Any) -> list[str]:
     """Names (last path component) of the linear projections inside the decoder layers, from the modules
     themselves: nn.Linear (and its quantized subclasses) and GPT-2 style Conv1D."""
     from transformers.pytorch_utils import Conv1D
@@ -177,7 +177,7 @@ def linear_leaf_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
-def lora_target_regex(model: nn.Module, names: list[str] | None = None) -> tuple[str, list[str]]:
+def lora_target_regex(model: Any, names: list[str] | None = None) -> tuple[str, list[str]]:
     """A PEFT ``target_modules`` regex matching ``names`` only inside the decoder layer list (so a head or a
     vision tower with the same leaf name is never adapted)."""
     names = sorted(names) if names else linear_leaf_names(model)
@@ -198,7 +198,7 @@ class PartialMethod(HealMethod):
 
     name = "partial"
 
-    def prepare(self, model: nn.Module, cfg: HealConfig) -> Prepared:
+    def prepare(self, model: Any, cfg: HealConfig) -> Prepared:
         p = parts(model)
         chosen = select_layers(cfg.layers, p.num_layers)
         was_tied = p.tied
@@ -240,7 +240,7 @@ class FullMethod(HealMethod):
 
     name = "full"
 
-    def prepare(self, model: nn.Module, cfg: HealConfig) -> Prepared:
+    def prepare(self, model: Any, cfg: HealConfig) -> Prepared:
         model.requires_grad_(True)
         upcast_trainable(model)
         return Prepared(model, {"tied_embeddings": parts(model).tied})
@@ -253,7 +253,7 @@ class LoraMethod(HealMethod):
     uses_peft = True
     use_dora = False
 
-    def lora_config(self, model: nn.Module, cfg: HealConfig) -> tuple[Any, list[str]]:
+    def lora_config(self, model: Any, cfg: HealConfig) -> tuple[Any, list[str]]:
         from peft import LoraConfig
 
         regex, names = lora_target_regex(model, cfg.lora_targets)
@@ -261,7 +261,7 @@ class LoraMethod(HealMethod):
                           task_type="CAUSAL_LM", target_modules=regex, use_dora=self.use_dora)
         return conf, names
 
-    def prepare(self, model: nn.Module, cfg: HealConfig) -> Prepared:
+    def prepare(self, model: Any, cfg: HealConfig) -> Prepared:
         from peft import get_peft_model
 
         conf, names = self.lora_config(model, cfg)
@@ -270,10 +270,10 @@ class LoraMethod(HealMethod):
         return Prepared(peft_model, {"targets": names, "r": cfg.lora_r, "alpha": cfg.lora_alpha,
                                      "dropout": cfg.lora_dropout, "dora": self.use_dora})
 
-    def _before_peft(self, model: nn.Module, cfg: HealConfig) -> None:
+    def _before_peft(self, model: Any, cfg: HealConfig) -> None:
         model.requires_grad_(False)
 
-    def export(self, model: nn.Module, cfg: HealConfig, ctx: ExportContext) -> nn.Module:
+    def export(self, model: Any, cfg: HealConfig, ctx: ExportContext) -> nn.Module:
         if ctx.adapter_dir is not None:
             model.save_pretrained(ctx.adapter_dir)
         return model.merge_and_unload().to(ctx.save_dtype)
@@ -306,7 +306,7 @@ class QLoraMethod(LoraMethod):
                                bnb_4bit_compute_dtype=torch.bfloat16)
         return {"quantization_config": q, "device_map": {"": 0 if device == "cuda" else device}}
 
-    def _before_peft(self, model: nn.Module, cfg: HealConfig) -> None:
+    def _before_peft(self, model: Any, cfg: HealConfig) -> None:
         from peft import prepare_model_for_kbit_training
 
         disable_cpu_packing(model)
@@ -314,7 +314,7 @@ class QLoraMethod(LoraMethod):
         prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
                                         gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def export(self, model: nn.Module, cfg: HealConfig, ctx: ExportContext) -> nn.Module:
+    def export(self, model: Any, cfg: HealConfig, ctx: ExportContext) -> nn.Module:
         from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
         from ..models import load_model
@@ -327,11 +327,11 @@ class QLoraMethod(LoraMethod):
         fresh = get_peft_model(base, conf)
         result = set_peft_model_state_dict(fresh, state)
         if getattr(result, "unexpected_keys", None):
-            raise LayerpruneError(f"adapter does not fit the full-precision base: {result.unexpected_keys[:3]}")
+            raise LayerpruneError(f"adapter does not fit the full-precision base: {result.unexpected_keys[:3]}")  # type: ignore[attr-defined]
         return fresh.merge_and_unload().to(ctx.save_dtype)
 
 
-def disable_cpu_packing(model: nn.Module) -> int:
+def disable_cpu_packing(model: Any) -> int:
     """Keep bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
 
     bitsandbytes 0.50 repacks a Linear4bit's weight on the first CPU forward in eval mode (AVX512-BF16
@@ -350,8 +350,8 @@ def disable_cpu_packing(model: nn.Module) -> int:
             mod.support_avx512bf16_for_cpu = False
             state = getattr(mod.weight, "quant_state", None)
             if state is not None and getattr(state, "packing_format_for_cpu", False):
-                mod.weight.data, mod.weight.quant_state = _convert_weight_packed_for_cpu_inverse(mod.weight.data,
-                                                                                               state)
+                weight: Any = mod.weight  # bitsandbytes' Params4bit carries the quant_state
+                weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
             n += 1
     return n
 
@@ -396,12 +396,12 @@ class DistillMethod(HealMethod):
     def load_kwargs(self, cfg: HealConfig, device: str) -> dict[str, Any]:
         return self.base(cfg).load_kwargs(cfg, device)
 
-    def prepare(self, model: nn.Module, cfg: HealConfig) -> Prepared:
+    def prepare(self, model: Any, cfg: HealConfig) -> Prepared:
         prep = self.base(cfg).prepare(model, cfg)
         prep.info["base_method"] = cfg.distill_base
         return prep
 
-    def export(self, model: nn.Module, cfg: HealConfig, ctx: ExportContext) -> nn.Module:
+    def export(self, model: Any, cfg: HealConfig, ctx: ExportContext) -> nn.Module:
         return self.base(cfg).export(model, cfg, ctx)
 
 

@@ -119,7 +119,8 @@ class ScoreContext:
         """Spread per-current-layer values onto original indices (None for removed layers)."""
         out: list[float | None] = [None] * self.num_layers
         for pos, orig in enumerate(self.layer_map):
-            out[orig] = None if per_current[pos] is None else float(per_current[pos])
+            v = per_current[pos]
+            out[orig] = None if v is None else float(v)
         return out
 
 
@@ -209,7 +210,7 @@ def make_metric(spec: str | Metric | tuple[str, dict[str, Any]], **options: Any)
     if key not in METRICS:
         raise LayerpruneError(f"unknown metric '{spec}'; choose from {', '.join(metric_names())}")
     cls, preset = METRICS[key]
-    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+    names: set[str] = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     kwargs = {k: v for k, v in {**options, **preset}.items() if k in names and v is not None}
     try:
         inst = cls(**kwargs)

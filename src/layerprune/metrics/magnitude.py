@@ -143,7 +143,8 @@ class Magnitude(_NormParams):
         out = []
         for m in metrics:
             assert isinstance(m, Magnitude)
-            vals, names = [], []
+            vals: list[float] = []
+            names: list[str] = []
             for layer in layers:
                 with _resident(layer):
                     v, names = m.score_layer(layer)

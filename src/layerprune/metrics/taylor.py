@@ -45,7 +45,8 @@ class Taylor(_NormParams):
         with torch.no_grad():
             for m in metrics:
                 assert isinstance(m, Taylor)
-                vals, names = [], []
+                vals: list[float] = []
+                names: list[str] = []
                 for pos, layer in enumerate(layers):
                     sal = {n: (p.detach().float() * grads[pos][n]).abs() for n, p in layer.named_parameters()}
                     v, names = m.score_layer(layer, sal)

@@ -35,9 +35,10 @@ def prune_checkpoint(model: str | os.PathLike, out_dir: str | os.PathLike, *, re
             remove = tail_layers(n, tail)
             method = method or "reverse"
             method_params = method_params or {"k": tail}
-        remove = validate_removal(remove, n)
+        remove = validate_removal(remove or [], n)
     elif tail is not None:
         raise LayerpruneError(f"--tail needs a local model folder with config.json: {path}")
+    assert remove is not None
     method = method or "manual"
     if streaming:
         dt = parse_dtype(dtype)

@@ -178,7 +178,7 @@ def _write_shard(path: Path, entries: list[_Entry], meta: dict[str, Any], cfg: d
                 raise LayerpruneError(f"replacement for {e.src_name} has the wrong shape or dtype")
             if needs_quirk or out_dtype[e.name] != e.dtype or override is not None:
                 t = override if override is not None else _load_tensor(e)
-                if needs_quirk:
+                if needs_quirk and adapter.tensor_quirk is not None and e.layer_rel is not None:
                     t = adapter.tensor_quirk(e.layer_rel, t, e.old, e.new, cfg)
                 if out_dtype[e.name] != e.dtype:
                     t = t.to(_ST_TO_TORCH[out_dtype[e.name]])

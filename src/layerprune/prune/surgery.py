@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -84,11 +85,11 @@ def _renumber(layer: nn.Module, new_idx: int) -> None:
     # into another layer's slot (transformers #30508).
     for mod in layer.modules():
         if isinstance(getattr(mod, "layer_idx", None), int):
-            mod.layer_idx = new_idx
+            setattr(mod, "layer_idx", new_idx)  # noqa: B010 (torch types module attributes as Tensors)
 
 
 @torch.no_grad()
-def prune_layers(model: nn.Module, remove: Iterable[int]) -> PruneRecord:
+def prune_layers(model: Any, remove: Iterable[int]) -> PruneRecord:
     """Remove decoder layers from ``model`` in place and return which original indices were kept/removed.
 
     No second model is built: the layer ModuleList is edited, every ``layer_idx`` renumbered, per-layer config

@@ -300,8 +300,9 @@ class RecipeRun:
                 paths[PRUNED], fps[PRUNED] = str(self.dir / FINAL), final_fp
         results: dict[str, Any] = {}
         for which in self.r["evaluate"]["models"]:
-            if which in paths and paths[which]:
-                results[which] = {"eval": self._evaluate(which, paths[which], fps[which])}
+            path, fp = paths.get(which), fps.get(which)
+            if path and fp:
+                results[which] = {"eval": self._evaluate(which, path, fp)}
         bench = None
         if self.r["measure"]["enabled"]:
             # Healing can change the size (an untied head), so every model is measured on its own.

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..errors import LayerpruneError
+from ..options import field_default
 
 # Marker types for the schema table.
 NUM = (int, float)
@@ -89,7 +91,7 @@ def _section_from_config(cls: type, defaults: dict[str, Any] | None = None) -> d
     for f in dataclasses.fields(cls):
         if f.metadata.get("recipe") is False:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = field_default(f)
         out[f.name] = (_schema_types(hints[f.name]), (defaults or {}).get(f.name, default))
     return out
 
@@ -215,7 +217,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
     """Read, override and validate a recipe YAML file."""
     p = Path(path)
     if not p.is_file():

@@ -40,7 +40,7 @@ def _base_model(m: dict) -> str | None:
     return name if _looks_like_hub_id(name) else None
 
 
-def model_card(manifest: RunManifest, repo_id: str | None = None) -> str:
+def model_card(manifest: RunManifest | dict[str, Any], repo_id: str | None = None) -> str:
     """A Hugging Face model card (``README.md``) for the pruned / healed checkpoint, with YAML front matter.
 
     ``repo_id``: where the checkpoint will live, used in the loading example (a placeholder otherwise).

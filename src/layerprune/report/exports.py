@@ -12,7 +12,7 @@ from ..errors import LayerpruneError
 from ..io import write_text
 from ..run_manifest import HEALED, RunManifest
 from .card import model_card
-from .format import _MERGEKIT_DTYPES, _layers
+from .format import _MERGEKIT_DTYPES, _dict, _layers
 from .tables import _check_manifest, _model_name, _results
 
 # --------------------------------------------------------------------------------------------------------------
@@ -80,12 +80,12 @@ def _export_source(m: dict) -> str:
 
 
 def _dtype_of(m: dict) -> str | None:
-    recipe = m.get("recipe") if isinstance(m.get("recipe"), dict) else {}
+    recipe = _dict(m.get("recipe"))
     d = m.get("dtype") or recipe.get("dtype")
     return str(d) if d and str(d).lower().removeprefix("torch.") in _MERGEKIT_DTYPES else None
 
 
-def write_exports(run_dir: str | os.PathLike, manifest: RunManifest) -> dict[str, Path]:
+def write_exports(run_dir: str | os.PathLike, manifest: RunManifest | dict[str, Any]) -> dict[str, Path]:
     """Write ``exports/{mergekit.yaml, llama_cpp_prune_layers.txt, model_card.md, README.md}`` into ``run_dir``."""
     m = _check_manifest(manifest)
     ex = Path(run_dir) / "exports"

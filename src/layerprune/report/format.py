@@ -23,6 +23,11 @@ _MERGEKIT_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _dict(x: Any) -> dict[str, Any]:
+    """``x`` when it is a dict, else an empty one (manifest sections are optional)."""
+    return x if isinstance(x, dict) else {}
+
+
 def _num(x: Any) -> float | None:
     """A finite float, or None for anything else (None, NaN, strings, bools)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):

@@ -8,13 +8,14 @@ import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from ..io import write_text
 from ..run_manifest import RunManifest
 from .document import Block, Bullets, Code, Heading, Image, Para, Table, render_html, render_markdown
-from .format import _fmt, _fmt_seconds, _fmt_value, _layer_list, _layers, _num, _scalar
+from .format import _dict, _fmt, _fmt_seconds, _fmt_value, _layer_list, _layers, _num, _scalar
 from .plots import plot_accuracy, plot_layer_scores, plot_loss, plot_similarity
 from .tables import (
     _check_manifest,
@@ -106,7 +107,7 @@ def _section_compensation(m: dict, run_dir: Path) -> list[Block]:
 
 def _section_heal(m: dict, run_dir: Path) -> list[Block]:
     lines = _describe_heal(m)
-    heal = m.get("heal") if isinstance(m.get("heal"), dict) else {}
+    heal = _dict(m.get("heal"))
     p = None
     if isinstance(heal.get("log_history"), list):
         p = plot_loss(heal["log_history"], run_dir / "plots" / "loss.png")
@@ -139,7 +140,7 @@ def _section_timings(m: dict, run_dir: Path) -> list[Block]:
     rows = [[str(k), _fmt(v, 1), _fmt_seconds(v)] for k, v in t.items() if _num(v) is not None]
     if not rows:
         return []
-    total = sum(_num(v) for v in t.values() if _num(v) is not None)
+    total = sum(x for x in (_num(v) for v in t.values()) if x is not None)
     rows.append(["total", f"{total:.1f}", _fmt_seconds(total)])
     return [Heading(2, "Timings"), Table(["stage", "seconds", "h:mm:ss"], rows)]
 
@@ -193,7 +194,7 @@ def build_report(run_dir: Path, manifest: dict) -> list[Block]:
 
 
 
-def write_report(run_dir: str | os.PathLike, manifest: RunManifest) -> dict[str, Path]:
+def write_report(run_dir: str | os.PathLike, manifest: RunManifest | dict[str, Any]) -> dict[str, Path]:
     """Write ``report.md`` (plots as files under ``plots/``) and a self-contained ``report.html`` into ``run_dir``.
 
     Manifest keys (all optional but ``model``, ``removed_layers``, ``kept_layers``): ``recipe``,
@@ -206,12 +207,12 @@ def write_report(run_dir: str | os.PathLike, manifest: RunManifest) -> dict[str,
     Returns ``{"report.md": path, "report.html": path, "plots/<name>.png": path, ...}``.
     """
     run_dir = Path(run_dir)
-    manifest = _check_manifest(manifest)
+    m = _check_manifest(manifest)
     run_dir.mkdir(parents=True, exist_ok=True)
-    blocks = build_report(run_dir, manifest)
+    blocks = build_report(run_dir, m)
     out = {"report.md": write_text(run_dir / "report.md", render_markdown(blocks)),
            "report.html": write_text(run_dir / "report.html",
-                                      render_html(blocks, f"layerprune report: {_model_name(manifest)}"))}
+                                      render_html(blocks, f"layerprune report: {_model_name(m)}"))}
     out.update({b.rel: b.path for b in blocks if isinstance(b, Image)})
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +11,7 @@ from ..errors import LayerpruneError
 from ..run_manifest import STAGES
 from .document import Block, Bullets, Heading, Para, Table
 from .format import (
+    _dict,
     _fmt,
     _fmt_pm,
     _fmt_seconds,
@@ -61,8 +63,8 @@ def _num_layers(m: dict) -> int | None:
 
 def _describe_method(m: dict) -> list[str]:
     """Human-readable lines about how the layers were chosen, from the recipe and the scores."""
-    recipe = m.get("recipe") if isinstance(m.get("recipe"), dict) else {}
-    prune = recipe.get("prune") if isinstance(recipe.get("prune"), dict) else {}
+    recipe = _dict(m.get("recipe"))
+    prune = _dict(recipe.get("prune"))
     lines = []
     if recipe.get("name"):
         lines.append(f"Recipe: `{recipe['name']}`")
@@ -95,7 +97,7 @@ def compensation_table(m: dict) -> Table | None:
     for b in comp["blocks"]:
         if not isinstance(b, dict):
             continue
-        fit = b.get("fit") if isinstance(b.get("fit"), dict) else {}
+        fit = _dict(b.get("fit"))
         rows.append([_layer_list(_layers(b.get("removed"))), f"`{b.get('fold_point')}`", str(b.get("map")),
                      _fmt(fit.get("relative_error_before"), 4), _fmt(fit.get("relative_error_after"), 4),
                      _fmt(fit.get("cosine_before"), 4), _fmt(fit.get("cosine_after", fit.get("alpha")), 4),
@@ -110,9 +112,9 @@ def compensation_table(m: dict) -> Table | None:
 
 
 def _describe_heal(m: dict) -> list[str]:
-    heal = m.get("heal") if isinstance(m.get("heal"), dict) else {}
-    recipe = m.get("recipe") if isinstance(m.get("recipe"), dict) else {}
-    rh = recipe.get("heal") if isinstance(recipe.get("heal"), dict) else {}
+    heal = _dict(m.get("heal"))
+    recipe = _dict(m.get("recipe"))
+    rh = _dict(recipe.get("heal"))
     if not heal and not rh:
         return []
     method = heal.get("method") or rh.get("method")
@@ -135,7 +137,7 @@ def _describe_heal(m: dict) -> list[str]:
     return lines
 
 
-def summary_table(m: dict) -> Table | None:
+def summary_table(m: Any) -> Table | None:
     """Dense vs pruned vs healed: size, speed, perplexity, Avg Acc; relative change against dense."""
     res = _results(m)
     if not res:
@@ -160,7 +162,7 @@ def summary_table(m: dict) -> Table | None:
     add("Prefill latency (ms)", lambda s, r: r.get("prefill_ms"), _fmt)
     add("Decode (tokens/s)", lambda s, r: r.get("decode_tok_s"), lambda v: _fmt(v, 1))
     for ds in _ppl_datasets(res):
-        add(f"PPL {ds}", lambda s, r, ds=ds: _ppl_value(r, ds), _fmt)
+        add(f"PPL {ds}", functools.partial(lambda s, r, ds: _ppl_value(r, ds), ds=ds), _fmt)
     add("Avg Acc", lambda s, r: _avg_acc(r), lambda v: _fmt(v, 4))
     if not rows:
         return None
@@ -272,7 +274,7 @@ def zero_shot_blocks(m: dict) -> list[Block]:
 # --------------------------------------------------------------------------------------------------------------
 # Plots (matplotlib Figure objects directly: no pyplot, no global backend state)
 
-def _check_manifest(manifest: Any) -> dict:
+def _check_manifest(manifest: Any) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise LayerpruneError("run manifest must be a JSON object")
     missing = [k for k in ("removed_layers", "kept_layers") if not isinstance(manifest.get(k), list)]

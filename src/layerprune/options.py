@@ -1,0 +1,33 @@
+"""Option metadata shared by every configurable stage: a config dataclass's fields are the single source of
+each option's default, type, choices and help; the CLI flags (``cli/common.py``) and the recipe schema
+(``recipe/schema.py``) are generated from them."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import field
+from typing import Any
+
+
+def opt(default: Any, help: str, group: str = "training", choices: tuple[str, ...] | None = None,
+        recipe: bool = True, **extra: Any) -> Any:
+    """A config field with its help text, argparse group, choices and whether recipes accept it
+    (``recipe=False``: command line only; ``cli=False`` in ``extra``: API only)."""
+    meta = {"help": help, "group": group, "recipe": recipe, **extra}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    """A field's default value (calling its default factory)."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    factory: Any = f.default_factory
+    return factory()
+
+
+__all__ = ["field_default", "opt"]
