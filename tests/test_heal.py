@@ -82,23 +82,36 @@ def test_partial_trains_exactly_norm_head_and_last_layers(tmp_path, data_file, a
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
 def test_default_partial_keeps_a_tied_model_tied(tmp_path, data_file, arch):
-    """Default tie mode "head": the shared matrix trains through the head only; the output stays tied and has
-    exactly the pruned model's parameter count; the frozen prefix still runs without autograd."""
+    """Default tie mode "frozen": head and embeddings stay fixed, the last layers and the final norm train; the
+    output stays tied and has exactly the pruned model's parameter count."""
+    from layerprune.healing.config import TIE_DEFAULT
     from layerprune.models import count_parameters
 
+    assert TIE_DEFAULT == "frozen"
     src = save_tiny(tmp_path / "src", arch, tie_word_embeddings=True)
     snap = Snap()
     r = heal(src, tmp_path / "out", callbacks=[snap], method="partial", layers="last2", data=str(data_file), **FAST)
-    expected = {n for n in snap.before if n.startswith(("model.norm.", "model.embed_tokens.", "model.layers.4.",
-                                                          "model.layers.5."))}
+    expected = {n for n in snap.before if n.startswith(("model.norm.", "model.layers.4.", "model.layers.5."))}
     assert snap.changed() == expected
     info = r["method_info"]
-    assert info["tie_mode"] == "head" and info["untied"] is False and info["frozen_prefix_layers"] == 4
+    assert info["tie_mode"] == "frozen" and info["untied"] is False and info["frozen_prefix_layers"] == 4
     out = load_model(tmp_path / "out", dtype=torch.float32)
     assert parts(out).tied and count_parameters(out) == count_parameters(load_model(src))
     assert not (set(out.state_dict()) - set(load_model(src).state_dict()))
     with torch.no_grad():
         assert torch.allclose(out(input_ids=PROBE).logits, snap.logits, rtol=0, atol=1e-5)
+
+
+def test_tie_mode_head_trains_the_shared_matrix_through_the_head_only(tmp_path, data_file):
+    src = save_tiny(tmp_path / "src", "llama", tie_word_embeddings=True)
+    snap = Snap()
+    r = heal(src, tmp_path / "out", callbacks=[snap], method="partial", layers="last2", data=str(data_file),
+             tie_mode="head", **FAST)
+    expected = {n for n in snap.before if n.startswith(("model.norm.", "model.embed_tokens.", "model.layers.4.",
+                                                          "model.layers.5."))}
+    assert snap.changed() == expected
+    assert r["method_info"]["frozen_prefix_layers"] == 4  # the lookup is detached: the prefix still runs no_grad
+    assert parts(load_model(tmp_path / "out")).tied
     assert r["prefix_cache"]["used"] is False and "embedding" in r["prefix_cache"]["why"]
 
 
@@ -318,7 +331,7 @@ def test_shared_prefix_distill_equals_plain_and_calls_fewer_teacher_layers(tmp_p
 
     src = save_tiny(tmp_path / "src", "llama", tie_word_embeddings=tied)
     prune_checkpoint(str(src), tmp_path / "pruned", tail=2)
-    mode = "frozen" if tied else "head"  # "head" trains a tied matrix, which the prefix reads: no sharing
+    mode = "frozen"  # (the default) "head" would train a tied matrix that the prefix reads: no sharing
     res, logs, snaps = {}, {}, {}
     for share in (True, False):
         logs[share], snaps[share] = Logs(), Snap()

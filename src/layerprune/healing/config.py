@@ -9,8 +9,8 @@ from typing import Any
 from ..errors import LayerpruneError
 from ..options import opt
 
-TIE_MODES = ("head", "both", "frozen", "untie")
-TIE_DEFAULT = "head"  # chosen from measurements on SmolLM2 (docs/healing.md, "Tied embeddings")
+TIE_MODES = ("frozen", "head", "both", "untie")
+TIE_DEFAULT = "frozen"  # chosen from measurements on SmolLM2 (docs/healing.md, "Tied embeddings")
 
 
 @dataclass
@@ -25,11 +25,12 @@ class HealConfig:
     method: str = opt("partial", "healing method (the method registry)", "method")
     layers: str | list[int] = opt("last3", "partial: lastK, lm_head (norm + head only), all, or indices like "
                                            "18,19,21", "method")
-    tie_mode: str = opt(TIE_DEFAULT, "partial on a tied-embedding model: head = train the shared matrix through "
-                                     "the head only (stays tied, no larger); both = through both uses; frozen = "
-                                     "head fixed; untie = the head gets its own copy (+vocab x hidden "
-                                     "parameters)", "method", TIE_MODES)
-    untie: bool | None = opt(None, "same as --tie-mode untie (--no-untie: the default tied mode)", "method")
+    tie_mode: str = opt(TIE_DEFAULT, "partial on a tied-embedding model: frozen = head and embeddings fixed "
+                                     "(stays tied, no larger); head = train the shared matrix through the head "
+                                     "only; both = through both uses; untie = the head gets its own copy (+vocab x "
+                                     "hidden parameters)", "method", TIE_MODES)
+    untie: bool | None = opt(None, "legacy switch: --untie = --tie-mode untie, --no-untie = --tie-mode both",
+                             "method")
     lora_r: int = opt(8, "LoRA rank", "method")
     lora_alpha: int = opt(16, "LoRA alpha", "method")
     lora_dropout: float = opt(0.05, "LoRA dropout", "method")
@@ -137,9 +138,8 @@ class HealConfig:
             raise LayerpruneError("prefix_cache_gb must be 0 (off) or positive")
         if self.tie_mode not in TIE_MODES:
             raise LayerpruneError(f"tie_mode must be one of {', '.join(TIE_MODES)}, not '{self.tie_mode}'")
-        if self.untie is not None:
-            want = "untie" if self.untie else (TIE_DEFAULT if self.tie_mode == "untie" else self.tie_mode)
-            self.tie_mode = want
+        if self.untie is not None:  # the legacy switch: --untie / --no-untie (train the tied matrix in both roles)
+            self.tie_mode = "untie" if self.untie else "both"
         if self.overflow not in ("truncate", "drop"):
             raise LayerpruneError(f"overflow must be 'truncate' or 'drop', not '{self.overflow}'")
 
