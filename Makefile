@@ -9,10 +9,11 @@ export TOKENIZERS_PARALLELISM ?= false
 # elsewhere. Without it the demo uses the Hub, or stops at once saying how to point it at local data.
 export LAYERPRUNE_DATA ?= $(wildcard $(abspath ../shared/data))
 
-# The demo: the paper's best-practice recipe at CPU size (a few hundred small healing steps, a limited
-# evaluation); about 15 minutes on 2 cores. Override DEMO_SET to change it.
-DEMO_SET ?= --set heal.max_steps=200 --set heal.batch_size=2 --set heal.micro_batch_size=2 \
-	--set heal.cutoff_len=128 --set heal.lr=1e-4 --set heal.warmup_steps=20 --set heal.eval_steps=50 \
+# The demo: the paper's best-practice recipe (reverse order, lm_head + last three layers) with least-squares
+# compensation first, at CPU-sized settings chosen from measured pilots (docs/healing.md, "CPU settings"):
+# 100 steps of batch 8, lr 2e-3 (tied head frozen), a limited evaluation; about 20 minutes on 2 cores.
+DEMO_SET ?= --set heal.max_steps=100 --set heal.batch_size=8 --set heal.micro_batch_size=4 \
+	--set heal.cutoff_len=128 --set heal.lr=2e-3 --set heal.warmup_steps=10 --set heal.eval_steps=25 \
 	--set heal.val_size=100 --set 'evaluate.tasks=[piqa,arc_easy,arc_challenge,hellaswag,winogrande,openbookqa]' \
 	--set evaluate.limit=40 --set evaluate.ppl_max_tokens=16384 --set evaluate.batch_size=16 \
 	--set measure.new_tokens=32 --set 'measure.batch=[1]' --set measure.repeats=3

@@ -13,6 +13,10 @@ Prints, per cell and budget, PPL and validation loss; then, as ratios measured i
 
     python bench/heal_quality.py                          # budgets 2,5,10 minutes (about 70 minutes in all)
     python bench/heal_quality.py --budgets 1,2 --cells partial:lstsq,distill:lstsq
+    # the six cells as two processes side by side (2 cores), then one summary:
+    python bench/heal_quality.py --cells partial:none,partial:lstsq,distill:none --json a.json &
+    python bench/heal_quality.py --cells distill:lstsq,lora:none,lora:lstsq --json b.json; wait
+    python bench/heal_quality.py --merge a.json b.json
 """
 
 from __future__ import annotations
@@ -58,11 +62,25 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="extra heal option for every cell (YAML value), e.g. train_on_inputs=true")
     p.add_argument("--tag", default="", help="suffix of the cells' output folders (parallel runs)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="print the summary of several --json results (cells run side by side on two cores)")
     return p.parse_args(argv)
 
 
 def main() -> int:
     args = parse()
+    if args.merge:
+        merged: dict = {"cells": {}}
+        for f in args.merge:
+            part = json.loads(Path(f).read_text())
+            merged["cells"].update(part["cells"])
+            merged.setdefault("ppl", part.get("ppl"))
+        budgets = sorted(float(b) * 60 for b in json.loads(Path(args.merge[0]).read_text())["settings"]["budgets"]
+                         .split(","))
+        print(f"PPL dense {merged['ppl']['dense']:.1f}  pruned {merged['ppl']['pruned']:.4g}  "
+              f"lstsq {merged['ppl']['lstsq']:.1f}")
+        _summary(merged, budgets)
+        return 0
     import torch
     from transformers import TrainerCallback
 
