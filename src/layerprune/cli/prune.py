@@ -13,6 +13,7 @@ from ..compensation import CompensationConfig
 from ..errors import LayerpruneError
 from ..pipeline import prune_by_metric
 from ..prune import parse_layer_list, prune_checkpoint
+from ..scoring import MODES as SCORE_MODES
 from .common import add_config_args, add_dtype_arg, add_model_arg, add_out_args, add_verbose, config_from_args
 from .score import (
     add_calib_args,
@@ -49,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="re-score the pruned model after every --step removals (SLEB-style, no healing)")
     s.add_argument("--step", type=int, default=1, help="layers removed per iteration (default: 1)")
     add_protect_args(s)
-    s.add_argument("--score-mode", default="memory", choices=("memory", "dispatch", "layerwise"),
+    s.add_argument("--score-mode", default="memory", choices=SCORE_MODES,
                    help="how scoring holds the model (see 'layerprune score --mode'; default: memory)")
     s.add_argument("--device", default=None, help="device for scoring (default: cuda if any)")
     s.add_argument("--offload-folder", default=None, help="dispatch scoring: folder for disk-offloaded weights")

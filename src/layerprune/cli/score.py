@@ -10,6 +10,7 @@ from typing import Any
 
 from ..data.calibration import DEFAULT_SOURCE, CalibSpec
 from ..errors import LayerpruneError
+from ..scoring import MODES as SCORE_MODES
 from .common import add_data_dir_arg, add_dtype_arg, add_model_arg, add_out_args, add_verbose
 
 
@@ -36,21 +37,23 @@ def add_calib_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_metric_option_args(p: argparse.ArgumentParser) -> None:
+    """One flag per metric parameter, generated from the metric classes' dataclass fields (their ``help``,
+    ``choices`` and ``flag`` metadata); the default None leaves each metric its own default."""
+    from ..metrics.base import metric_options
+
     g = p.add_argument_group("metric parameters (each metric takes the ones it has)")
-    g.add_argument("--p", type=int, choices=(1, 2), default=None,
-                   help="norm order for magnitude (default 2; magnitude_l1/_l2 fix it) and taylor (default 1)")
-    g.add_argument("--weight-reduction", choices=("sum", "mean", "max", "prod"), default=None,
-                   help="magnitude/taylor: reduction over a matrix's outputs (default: sum)")
-    g.add_argument("--block-reduction", choices=("sum", "mean", "max", "prod"), default=None,
-                   help="magnitude/taylor: reduction over a layer's matrices (default: sum)")
-    g.add_argument("--no-norms", dest="include_norms", action="store_false", default=None,
-                   help="magnitude/taylor: leave normalisation weights out")
-    g.add_argument("--seed-compat", action="store_true", default=None,
-                   help="reproduce the seed: magnitude/taylor ||W||_p^p, bi as one global cosine")
-    g.add_argument("--angular-tokens", dest="tokens", choices=("all", "last"), default=None,
-                   help="angular: average over all tokens (default) or the last token of each sample")
-    g.add_argument("--naive-ppl", dest="reuse_prefix", action="store_false", default=None,
-                   help="ppl: run the naive remove-one loop instead of prefix reuse (same scores, slower)")
+    for name, (f, owners) in metric_options().items():
+        flag = f.metadata.get("flag") or "--" + name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": name, "default": None,
+                              "help": f"{'/'.join(sorted(owners))}: {f.metadata.get('help', name)}"}
+        if f.type in ("bool", bool):
+            # A flag that names the non-default setting: --seed-compat (True), --no-norms (False).
+            kw["action"] = "store_false" if f.default is True else "store_true"
+        else:
+            kw["type"] = type(f.default)
+            if f.metadata.get("choices"):
+                kw["choices"] = f.metadata["choices"]
+        g.add_argument(flag, **kw)
 
 
 def add_protect_args(p: argparse.ArgumentParser) -> None:
@@ -61,7 +64,7 @@ def add_protect_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_mode_args(p: argparse.ArgumentParser, flag: str = "--mode") -> None:
-    p.add_argument(flag, dest="score_mode", default="memory", choices=("memory", "dispatch", "layerwise"),
+    p.add_argument(flag, dest="score_mode", default="memory", choices=SCORE_MODES,
                    help="memory: load the model; dispatch: accelerate device_map=auto with CPU/disk offload; "
                         "layerwise: read one decoder layer at a time from safetensors (default: memory)")
     p.add_argument("--device", default=None, help="device for memory/layerwise modes (default: cuda if any)")
@@ -93,8 +96,9 @@ def calib_spec_from_args(args: argparse.Namespace) -> CalibSpec:
 
 
 def metric_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    opts = {k: getattr(args, k, None) for k in ("p", "weight_reduction", "block_reduction", "include_norms",
-                                                 "seed_compat", "tokens", "reuse_prefix")}
+    from ..metrics.base import metric_options
+
+    opts = {k: getattr(args, k, None) for k in metric_options()}
     opts["seed"] = args.seed
     return {k: v for k, v in opts.items() if v is not None}
 

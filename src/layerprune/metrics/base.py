@@ -220,6 +220,22 @@ def make_metric(spec: str | Metric | tuple[str, dict[str, Any]], **options: Any)
     return inst
 
 
+def metric_options() -> dict[str, tuple[dataclasses.Field, list[str]]]:
+    """Every metric parameter the registered metric classes declare (field name -> (field, metric names)): the
+    CLI's metric flags are generated from these, so a new metric parameter is one dataclass field."""
+    out: dict[str, tuple[dataclasses.Field, list[str]]] = {}
+    for _key, (cls, preset) in sorted(METRICS.items()):
+        if not dataclasses.is_dataclass(cls):
+            continue
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("cli") is False or f.name in preset or f.name.startswith("_"):
+                continue
+            entry = out.setdefault(f.name, (f, []))
+            if cls.name not in entry[1]:
+                entry[1].append(cls.name)
+    return out
+
+
 def parse_metric_list(values: Sequence[str] | str | None) -> list[str]:
     """``['bi,angular', 'cka']`` -> ``['bi', 'angular', 'cka']`` (order kept, duplicates dropped)."""
     if values is None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -104,11 +104,16 @@ def layer_norm_score(rows_iter: Iterator[tuple[str, str, torch.Tensor]], p: int,
 
 @dataclass
 class _NormParams(Metric):
-    p: int = 2
-    weight_reduction: str = "sum"
-    block_reduction: str = "sum"
-    seed_compat: bool = False
-    include_norms: bool = True
+    p: int = field(default=2, metadata={"help": "norm order (magnitude default 2, magnitude_l1/_l2 fix it; taylor "
+                                                "default 1)", "choices": (1, 2)})
+    weight_reduction: str = field(default="sum", metadata={"help": "reduction over a matrix's outputs",
+                                                           "choices": REDUCTIONS})
+    block_reduction: str = field(default="sum", metadata={"help": "reduction over a layer's matrices",
+                                                          "choices": REDUCTIONS})
+    seed_compat: bool = field(default=False, metadata={"help": "reproduce the seed: ||W||_p^p (bi: one global "
+                                                               "cosine)"})
+    include_norms: bool = field(default=True, metadata={"flag": "--no-norms", "help": "leave normalisation "
+                                                        "weights out"})
 
     def __post_init__(self) -> None:
         if self.p not in (1, 2):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -52,7 +52,8 @@ class Perplexity(Metric):
     group: ClassVar[str] = "ppl"
     supports_layerwise: ClassVar[bool] = True
     cache_exclude: ClassVar[tuple[str, ...]] = ("reuse_prefix",)
-    reuse_prefix: bool = True
+    reuse_prefix: bool = field(default=True, metadata={"flag": "--naive-ppl", "help": "run the naive remove-one "
+                                                       "loop instead of prefix reuse (same scores, slower)"})
 
     @classmethod
     def run(cls, metrics: list[Metric], model: nn.Module, calib: Any, ctx: ScoreContext) -> list[MetricResult]:

@@ -23,7 +23,7 @@ sweep over the weights).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -215,7 +215,8 @@ class BlockInfluence(HiddenStateMetric):
     """ShortGPT Block Influence: 1 - mean token cosine between a layer's input and output."""
 
     name: ClassVar[str] = "bi"
-    seed_compat: bool = False
+    seed_compat: bool = field(default=False, metadata={"help": "reproduce the seed: ||W||_p^p (bi: one global "
+                                                               "cosine)"})
 
     def collector(self, n: int) -> Collector:
         return BICollector(n)
@@ -237,7 +238,9 @@ class Angular(HiddenStateMetric):
 
     name: ClassVar[str] = "angular"
     contiguous: ClassVar[bool] = True
-    tokens: str = "all"
+    tokens: str = field(default="all", metadata={"flag": "--angular-tokens", "choices": ("all", "last"),
+                                                 "help": "average over all tokens or the last token of each "
+                                                         "sample"})
 
     def __post_init__(self) -> None:
         if self.tokens not in ("all", "last"):

@@ -10,7 +10,7 @@ last layers go first. Neither applies first/last protection.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import nn
@@ -51,7 +51,7 @@ class RandomOrder(_Static):
 
     name: ClassVar[str] = "random"
     group: ClassVar[str] = "random"
-    seed: int = 42
+    seed: int = field(default=42, metadata={"cli": False})  # the calibration --seed
 
     def values(self, num_layers: int) -> list[float]:
         order = random.Random(self.seed).sample(range(num_layers), num_layers)
