@@ -124,3 +124,26 @@ def test_no_model_type_lists_outside_arch():
         if re.search(r'\(\s*"(llama|gemma|gpt2|qwen2)"\s*,\s*"', text) or re.search(r'\{\s*"(llama|gemma)"\s*,', text):
             offenders.append(str(path.relative_to(ROOT)))
     assert not offenders, offenders
+
+
+def test_options_have_one_source():
+    """CLI flags and recipe keys are generated from the stage configs and the metric classes."""
+    import dataclasses
+
+    from layerprune.cli import build_parser
+    from layerprune.compensation import CompensationConfig
+    from layerprune.healing.config import HealConfig
+    from layerprune.healing.methods import METHODS
+    from layerprune.metrics.base import metric_options
+    from layerprune.recipe.schema import SCHEMA
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    dests = {name: {a.dest: a for a in p._actions} for name, p in sub.items()}
+    heal_fields = [f for f in dataclasses.fields(HealConfig)]
+    assert {f.name for f in heal_fields if f.metadata.get("cli") is not False} <= set(dests["heal"])
+    assert set(SCHEMA["heal"]) == {f.name for f in heal_fields if f.metadata.get("recipe") is not False}
+    assert SCHEMA["heal"]["lr"][1] == HealConfig().lr and SCHEMA["heal"]["tie_mode"][1] == HealConfig().tie_mode
+    assert tuple(dests["heal"]["method"].choices) == tuple(METHODS)
+    assert {f.name for f in dataclasses.fields(CompensationConfig)} <= set(dests["compensate"])
+    assert set(SCHEMA["compensate"]) == {f.name for f in dataclasses.fields(CompensationConfig)}
+    assert set(metric_options()) <= set(dests["score"]) and set(metric_options()) <= set(dests["prune"])

@@ -22,9 +22,24 @@ from .metrics.base import Metric
 from .models import build_manifest, count_parameters, load, resolve_model, save_pruned
 from .prune import PruneRecord, prune_checkpoint, prune_layers
 from .scoring import model_fingerprint, score
-from .select import IterationStep, Selection, resolve_k, select_layers, select_one_shot
+from .select import IterationStep, Selection, resolve_k, select_one_shot
 
 StepCallback = Callable[[nn.Module, IterationStep, list[int]], None]
+
+
+def score_and_select(model: Any, metrics: list[Any], k: int, calib: Any = None, *, protect_first: int = 0,
+                     protect_last: int = 0, **score_kwargs: Any) -> tuple[Any, Selection]:
+    """Score ``model`` with ``metrics`` (the first selects) and choose ``k`` layers: the one step that
+    prune-by-metric, every round of iterative pruning and the recipe's score stage share.
+
+    ``score_kwargs`` go to :func:`layerprune.scoring.score` (``layer_map``/``num_layers`` for a model that is
+    already pruned, ``mode``, ``cache``, ...). Returns (ScoreResults, Selection in original indices).
+    """
+    res = score(model, metrics, calib, **score_kwargs)
+    label = next(iter(res.results))  # results keep the requested order: the selecting metric first
+    sel = select_one_shot(res.results[label], k, protect_first=protect_first, protect_last=protect_last,
+                          metric=res.metric_objects.get(label))
+    return res, sel
 
 
 def iterative_prune(model: nn.Module, metric: str | Metric, k: int, *, step: int = 1, calib: Any = None,
@@ -48,10 +63,11 @@ def iterative_prune(model: nn.Module, metric: str | Metric, k: int, *, step: int
     bar = tqdm(total=k, desc=f"iterative {m.label}", disable=not progress, leave=False)
     while len(order) < k:
         it += 1
-        res = score(model, [m], calib, layer_map=kept, num_layers=n0, batch_size=batch_size,
-                    progress=progress, cache=False).results[m.label]
         s = min(step, k - len(order))
-        chosen = select_layers(res, s, protect_first=protect_first, protect_last=protect_last, metric=m)
+        results, picked = score_and_select(model, [m], s, calib, protect_first=protect_first,
+                                           protect_last=protect_last, layer_map=kept, num_layers=n0,
+                                           batch_size=batch_size, progress=progress, cache=False)
+        res, chosen = results.results[m.label], picked.removed
         positions = [kept.index(i) for i in chosen]
         prune_layers(model, positions)
         order.extend(i for i in res.removal_order() if i in set(chosen))
@@ -119,11 +135,11 @@ def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, met
 
     fp = model_fingerprint(path)
     if compensation is not None:
-        res = score(path, [m], spec if m.needs_calibration else None, mode=score_mode, batch_size=batch_size,
-                    cache=cache, dtype=dtype, device=device, offload_folder=offload_folder, max_memory=max_memory,
-                    progress=progress)
+        res, sel = score_and_select(path, [m], k, spec if m.needs_calibration else None,
+                                    protect_first=protect_first, protect_last=protect_last, mode=score_mode,
+                                    batch_size=batch_size, cache=cache, dtype=dtype, device=device,
+                                    offload_folder=offload_folder, max_memory=max_memory, progress=progress)
         r = res.results[m.label]
-        sel = select_one_shot(r, k, protect_first=protect_first, protect_last=protect_last, metric=m)
         params["calibration"] = res.calibration
         man = compensate_checkpoint(path, out_dir, remove=sel.removed, config=compensation, seed=spec.seed,
                                     calib_data_dir=spec.data_dir, dtype=dtype, device=device, overwrite=overwrite,
@@ -134,9 +150,9 @@ def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, met
         # Load once: score the model, then prune that same object.
         mdl, tok = load(path, dtype=dtype, device=device)
         cal = build_calibration(tok, spec) if m.needs_calibration else None
-        res = score(mdl, [m], cal, batch_size=batch_size, cache=cache, fingerprint=fp, progress=progress)
+        res, sel = score_and_select(mdl, [m], k, cal, protect_first=protect_first, protect_last=protect_last,
+                                    batch_size=batch_size, cache=cache, fingerprint=fp, progress=progress)
         r = res.results[m.label]
-        sel = select_one_shot(r, k, protect_first=protect_first, protect_last=protect_last, metric=m)
         params["calibration"] = res.calibration
         before = count_parameters(mdl)
         record = prune_layers(mdl, sel.removed)
@@ -145,11 +161,11 @@ def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, met
                                   params_after=count_parameters(mdl), mode="in-memory")
         save_pruned(mdl, None, out_dir, manifest, overwrite=overwrite, copy_from=path)
         return record, sel
-    res = score(path, [m], spec if m.needs_calibration else None, mode=score_mode, batch_size=batch_size,
-                cache=cache, dtype=dtype, device=device, offload_folder=offload_folder, max_memory=max_memory,
-                progress=progress)
+    res, sel = score_and_select(path, [m], k, spec if m.needs_calibration else None, protect_first=protect_first,
+                                protect_last=protect_last, mode=score_mode, batch_size=batch_size, cache=cache,
+                                dtype=dtype, device=device, offload_folder=offload_folder, max_memory=max_memory,
+                                progress=progress)
     r = res.results[m.label]
-    sel = select_one_shot(r, k, protect_first=protect_first, protect_last=protect_last, metric=m)
     params["calibration"] = res.calibration
     record = prune_checkpoint(path, out_dir, remove=sel.removed, streaming=streaming, dtype=dtype,
                               overwrite=overwrite, method=m.label, method_params=params,
@@ -157,4 +173,4 @@ def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, met
     return record, sel
 
 
-__all__ = ["StepCallback", "iterative_prune", "prune_by_metric"]
+__all__ = ["StepCallback", "iterative_prune", "prune_by_metric", "score_and_select"]

@@ -95,8 +95,7 @@ class RecipeRun:
 
         def fn(tmp: Path) -> dict[str, Any]:
             from ..data.calibration import CalibSpec
-            from ..scoring import score
-            from ..select import select_one_shot
+            from ..pipeline import score_and_select
 
             spec = CalibSpec(source=p["calib"], nsamples=p["nsamples"], seqlen=p["seqlen"], seed=self.r["seed"],
                              split=p["calib_split"], data_dir=self.data_dir)
@@ -104,17 +103,16 @@ class RecipeRun:
             metrics: list[Any] = [metric]
             if p["similarity"] and layer_map is None and p["metric"] != "cka":
                 metrics.append("cka")  # the report's similarity heat map; shares the forward of bi/angular
+            protect = {"protect_first": p["protect_first"], "protect_last": p["protect_last"]}
             if layer_map is not None:
                 from ..models import load
 
                 model, tok = load(model_path, dtype=self.r["dtype"])
-                res = score(model, metrics, spec, tokenizer=tok, layer_map=layer_map, num_layers=self.n0,
-                            cache=False)
+                res, sel = score_and_select(model, metrics, k, spec, tokenizer=tok, layer_map=layer_map,
+                                            num_layers=self.n0, cache=False, **protect)
             else:
-                res = score(model_path, metrics, spec, dtype=self.r["dtype"])
-            label = next(iter(res.results))  # results keep the requested order: the selecting metric first
-            sel = select_one_shot(res.results[label], k, protect_first=p["protect_first"],
-                                  protect_last=p["protect_last"], metric=res.metric_objects.get(label))
+                res, sel = score_and_select(model_path, metrics, k, spec, dtype=self.r["dtype"], **protect)
+            label = next(iter(res.results))
             res.write(tmp, k=None, overwrite=True)
             # Highlight what was actually removed (iterative rounds select among the remaining layers).
             data = read_json(tmp / "scores.json")
