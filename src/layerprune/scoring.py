@@ -33,6 +33,7 @@ from .data.calibration import Calibration, CalibSpec, build_calibration
 from .errors import LayerpruneError
 from .io import atomic_dir, write_json
 from .metrics.base import HIGHER, Metric, MetricResult, ScoreContext, make_metric
+from .plots import plot_layer_scores, plot_score_heatmaps
 from .select import resolve_k, select_layers
 
 SCORES_JSON = "scores.json"
@@ -152,10 +153,10 @@ class ScoreResults:
             write_json(tmp / SCORES_JSON, data)
             write_csv(tmp / SCORES_CSV, data)
             if plots:
-                plot_scores(tmp / SCORES_PNG, data)
+                plot_layer_scores({k: v for k, v in data["metrics"].items()}, (), tmp / SCORES_PNG)
                 if any(m.get("extra", {}).get("matrix") is not None or m.get("block_scores")
                        for m in data["metrics"].values()):
-                    plot_similarity(tmp / SIMILARITY_PNG, data)
+                    plot_score_heatmaps(data, tmp / SIMILARITY_PNG)
         return Path(out_dir)
 
 
@@ -178,73 +179,6 @@ def write_csv(path: Path, data: dict[str, Any]) -> None:
                 row += [m["scores"][i] if m["scores"][i] is not None else "", rank,
                         "" if sel is None else int(i in sel)]
             w.writerow(row)
-
-
-def plot_scores(path: Path, data: dict[str, Any]) -> None:
-    """One bar chart per metric over the original layer index; selected layers highlighted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(data["metrics"])
-    n = data["num_layers"]
-    fig, axes = plt.subplots(len(names), 1, figsize=(max(6.0, 0.28 * n + 2), 2.4 * len(names) + 0.6),
-                             squeeze=False)
-    for ax, name in zip(axes[:, 0], names):
-        m = data["metrics"][name]
-        vals = [_json_num(v) if v is not None else float("nan") for v in m["scores"]]
-        sel = set(m.get("selected") or [])
-        colors = ["#d62728" if i in sel else "#4c72b0" for i in range(n)]
-        ax.bar(range(n), vals, color=colors)
-        arrow = "higher = more important" if m["direction"] == HIGHER else "lower = more important"
-        extra = f"; removed (red): {sorted(sel)}" if sel else ""
-        ax.set_title(f"{name} ({arrow}){extra}", fontsize=9)
-        ax.set_xticks(range(n))
-        ax.tick_params(axis="x", labelsize=6)
-        ax.set_xlim(-0.6, n - 0.4)
-    axes[-1, 0].set_xlabel("original layer index")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_similarity(path: Path, data: dict[str, Any]) -> None:
-    """Heat maps: linear CKA between layer outputs, and angular distance d(start, block size)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    panels = []
-    for name, m in data["metrics"].items():
-        if m.get("extra", {}).get("matrix") is not None:
-            panels.append((f"{name}: linear CKA of layer outputs", np.array(m["extra"]["matrix"], dtype=float),
-                           "layer", "layer", m["extra"].get("matrix_layers")))
-        if m.get("block_scores"):
-            sizes = sorted(int(s) for s in m["block_scores"])
-            starts = [i for i in range(data["num_layers"]) if m["block_scores"][str(sizes[0])][i] is not None]
-            arr = np.full((len(starts), len(sizes)), np.nan)
-            for c, s in enumerate(sizes):
-                for r, a in enumerate(starts):
-                    v = m["block_scores"][str(s)][a]
-                    arr[r, c] = np.nan if v is None else float(v)
-            panels.append((f"{name}: distance(start, block size)", arr, "block size n", "start layer", starts))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
-    for ax, (title, arr, xl, yl, labels) in zip(axes[0], panels):
-        im = ax.imshow(arr, cmap="coolwarm", aspect="auto", origin="lower")
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel(xl)
-        ax.set_ylabel(yl)
-        if labels is not None and len(labels) == arr.shape[0]:
-            step = max(1, len(labels) // 16)
-            ax.set_yticks(range(0, len(labels), step))
-            ax.set_yticklabels([str(v) for v in labels[::step]], fontsize=6)
-        fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def _load_for_mode(path: str, mode: str, dtype: Any, device: str | None, offload_folder: str | None,

@@ -159,8 +159,8 @@ def write_offline_configs(tasks: Iterable[str], data_dir: str | os.PathLike, out
     out = Path(out_dir)
     root = lm_eval_tasks_dir()
     for name in tasks:
+        files_by_task = local_files(name, data_dir, num_fewshot)  # an unknown task is a one-line error
         spec = SPECS[name]
-        files_by_task = local_files(name, data_dir, num_fewshot)
         folder = out / name
         folder.mkdir(parents=True, exist_ok=True)
         src = root / spec.builtin_dir

@@ -15,10 +15,10 @@ section, never the report, because the report is written at the end of a long jo
 
 from __future__ import annotations
 
+from ..plots import plot_accuracy, plot_layer_scores, plot_loss, plot_similarity
 from .card import model_card
 from .document import render_html, render_markdown
 from .exports import contiguous_runs, llama_cpp_prune_list, mergekit_yaml, write_exports
-from .plots import plot_accuracy, plot_layer_scores, plot_loss, plot_similarity
 from .sections import build_report, write_report
 from .tables import compensation_table, summary_table
 

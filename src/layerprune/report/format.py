@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from typing import Any
+
+from ..plots import finite as _num
 
 CITATION = """@article{lu2024reassessing,
   title   = {Reassessing Layer Pruning in LLMs: New Insights and Methods},
@@ -28,12 +29,6 @@ def _dict(x: Any) -> dict[str, Any]:
     return x if isinstance(x, dict) else {}
 
 
-def _num(x: Any) -> float | None:
-    """A finite float, or None for anything else (None, NaN, strings, bools)."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
 
 
 def fmt_count(n: Any) -> str:

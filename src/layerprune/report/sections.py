@@ -13,11 +13,12 @@ from typing import Any
 import yaml
 
 from ..io import write_text
+from ..plots import plot_accuracy, plot_layer_scores, plot_loss, plot_similarity
 from ..run_manifest import RunManifest
 from .document import Block, Bullets, Code, Heading, Image, Para, Table, render_html, render_markdown
 from .format import _dict, _fmt, _fmt_seconds, _fmt_value, _layer_list, _layers, _num, _scalar
-from .plots import plot_accuracy, plot_layer_scores, plot_loss, plot_similarity
 from .tables import (
+    _avg_acc,
     _check_manifest,
     _describe_heal,
     _describe_method,
@@ -94,7 +95,8 @@ def _section_similarity(m: dict, run_dir: Path) -> list[Block]:
 def _section_zero_shot(m: dict, run_dir: Path) -> list[Block]:
     blocks = zero_shot_blocks(m)
     if blocks:
-        p = plot_accuracy(_results(m), run_dir / "plots" / "accuracy.png")
+        res = _results(m)
+        p = plot_accuracy(res, run_dir / "plots" / "accuracy.png", {s: _avg_acc(r) for s, r in res.items()})
         if p:
             blocks.append(Image("plots/accuracy.png", p, "zero-shot accuracy before and after"))
     return blocks

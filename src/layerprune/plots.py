@@ -1,17 +1,28 @@
-"""Every plot of the report (and of ``layerprune score``), drawn with matplotlib's Agg backend."""
+"""Every plot layerprune draws (score plots, the report's plots), with matplotlib's object API (no pyplot
+state, no display needed)."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..run_manifest import STAGES
-from .format import _num
-from .tables import _avg_acc
+from .run_manifest import STAGES
 
 # --------------------------------------------------------------------------------------------------------------
+
+
+def finite(x: Any) -> float | None:
+    """A finite float, or None for anything else (None, NaN, strings, bools)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    v = float(x)
+    return v if math.isfinite(v) else None
+
+
+_num = finite
 
 
 def _figure(w: float, h: float) -> Any:
@@ -38,7 +49,8 @@ def plot_layer_scores(scores: dict[str, dict], removed: Iterable[int], path: Pat
     for ax, (name, entry) in zip(axes, scores.items()):
         vals = [_num(v) for v in entry["scores"]]
         xs = list(range(len(vals)))
-        colors = ["#d62728" if i in removed else "#4c72b0" for i in xs]
+        red = removed | set(entry.get("selected") or [])  # scores.json marks each metric's own selection
+        colors = ["#d62728" if i in red else "#4c72b0" for i in xs]
         ax.bar(xs, [v if v is not None else 0.0 for v in vals], color=colors)
         for i, v in enumerate(vals):
             if v is None:  # e.g. a layer already removed in an earlier iterative round
@@ -78,7 +90,7 @@ def plot_similarity(matrix: list[list[float]], name: str, removed: Iterable[int]
     return _save(fig, path)
 
 
-def plot_accuracy(res: dict[str, dict], path: Path) -> Path | None:
+def plot_accuracy(res: dict[str, dict], path: Path, avg: dict[str, float | None] | None = None) -> Path | None:
     """Grouped bars per task (and Avg Acc) for each stage, with stderr error bars."""
     stages = [s for s in res if isinstance(res[s].get("zero_shot"), dict)]
     tasks: list[str] = []
@@ -98,7 +110,7 @@ def plot_accuracy(res: dict[str, dict], path: Path) -> Path | None:
             v = zs.get(t) if isinstance(zs.get(t), dict) else {}
             vals.append(_num(v.get("acc")) or 0.0)
             errs.append(_num(v.get("acc_stderr")) or 0.0)
-        vals.append(_avg_acc(res[s]) or 0.0)
+        vals.append((avg or {}).get(s) or 0.0)
         errs.append(0.0)
         xs = [i + (k - (len(stages) - 1) / 2) * width for i in range(len(labels))]
         ax.bar(xs, vals, width, yerr=errs, capsize=2, label=s, color=palette.get(s))
@@ -135,3 +147,39 @@ def plot_loss(log_history: list[dict], path: Path) -> Path | None:
 
 # --------------------------------------------------------------------------------------------------------------
 # Sections
+
+
+def plot_score_heatmaps(data: dict[str, Any], path: Path) -> Path | None:
+    """``layerprune score``'s heat maps: linear CKA between layer outputs, and angular distance d(start, block
+    size), one panel each, from a scores.json dict."""
+    import numpy as np
+
+    panels = []
+    for name, m in data["metrics"].items():
+        if m.get("extra", {}).get("matrix") is not None:
+            panels.append((f"{name}: linear CKA of layer outputs", np.array(m["extra"]["matrix"], dtype=float),
+                           "layer", "layer", m["extra"].get("matrix_layers")))
+        if m.get("block_scores"):
+            sizes = sorted(int(s) for s in m["block_scores"])
+            starts = [i for i in range(data["num_layers"]) if m["block_scores"][str(sizes[0])][i] is not None]
+            arr = np.full((len(starts), len(sizes)), np.nan)
+            for c, s in enumerate(sizes):
+                for r, a in enumerate(starts):
+                    v = m["block_scores"][str(s)][a]
+                    arr[r, c] = np.nan if v is None else float(v)
+            panels.append((f"{name}: distance(start, block size)", arr, "block size n", "start layer", starts))
+    if not panels:
+        return None
+    fig = _figure(5.2 * len(panels), 4.6)
+    axes = fig.subplots(1, len(panels), squeeze=False)
+    for ax, (title, arr, xl, yl, labels) in zip(axes[0], panels):
+        im = ax.imshow(arr, cmap="coolwarm", aspect="auto", origin="lower")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xl)
+        ax.set_ylabel(yl)
+        if labels is not None and len(labels) == arr.shape[0]:
+            step = max(1, len(labels) // 16)
+            ax.set_yticks(range(0, len(labels), step))
+            ax.set_yticklabels([str(v) for v in labels[::step]], fontsize=6)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    return _save(fig, path)
