@@ -176,7 +176,7 @@ def test_peft_adapter_in_process_matches_lm_eval_loading(tmp_path, data_dir, no_
     """--peft applies the adapter (scores change) and in-process wrapping equals lm-eval loading the paths."""
     from peft import LoraConfig, get_peft_model
 
-    from layerprune.evaluation.report import load_for_eval
+    from layerprune.models import load_for_eval
 
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "lora"
     make_tiny("llama").save_pretrained(base_dir)

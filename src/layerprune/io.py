@@ -88,3 +88,23 @@ def _default(o: Any) -> Any:
     if isinstance(o, (set, frozenset)):
         return sorted(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def write_results(out_dir: str | os.PathLike, name: str, data: Any, markdown: str | None = None,
+                 overwrite: bool = False) -> Path:
+    """Write ``name.json`` (and ``name.md``) into ``out_dir`` (created if needed), each file atomically.
+
+    The folder may hold other stages' outputs (a run directory), so only these two files are replaced, and
+    only with ``overwrite``.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise LayerpruneError(f"output path exists and is not a folder: {out}")
+    target = out / f"{name}.json"
+    if target.exists() and not overwrite:
+        raise LayerpruneError(f"{target} exists (use --overwrite)")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(target, data)
+    if markdown is not None:
+        write_text(out / f"{name}.md", markdown)
+    return target

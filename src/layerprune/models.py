@@ -234,3 +234,37 @@ def copy_aux_files(src: Path, dst: Path, overwrite: bool = True) -> list[str]:
         shutil.copy2(f, dst / f.name)
         copied.append(f.name)
     return copied
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_for_eval(model: str, dtype: str = "auto", device: str | None = None, peft: str | None = None
+                  ) -> tuple[Any, Any]:
+    """Model (optionally with a PEFT adapter applied, unmerged) and tokenizer, in eval mode on ``device``."""
+    m, tok = load(model, dtype, device or default_device())
+    if peft:
+        if not Path(peft).is_dir():
+            raise LayerpruneError(f"PEFT adapter folder not found: {peft}")
+        from peft import PeftModel
+
+        m = PeftModel.from_pretrained(m, peft).eval()
+    return m, tok
+
+
+def model_info(model: Any, source: str, peft: str | None = None) -> dict[str, Any]:
+    """What was evaluated: source, adapter, type, layers, dtype, parameter count."""
+    cfg = getattr(model, "config", None)
+    try:
+        from .arch import parts
+
+        layers = parts(model.get_base_model() if hasattr(model, "get_base_model") else model).num_layers
+    except Exception:  # noqa: BLE001 - informational only
+        layers = getattr(cfg, "num_hidden_layers", None)  # type: ignore[assignment]
+    p = next(model.parameters())
+    return {"source": str(source), "peft": peft, "model_type": getattr(cfg, "model_type", None),
+            "num_layers": layers, "dtype": str(p.dtype).replace("torch.", ""), "device": str(p.device),
+            "params": count_parameters(model)}

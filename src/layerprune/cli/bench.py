@@ -30,8 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation.report import load_for_eval, write_report
+    from ..io import write_results
     from ..measurement import markdown, measure, speedup
+    from ..models import load_for_eval
 
     try:
         batches = tuple(int(b) for b in str(args.batch).split(",") if b.strip())
@@ -56,6 +57,6 @@ def run(args: argparse.Namespace) -> int:
     table = markdown(res["result"], dense, sp)
     print(table, end="")
     if args.out:
-        path = write_report(args.out, "bench", res, f"# Efficiency: {args.model}\n\n{table}", args.overwrite)
+        path = write_results(args.out, "bench", res, f"# Efficiency: {args.model}\n\n{table}", args.overwrite)
         print(f"wrote {path}")
     return 0

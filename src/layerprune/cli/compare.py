@@ -37,8 +37,9 @@ def run(args: argparse.Namespace) -> int:
     from ..data.presets import resolve_data_dir
     from ..evaluation.agreement import compare
     from ..evaluation.perplexity import PRESETS, check_not_calibration
-    from ..evaluation.report import load_for_eval, model_info, write_report
     from ..evaluation.tasks import parse_tasks
+    from ..io import write_results
+    from ..models import load_for_eval, model_info
 
     data_dir = resolve_data_dir(args.data_dir)
     split = args.split or PRESETS["seed"].split_for(args.data)
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     table = "\n".join(lines) + "\n"
     print(table, end="")
     if args.out:
-        path = write_report(args.out, "compare", res, f"# Teacher agreement: {args.pruned} vs {args.teacher}\n\n"
+        path = write_results(args.out, "compare", res, f"# Teacher agreement: {args.pruned} vs {args.teacher}\n\n"
                             f"{table}", args.overwrite)
         print(f"wrote {path}")
     return 0

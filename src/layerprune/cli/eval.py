@@ -61,8 +61,8 @@ def _parse_model_args(text: str | None) -> dict[str, object]:
 def run(args: argparse.Namespace) -> int:
     from ..data.presets import resolve_data_dir
     from ..evaluation.harness import evaluate, markdown_table
-    from ..evaluation.report import default_device, load_for_eval, model_info, write_report
-    from ..models import resolve_model
+    from ..io import write_results
+    from ..models import default_device, load_for_eval, model_info, resolve_model
 
     data_dir = resolve_data_dir(args.data_dir)
     limit = args.limit
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     table = markdown_table(summary)
     print(table, end="")
     if args.out:
-        path = write_report(args.out, "eval", summary, f"# Zero-shot evaluation: {args.model}\n\n{table}",
+        path = write_results(args.out, "eval", summary, f"# Zero-shot evaluation: {args.model}\n\n{table}",
                             args.overwrite)
         print(f"wrote {path}")
     return 0

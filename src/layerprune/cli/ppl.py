@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data.presets import resolve_data_dir
     from ..evaluation.perplexity import check_not_calibration, perplexity, resolve_protocol
-    from ..evaluation.report import load_for_eval, model_info, write_report
+    from ..io import write_results
+    from ..models import load_for_eval, model_info
 
     data_dir = resolve_data_dir(args.data_dir)
     proto = resolve_protocol(args.preset, seq_len=args.seqlen, stride=args.stride, bos=args.bos)
@@ -71,6 +72,6 @@ def run(args: argparse.Namespace) -> int:
     print(table, end="")
     if args.out:
         data = {"model": model_info(model, args.model, args.peft), "results": results}
-        path = write_report(args.out, "ppl", data, f"# Perplexity: {args.model}\n\n{table}", args.overwrite)
+        path = write_results(args.out, "ppl", data, f"# Perplexity: {args.model}\n\n{table}", args.overwrite)
         print(f"wrote {path}")
     return 0
