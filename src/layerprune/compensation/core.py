@@ -16,7 +16,6 @@ corrects what actually reaches it (a map fitted on the dense model would assume 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -314,7 +313,5 @@ def fit_summary(fits: list[BlockFit], adapter: Any, method: CompMethod, calib: A
             "blocks": [f.describe(adapter) for f in fits], "seconds": round(seconds, 2),
             "order": "blocks in order on the progressively compensated model, targets from the dense model"}
 
-
-ProgressFn = Callable[[str], None]
 
 __all__ = ["BlockFit", "fit_in_memory", "fit_layerwise", "fit_summary", "fold_in_memory", "fold_overrides"]

@@ -111,7 +111,6 @@ class CompMethod:
 
     name = "base"
     map_shape = "matrix"
-    needs_m = True
     doc = ""
 
     def __init__(self, ridge: float = 0.0, steps: int = 100, lr: float = 1e-3, max_tokens: int = 16384):
@@ -223,7 +222,6 @@ class CosineMethod(LstsqMethod):
 class ScaleMethod(CompMethod):
     name = "scale"
     map_shape = "scalar"
-    needs_m = False
     doc = "magnitude compensation (Prune&Comp): rescale the residual after the block to the dense norm"
 
     def params(self) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -360,11 +359,6 @@ def build_calibration(tokenizer: Any, spec: CalibSpec | None = None, **overrides
     return Calibration(ids, torch.ones_like(ids), info)
 
 
-def spec_from_env(**kwargs: Any) -> CalibSpec:
-    """A CalibSpec whose ``data_dir`` falls back to ``$LAYERPRUNE_DATA`` (convenience for scripts)."""
-    kwargs.setdefault("data_dir", os.environ.get("LAYERPRUNE_DATA") or None)
-    return CalibSpec(**kwargs)
-
 
 __all__ = ["DEFAULT_SOURCE", "PRESETS", "CalibSpec", "Calibration", "Preset", "build_calibration",
-           "load_texts", "read_text_file", "sample_documents", "sample_stream", "spec_from_env"]
+           "load_texts", "read_text_file", "sample_documents", "sample_stream"]

@@ -23,7 +23,7 @@ import json
 import math
 import os
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -290,10 +290,6 @@ def perplexity(model: nn.Module, tokenizer: Any, dataset: str = "wikitext2",
         "model_type": str(getattr(getattr(model, "config", None), "model_type", "")),
     }
     return {"ppl": math.exp(nll / count), "nll": nll / count, "card": card}
-
-
-def protocol_dict(p: Protocol) -> dict[str, Any]:
-    return asdict(p)
 
 
 # ---------------------------------------------------------------------------------------------------------------

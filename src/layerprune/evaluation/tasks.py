@@ -105,14 +105,6 @@ def subjects(name: str) -> list[str]:
     return subs
 
 
-def _subtask_dataset_name(yaml_path: Path) -> str:
-    # Subtask YAMLs are flat 'key: value' files; the subject is their dataset_name (same as the file suffix).
-    import yaml
-
-    cfg = yaml.safe_load(yaml_path.read_text(encoding="utf-8")) or {}
-    return str(cfg.get("dataset_name") or yaml_path.stem.split("_", 1)[1])
-
-
 def local_files(name: str, data_dir: Path, num_fewshot: int = 0) -> dict[str, dict[str, Path]]:
     """Local files per (sub)task: ``{task_name: {split: path}}``; a missing file is a one-line error."""
     if name not in SPECS:

@@ -7,7 +7,6 @@ Only the main process writes the output; checkpoints live in ``<out>.checkpoints
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -514,9 +513,5 @@ def _heal_summary(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def config_digest(cfg: dict[str, Any]) -> str:
-    """A short stable hash of a settings dict (for recipes that cache stages)."""
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-
-__all__ = ["HEAL_FILE", "config_digest", "heal"]
+__all__ = ["HEAL_FILE", "heal"]

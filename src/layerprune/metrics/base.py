@@ -138,7 +138,6 @@ class Metric:
     needs_calibration: ClassVar[bool] = True
     contiguous: ClassVar[bool] = False
     protectable: ClassVar[bool] = True
-    supports_layerwise: ClassVar[bool] = False
     # Parameters that change the scores; everything else (e.g. prefix reuse on/off) is an implementation
     # choice that must give equal scores and so is left out of the cache key.
     cache_exclude: ClassVar[tuple[str, ...]] = ()

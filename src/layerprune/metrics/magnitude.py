@@ -139,7 +139,6 @@ class Magnitude(_NormParams):
     name: ClassVar[str] = "magnitude"
     group: ClassVar[str] = "magnitude"
     needs_calibration: ClassVar[bool] = False
-    supports_layerwise: ClassVar[bool] = True
 
     @classmethod
     @torch.no_grad()

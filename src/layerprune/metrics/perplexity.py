@@ -50,7 +50,6 @@ class Perplexity(Metric):
 
     name: ClassVar[str] = "ppl"
     group: ClassVar[str] = "ppl"
-    supports_layerwise: ClassVar[bool] = True
     cache_exclude: ClassVar[tuple[str, ...]] = ("reuse_prefix",)
     reuse_prefix: bool = field(default=True, metadata={"flag": "--naive-ppl", "help": "run the naive remove-one "
                                                        "loop instead of prefix reuse (same scores, slower)"})

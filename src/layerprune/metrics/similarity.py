@@ -171,7 +171,6 @@ class HiddenStateMetric(Metric):
     """Base of the metrics computed from layer inputs/outputs in the shared forward."""
 
     group: ClassVar[str] = "hidden"
-    supports_layerwise: ClassVar[bool] = True
 
     def collector(self, n: int) -> Collector:
         raise NotImplementedError

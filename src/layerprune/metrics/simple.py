@@ -22,7 +22,6 @@ from .base import Metric, MetricResult, ScoreContext, register_metric
 class _Static(Metric):
     needs_calibration: ClassVar[bool] = False
     protectable: ClassVar[bool] = False
-    supports_layerwise: ClassVar[bool] = True
 
     def values(self, num_layers: int) -> list[float]:
         raise NotImplementedError

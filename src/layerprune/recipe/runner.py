@@ -84,7 +84,6 @@ class RecipeRun:
         from ..select import resolve_k
 
         self.k = resolve_k(self.n0, p["num_layers"], None if p["num_layers"] is not None else p["ratio"])
-        self.timings: dict[str, float] = {}
         self.heal_stage: str | None = None  # the stage whose heal.json the manifest reports (None: FINAL)
 
     # ---- stages -------------------------------------------------------------------------------------------

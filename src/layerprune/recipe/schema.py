@@ -13,11 +13,9 @@ from ..errors import LayerpruneError
 from ..options import field_default
 
 # Marker types for the schema table.
-NUM = (int, float)
 OPT_STR = (str, type(None))
 OPT_INT = (int, type(None))
 OPT_NUM = (int, float, type(None))
-OPT_BOOL = (bool, type(None))
 LIST_STR = "list[str]"
 LIST_INT = "list[int]"
 

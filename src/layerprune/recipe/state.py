@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -78,6 +77,3 @@ class RunState:
         self.save()
         return result
 
-    def invalidate(self, name: str) -> None:
-        self.stages.pop(name, None)
-        shutil.rmtree(self.dir / name, ignore_errors=True)

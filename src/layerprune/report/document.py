@@ -6,7 +6,7 @@ import base64
 import html
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -47,14 +47,6 @@ class Code:
 
 
 Block = Heading | Para | Bullets | Table | Image | Code
-
-
-@dataclass
-class _Doc:
-    blocks: list[Block] = field(default_factory=list)
-
-    def add(self, *blocks: Block) -> None:
-        self.blocks.extend(blocks)
 
 
 def _md_cell(s: str) -> str:
