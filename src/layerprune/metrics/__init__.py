@@ -17,7 +17,9 @@ cka        1 - CKA(layer input, output); CKA matrix            calib      memory
 
 from __future__ import annotations
 
-from . import magnitude, perplexity, similarity, simple, taylor  # noqa: F401  (registration)
+import importlib
+import pkgutil
+
 from .base import (
     HIGHER,
     LOWER,
@@ -35,6 +37,12 @@ from .perplexity import Perplexity, remove_one_nll_naive, remove_one_nll_prefix
 from .similarity import CKA, Angular, BlockInfluence
 from .simple import RandomOrder, Reverse
 from .taylor import Taylor, taylor_gradients
+
+# Every module of this package registers its metrics on import: a new metric is one new module (or one class in
+# an existing one) with @register_metric, nothing to list here.
+for _mod in pkgutil.iter_modules(__path__):
+    if not _mod.name.startswith("_") and _mod.name not in ("base", "layerwise"):
+        importlib.import_module(f"{__name__}.{_mod.name}")
 
 __all__ = ["CKA", "HIGHER", "LOWER", "METRICS", "Angular", "BlockInfluence", "Magnitude", "Metric", "MetricResult",
            "Perplexity", "RandomOrder", "Reverse", "ScoreContext", "Taylor", "make_metric", "metric_names",
