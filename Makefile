@@ -13,7 +13,7 @@ export LAYERPRUNE_DATA ?= $(wildcard $(abspath ../shared/data))
 # compensation first, at CPU-sized settings chosen from measured pilots (docs/healing.md, "CPU settings"):
 # 100 steps of batch 8, lr 2e-3 (tied head frozen), a limited evaluation; about 20 minutes on 2 cores.
 DEMO_SET ?= --set heal.max_steps=100 --set heal.batch_size=8 --set heal.micro_batch_size=4 \
-	--set heal.cutoff_len=128 --set heal.lr=2e-3 --set heal.warmup_steps=10 --set heal.eval_steps=25 \
+	--set heal.cutoff_len=128 --set heal.lr=2e-3 --set heal.warmup_steps=10 --set heal.eval_steps=50 \
 	--set heal.val_size=100 --set 'evaluate.tasks=[piqa,arc_easy,arc_challenge,hellaswag,winogrande,openbookqa]' \
 	--set evaluate.limit=40 --set evaluate.ppl_max_tokens=16384 --set evaluate.batch_size=16 \
 	--set measure.new_tokens=32 --set 'measure.batch=[1]' --set measure.repeats=3
