@@ -106,7 +106,7 @@ def compensate_checkpoint(model: str | os.PathLike, out_dir: str | os.PathLike, 
     from ..io import check_out_dir
     from ..models import build_manifest, count_parameters, load, load_tokenizer, resolve_model, save_pruned
     from ..prune.surgery import tail_layers, validate_removal
-    from .core import fit_in_memory, fit_layerwise, fit_summary, fold_in_memory, fold_overrides
+    from .core import fit_layerwise, fit_summary, fold_overrides
     from .plan import Block, plan_blocks
 
     cfg = config or CompensationConfig()
@@ -155,14 +155,8 @@ def compensate_checkpoint(model: str | os.PathLike, out_dir: str | os.PathLike, 
     mdl, tok = load(path, dtype=dtype, device=device)
     cal = build_calibration(tok, spec)
     before = count_parameters(mdl)
-    fits = fit_in_memory(mdl, removed, cal, comp, batch_size=cfg.batch_size, progress=progress)
-    from ..arch import parts
-    from ..prune.surgery import prune_layers
-
-    ad = parts(mdl).adapter
-    fold_in_memory(mdl, fits, removed)
-    record = prune_layers(mdl, removed)
-    summary = fit_summary(fits, ad, comp, cal, "in-memory", time.perf_counter() - t0)
+    out = compensate(mdl, removed, cal, method=comp, batch_size=cfg.batch_size, progress=progress)
+    record, summary = out["record"], out["compensation"]
     manifest = build_manifest(str(model), record, method=method_name, params=params, scores=scores,
                               params_before=before, params_after=count_parameters(mdl), mode="in-memory",
                               compensation=summary)
