@@ -30,4 +30,17 @@ def field_default(f: dataclasses.Field) -> Any:
     return factory()
 
 
-__all__ = ["field_default", "opt"]
+def from_kwargs(cls: Any, what: str, kwargs: dict[str, Any]) -> Any:
+    """``cls(**kwargs)`` validated; an unknown key is a one-line error listing the valid ones."""
+    from .errors import LayerpruneError
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise LayerpruneError(f"unknown {what} option(s) {unknown}; valid: {', '.join(sorted(names))}")
+    cfg = cls(**kwargs)
+    cfg.validate()
+    return cfg
+
+
+__all__ = ["field_default", "from_kwargs", "opt"]

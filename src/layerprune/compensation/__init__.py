@@ -9,7 +9,6 @@ pruner). Methods live in a registry (:mod:`.methods`): ``lstsq``, ``cosine``, ``
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import options
 from ..errors import LayerpruneError
 from ..options import opt
 from .methods import METHODS, CompMethod, make_method
@@ -60,13 +60,7 @@ class CompensationConfig:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> CompensationConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise LayerpruneError(f"unknown compensation option(s) {unknown}; valid: {', '.join(sorted(names))}")
-        cfg = cls(**kwargs)
-        cfg.validate()
-        return cfg
+        return options.from_kwargs(cls, "compensation", kwargs)
 
 
 def compensate(model: Any, remove: list[int], calib: Any, *, method: str | CompMethod = "lstsq",

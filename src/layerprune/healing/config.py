@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from .. import options
 from ..errors import LayerpruneError
 from ..options import opt
 
@@ -106,13 +107,7 @@ class HealConfig:
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> HealConfig:
         """Build from keyword arguments; an unknown key is a one-line error listing the valid ones."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(kwargs) - names)
-        if unknown:
-            raise LayerpruneError(f"unknown heal option(s) {unknown}; valid: {', '.join(sorted(names))}")
-        cfg = cls(**kwargs)
-        cfg.validate()
-        return cfg
+        return options.from_kwargs(cls, "heal", kwargs)
 
     def validate(self) -> None:
         if self.micro_batch_size < 1 or self.batch_size < 1:
