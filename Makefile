@@ -16,7 +16,7 @@ DEMO_SET ?= --set heal.max_steps=100 --set heal.batch_size=8 --set heal.micro_ba
 	--set heal.cutoff_len=128 --set heal.lr=2e-3 --set heal.warmup_steps=10 --set heal.eval_steps=50 \
 	--set heal.val_size=100 --set 'evaluate.tasks=[piqa,arc_easy,arc_challenge,hellaswag,winogrande,openbookqa]' \
 	--set evaluate.limit=40 --set evaluate.ppl_max_tokens=16384 --set evaluate.batch_size=16 \
-	--set measure.new_tokens=32 --set 'measure.batch=[1]' --set measure.repeats=3
+	--set measure.new_tokens=32 --set 'measure.batch=[1]' --set measure.repeats=3 --set workers=2
 
 .PHONY: setup demo test test-slow test-all lint bench reproduce clean
 

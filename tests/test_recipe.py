@@ -134,6 +134,38 @@ def test_compensation_stage_between_prune_and_heal(tiny_smol, tmp_path, data_dir
     assert json.loads((out / "compensated" / "layerprune.json").read_text())["compensation"]["method"] == "lstsq"
 
 
+def test_workers_evaluate_in_background_with_equal_results(tiny_smol, tmp_path, data_dir, monkeypatch):
+    """workers: 2 evaluates dense/pruned/compensated in a worker process beside healing: same numbers."""
+    monkeypatch.setenv("LAYERPRUNE_DATA", str(data_dir))
+    r = _recipe(tiny_smol, prune={"metric": "reverse"}, compensate={"method": "lstsq", "nsamples": 4, "seqlen": 32},
+                measure={"enabled": False})
+    one = run_recipe(r, tmp_path / "one", log=lambda s: None)
+    logs: list[str] = []
+    two = run_recipe({**r, "workers": 2}, tmp_path / "two", log=logs.append)
+    assert {line.split()[-1] for line in logs if line.startswith("[bg  ]")} == {"process)"} and \
+        sum(line.startswith("[bg  ]") for line in logs) == 3, logs
+    for which in ("dense", "pruned", "compensated", "healed"):
+        a, b = one["results"][which], two["results"][which]
+        assert a["ppl"]["wikitext2"]["ppl"] == pytest.approx(b["ppl"]["wikitext2"]["ppl"], rel=1e-5)
+        assert a["avg_acc"] == b["avg_acc"]
+    assert two["stages"]["eval-dense"]["seconds"] > 0
+    assert not (tmp_path / "two" / ".background").exists()
+    assert (tmp_path / "two" / "eval-dense" / "eval.json").is_file()
+    # Resumed with nothing changed: nothing is started in the background.
+    logs.clear()
+    run_recipe({**r, "workers": 2}, tmp_path / "two", resume=True, log=logs.append)
+    assert all(line.startswith("[skip]") for line in logs), logs
+
+
+def test_worker_error_surfaces_in_its_stage(tiny_smol, tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("LAYERPRUNE_DATA", str(data_dir))
+    r = _recipe(tiny_smol, evaluate={"tasks": [], "ppl": ["wikitext2"], "ppl_seqlen": 100000},
+                heal={"method": "none"}, measure={"enabled": False}, workers=2)
+    with pytest.raises(LayerpruneError):
+        run_recipe(r, tmp_path / "bad", log=lambda s: None)
+    assert not (tmp_path / "bad" / "eval-dense").exists() and not (tmp_path / "bad" / ".background").exists()
+
+
 def test_iterative_rounds(tiny_smol, tmp_path, data_dir, monkeypatch):
     monkeypatch.setenv("LAYERPRUNE_DATA", str(data_dir))
     r = _recipe(tiny_smol, prune={"iterative": True, "step": 1}, evaluate={"tasks": [], "models": ["dense", "healed"]},

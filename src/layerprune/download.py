@@ -61,6 +61,12 @@ def download(repo_id: str, out_dir: str | os.PathLike, *, repo_type: str = "mode
     """
     if repo_type not in REPO_TYPES:
         raise LayerpruneError(f"unknown repo type '{repo_type}'; choose one of {', '.join(REPO_TYPES)}")
+    from huggingface_hub.utils import validate_repo_id
+
+    try:  # a malformed id is the user's mistake, whether or not the Hub is reachable
+        validate_repo_id(repo_id)
+    except ValueError as e:
+        raise LayerpruneError(f"invalid repository id '{repo_id}': {_first_line(e)}") from None
     out = check_out_dir(out_dir, overwrite).resolve()
     if _offline():
         raise _unreachable("HF_HUB_OFFLINE is set")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import platform
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,19 +104,111 @@ def parse_dtype(dtype: str | torch.dtype | None) -> Any:
         raise LayerpruneError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}") from None
 
 
+def read_config(folder: str | os.PathLike) -> dict[str, Any]:
+    """A model folder's ``config.json`` as a dict; one-line errors when it is missing or not valid JSON."""
+    f = Path(folder) / "config.json"
+    if not f.is_file():
+        raise LayerpruneError(f"not a model folder (no config.json): {folder}")
+    try:
+        cfg = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise LayerpruneError(f"invalid JSON in {f}: {e}") from None
+    if not isinstance(cfg, dict):
+        raise LayerpruneError(f"invalid {f}: expected a JSON object, got {type(cfg).__name__}")
+    return cfg
+
+
+def resolve_device(device: str | None) -> str:
+    """``device`` checked against this machine (None: cuda when available, else cpu); one-line errors."""
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise LayerpruneError(f"unknown device '{device}'; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise LayerpruneError(f"--device {device} requested but no CUDA device is available (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise LayerpruneError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise LayerpruneError(f"--device {device} requested but MPS is not available (use --device cpu)")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise LayerpruneError(f"unsupported device '{device}'; use cpu, cuda, cuda:N or mps")
+    return str(dev)
+
+
+def _tensor_problems(info: dict[str, Any], where: str) -> None:
+    """Refuse a checkpoint whose tensors do not match its config: transformers would re-initialise a missing
+    tensor at random (a warning, shown only with -v) and drop an unexpected one."""
+    missing = sorted(info.get("missing_keys") or ())
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if not missing and not unexpected:
+        return
+
+    def names(keys: list[str]) -> str:
+        return ", ".join(keys[:4]) + (f" (and {len(keys) - 4} more)" if len(keys) > 4 else "")
+
+    parts = ([f"{len(missing)} tensor(s) missing: {names(missing)}"] if missing else []) + \
+        ([f"{len(unexpected)} unexpected tensor(s): {names(unexpected)}"] if unexpected else [])
+    raise LayerpruneError(f"checkpoint {where} does not match its config: {'; '.join(parts)}")
+
+
+def check_checkpoint_tensors(folder: str | os.PathLike) -> None:
+    """Compare a local checkpoint's tensor names with what its config builds, without reading any weights
+    (a meta-device load); raises a one-line LayerpruneError naming missing or unexpected tensors."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report table: our own error names the tensors
+    try:
+        with _load_errors(folder):
+            loaded: Any = AutoModelForCausalLM.from_pretrained(folder, device_map="meta", output_loading_info=True)
+            info: dict[str, Any] = loaded[1]
+    finally:
+        hf_logging.set_verbosity(level)
+    _tensor_problems(info, str(folder))
+
+
+@contextlib.contextmanager
+def _load_errors(where: str | os.PathLike) -> Iterator[None]:
+    """transformers' loading errors as one-line LayerpruneErrors."""
+    import pickle
+
+    try:
+        yield
+    except pickle.UnpicklingError:
+        raise LayerpruneError(f"refused to load the pickled weights of {where}: they hold more than plain tensors "
+                              "(torch's weights_only loader); use a safetensors copy from a trusted source") from None
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError) as e:
+        raise LayerpruneError(f"cannot load model from {where}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None = "auto",
                device: str | None = None, **kwargs: Any) -> nn.Module:
-    """Load a causal LM from a local folder, a Hub id or ``default``; errors are one-line LayerpruneErrors."""
+    """Load a causal LM from a local folder, a Hub id or ``default``; errors are one-line LayerpruneErrors,
+    and a checkpoint with missing or unexpected tensors is refused (never silently re-initialised)."""
     from transformers import AutoModelForCausalLM
 
+    from .arch import layer_count
+
     path = resolve_model(name_or_path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise LayerpruneError(f"cannot load model from {name_or_path}: {msg}") from None
+    device = resolve_device(device) if device else None
+    if Path(path).is_dir():
+        layer_count(read_config(path))  # transformers would fill a missing layer count with a library default
+    with _load_errors(name_or_path):
+        loaded: Any = AutoModelForCausalLM.from_pretrained(path, dtype=parse_dtype(dtype), output_loading_info=True,
+                                                           **kwargs)
+    model: nn.Module = loaded[0]
+    info: dict[str, Any] = loaded[1]
+    _tensor_problems(info, str(name_or_path))
     if device:
-        model.to(device)  # type: ignore[arg-type]
+        model.to(device)
     model.eval()
     return model
 
@@ -123,6 +217,8 @@ def load_tokenizer(name_or_path: str | os.PathLike) -> Any:
     from transformers import AutoTokenizer
 
     path = resolve_model(name_or_path)
+    if Path(path).is_dir():
+        read_config(path)  # a broken config.json is one line here too
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -200,7 +296,9 @@ def save_pretrained_atomic(model: Any, tokenizer: Any, out_dir: str | os.PathLik
     not already write them (keeps the tokenizer byte-identical without loading it).
     """
     check_out_dir(out_dir, overwrite)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied head is stored once
+    need = sum(t.numel() * t.element_size() for t in unique.values())
+    with atomic_dir(out_dir, overwrite=overwrite, need_bytes=need) as tmp:
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -237,18 +335,19 @@ def copy_aux_files(src: Path, dst: Path, overwrite: bool = True) -> list[str]:
 
 
 def default_device() -> str:
-    import torch
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_for_eval(model: str, dtype: str = "auto", device: str | None = None, peft: str | None = None
                   ) -> tuple[Any, Any]:
     """Model (optionally with a PEFT adapter applied, unmerged) and tokenizer, in eval mode on ``device``."""
-    m, tok = load(model, dtype, device or default_device())
-    if peft:
+    if peft:  # before the (slow) model load
         if not Path(peft).is_dir():
             raise LayerpruneError(f"PEFT adapter folder not found: {peft}")
+        if not (Path(peft) / "adapter_config.json").is_file():
+            raise LayerpruneError(f"not a PEFT adapter folder (no adapter_config.json): {peft}")
+    m, tok = load(model, dtype, device or default_device())
+    if peft:
         from peft import PeftModel
 
         m = PeftModel.from_pretrained(m, peft).eval()

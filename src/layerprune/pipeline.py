@@ -3,7 +3,6 @@ SLEB-style iterative pruning. Stage modules never import this one; the CLI and t
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +18,7 @@ from .errors import LayerpruneError
 from .io import check_out_dir
 from .metrics import make_metric
 from .metrics.base import Metric
-from .models import build_manifest, count_parameters, load, resolve_model, save_pruned
+from .models import build_manifest, count_parameters, load, read_config, resolve_model, save_pruned
 from .prune import PruneRecord, prune_checkpoint, prune_layers
 from .scoring import model_fingerprint, score
 from .select import IterationStep, Selection, resolve_k, select_one_shot
@@ -106,7 +105,7 @@ def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, met
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         raise LayerpruneError(f"pruning by a metric needs a local model folder with config.json: {path}")
-    n = layer_count(json.loads(cfg_file.read_text()))
+    n = layer_count(read_config(path))
     k = resolve_k(n, k, ratio)
     m = make_metric(metric, **(metric_options or {}))
     spec = calib if isinstance(calib, CalibSpec) else CalibSpec()

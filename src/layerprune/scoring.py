@@ -231,14 +231,14 @@ def score(model: nn.Module | str | os.PathLike, metrics: Sequence[str | Metric |
         current = parts(model).num_layers
         source = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     else:
-        from .models import resolve_model
+        from .models import read_config, resolve_model
 
         source = str(model)
         path = resolve_model(model)
         if fingerprint is None and Path(path).is_dir():
             fingerprint = model_fingerprint(path)
         cfg_file = Path(path) / "config.json"
-        current = layer_count(json.loads(cfg_file.read_text())) if cfg_file.is_file() else None  # type: ignore
+        current = layer_count(read_config(path)) if cfg_file.is_file() else None  # type: ignore
     layer_map = list(layer_map) if layer_map is not None else (list(range(current)) if current else None)
     if layer_map is not None and current is not None and len(layer_map) != current:
         raise LayerpruneError(f"layer_map has {len(layer_map)} entries, the model has {current} layers")

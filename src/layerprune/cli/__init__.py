@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import pkgutil
+import signal
 import sys
+import threading
 import warnings
+from typing import Any, NoReturn
 
 from ..errors import LayerpruneError
 
@@ -25,8 +28,18 @@ def _command_modules() -> list[str]:
     return [n for n in PIPELINE_ORDER if n in found] + sorted(found - set(PIPELINE_ORDER))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error format: one line on stderr, ``layerprune: error: ...``, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        cmd = self.prog.removeprefix("layerprune").strip()
+        where = f"{cmd}: " if cmd else ""
+        hint = f" (see 'layerprune {cmd} --help')" if cmd else " (see 'layerprune --help')"
+        self.exit(2, f"layerprune: error: {where}{message}{hint}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="layerprune", description="Depth (layer) pruning of HF causal LMs.")
+    parser = Parser(prog="layerprune", description="Depth (layer) pruning of HF causal LMs.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _command_modules():
@@ -43,7 +56,17 @@ def _version() -> str:
         return "dev"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C: every atomic output removes its temporary folder on the way out."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "verbose", False):
@@ -59,8 +82,12 @@ def main(argv: list[str] | None = None) -> int:
             rc = args.func(args)
         return int(rc or 0)
     except LayerpruneError as e:
-        print(f"layerprune: error: {e}", file=sys.stderr)
+        one_line = " ".join(str(e).split())  # the contract: exactly one line
+        print(f"layerprune: error: {one_line}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("layerprune: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("layerprune: interrupted", file=sys.stderr)
         return 130

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import LayerpruneError
-from .common import add_dtype_arg, add_model_arg, add_verbose
+from .common import add_device_arg, add_dtype_arg, add_model_arg, add_verbose
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed runs; median and spread (default: %(default)s)")
     p.add_argument("--no-timing", action="store_true", help="only parameters, MACs and weight memory")
     add_dtype_arg(p)
-    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    add_device_arg(p, "cpu, cuda ... (default: cuda if available)")
     p.add_argument("--out", default=None, help="folder for bench.json and bench.md (default: print only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bench.json")
     add_verbose(p)
@@ -30,10 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import write_results
+    from ..io import check_results_target, write_results
     from ..measurement import markdown, measure, speedup
     from ..models import load_for_eval
 
+    if args.out:
+        check_results_target(args.out, "bench", args.overwrite)  # before the work
     try:
         batches = tuple(int(b) for b in str(args.batch).split(",") if b.strip())
     except ValueError:

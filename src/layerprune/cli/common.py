@@ -12,6 +12,21 @@ def add_model_arg(p: argparse.ArgumentParser, name: str = "model") -> None:
     p.add_argument(name, help="local model folder, Hub id (when online), or 'default' (embedded SmolLM2-135M)")
 
 
+def device_arg(text: str) -> str:
+    """argparse type for ``--device``: checked against this machine at parse time, before any work."""
+    from ..errors import LayerpruneError
+    from ..models import resolve_device
+
+    try:
+        return resolve_device(text)
+    except LayerpruneError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_device_arg(p: Any, help: str = "cpu, cuda, cuda:N, mps (default: cuda if available)") -> None:
+    p.add_argument("--device", default=None, type=device_arg, help=help)
+
+
 def add_out_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--out", required=required, help="output folder (written atomically)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
@@ -28,6 +43,29 @@ def add_data_dir_arg(p: argparse.ArgumentParser) -> None:
 
 def add_verbose(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="show library warnings")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def batch_size_arg(text: str) -> str:
+    """argparse type for lm-eval's batch size: a whole number >= 1, ``auto`` or ``auto:N``."""
+    t = text.strip().lower()
+    if t == "auto" or (t.startswith("auto:") and t[5:].isdigit() and int(t[5:]) >= 1):
+        return t
+    return str(positive_int(t)) if t.lstrip("-").isdigit() else _bad_batch(text)
+
+
+def _bad_batch(text: str) -> str:
+    raise argparse.ArgumentTypeError(f"'{text}' is not a batch size (a whole number >= 1, auto or auto:N)")
 
 
 def _number(text: str) -> int | float:

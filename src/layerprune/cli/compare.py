@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_data_dir_arg, add_dtype_arg, add_model_arg, add_verbose
+from .common import add_data_dir_arg, add_device_arg, add_dtype_arg, add_model_arg, add_verbose, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,14 +17,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="wikitext2", help="held-out text: wikitext2, ptb or a .jsonl/.txt file")
     p.add_argument("--split", default=None, help="split (default: test; PTB validation under the seed preset)")
     p.add_argument("--seqlen", type=int, default=128, help="window length (default: %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=16384,
+    p.add_argument("--max-tokens", type=positive_int, default=16384,
                    help="tokens of held-out text to use; 0 = all (default: %(default)s)")
     p.add_argument("--tasks", default=None, help="lm-eval tasks whose multiple-choice picks are compared, "
                                                  "e.g. arc_easy,hellaswag (default: none)")
-    p.add_argument("--task-limit", type=int, default=100, help="documents per task (default: %(default)s)")
+    p.add_argument("--task-limit", type=positive_int, default=100, help="documents per task (default: %(default)s)")
     add_data_dir_arg(p)
     add_dtype_arg(p)
-    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
+    add_device_arg(p, "cpu, cuda ... (default: cuda if available)")
     p.add_argument("--run-dir", default=None, help="run folder with calibration records (see ppl)")
     p.add_argument("--force", action="store_true", help="allow held-out text that was used for calibration")
     p.add_argument("--out", default=None, help="folder for compare.json and compare.md (default: print only)")
@@ -37,17 +37,19 @@ def run(args: argparse.Namespace) -> int:
     from ..data.presets import resolve_data_dir
     from ..evaluation.agreement import compare
     from ..evaluation.perplexity import PRESETS, check_not_calibration
-    from ..evaluation.tasks import parse_tasks
-    from ..io import write_results
+    from ..evaluation.tasks import check_tasks
+    from ..io import check_results_target, write_results
     from ..models import load_for_eval, model_info
 
     data_dir = resolve_data_dir(args.data_dir)
     split = args.split or PRESETS["seed"].split_for(args.data)
     model_dir = Path(args.pruned) if Path(args.pruned).is_dir() else None
     overlap = check_not_calibration(args.data, split, model_dir, args.run_dir, force=args.force)
+    tasks = check_tasks(args.tasks, data_dir) if args.tasks else None  # before the KL pass, not after it
+    if args.out:
+        check_results_target(args.out, "compare", args.overwrite)
     teacher, tok = load_for_eval(args.teacher, args.dtype, args.device)
     pruned, _ = load_for_eval(args.pruned, args.dtype, args.device)
-    tasks = parse_tasks(args.tasks) if args.tasks else None
     res = compare(pruned, teacher, tok, args.data, split=split, data_dir=data_dir, seq_len=args.seqlen,
                   max_tokens=args.max_tokens or None, tasks=tasks, task_limit=args.task_limit)
     res["text"]["same_split_as_calibration"] = overlap

@@ -14,6 +14,7 @@ from ..prune import parse_layer_list
 from .common import (
     add_config_args,
     add_data_dir_arg,
+    add_device_arg,
     add_dtype_arg,
     add_model_arg,
     add_out_args,
@@ -37,7 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_out_args(p)
     add_config_args(p.add_argument_group("compensation"), CompensationConfig)
     p.add_argument("--seed", type=int, default=42, help="calibration sampler seed")
-    p.add_argument("--device", default=None, help="device (default: cuda if any)")
+    add_device_arg(p, "device (default: cuda if any)")
     add_data_dir_arg(p)
     add_dtype_arg(p)
     add_verbose(p)

@@ -6,7 +6,14 @@ import argparse
 import os
 
 from ..errors import LayerpruneError
-from .common import add_data_dir_arg, add_dtype_arg, add_model_arg, add_verbose
+from .common import (
+    add_data_dir_arg,
+    add_device_arg,
+    add_dtype_arg,
+    add_model_arg,
+    add_verbose,
+    batch_size_arg,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,11 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "A value < 1 is a fraction")
     p.add_argument("--limit-per-subtask", action="store_true",
                    help="apply --limit to every subtask, as lm-eval's own --limit does (MMLU 100 -> 5,700 docs)")
-    p.add_argument("--batch-size", default="auto",
+    p.add_argument("--batch-size", default="auto", type=batch_size_arg,
                    help="int or 'auto' (lm-eval's detection on GPU; 8 on CPU) (default: %(default)s)")
     add_data_dir_arg(p)
     add_dtype_arg(p)
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    add_device_arg(p, "cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--parallelize", action="store_true",
                    help="let lm-eval load the model itself split over all visible GPUs (HF device_map); "
                         "for data parallelism run under 'accelerate launch $(which layerprune) eval ...' instead")
@@ -61,10 +68,14 @@ def _parse_model_args(text: str | None) -> dict[str, object]:
 def run(args: argparse.Namespace) -> int:
     from ..data.presets import resolve_data_dir
     from ..evaluation.harness import evaluate, markdown_table
-    from ..io import write_results
+    from ..evaluation.tasks import check_tasks
+    from ..io import check_results_target, write_results
     from ..models import default_device, load_for_eval, model_info, resolve_model
 
     data_dir = resolve_data_dir(args.data_dir)
+    if args.out:
+        check_results_target(args.out, "eval", args.overwrite)  # before the evaluation, not after it
+    check_tasks(args.tasks, data_dir, args.num_fewshot)
     limit = args.limit
     if limit is not None and limit >= 1:
         if limit != int(limit):

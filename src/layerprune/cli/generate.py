@@ -8,7 +8,7 @@ import textwrap
 
 from ..generate import Generation, generate
 from ..models import load_model, load_tokenizer
-from .common import add_dtype_arg, add_model_arg, add_verbose
+from .common import add_device_arg, add_dtype_arg, add_model_arg, add_verbose
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
     p.add_argument("--side-by-side", action="store_true", help="with --compare: two columns instead of one after the other")
     p.add_argument("--no-chat-template", action="store_true", help="feed the prompt as raw text")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cpu)")
+    add_device_arg(p, "cpu, cuda, cuda:1, mps (default: cpu)")
     add_dtype_arg(p)
     add_verbose(p)
     p.set_defaults(func=run)

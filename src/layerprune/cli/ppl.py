@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import add_data_dir_arg, add_dtype_arg, add_model_arg, add_verbose
+from .common import add_data_dir_arg, add_device_arg, add_dtype_arg, add_model_arg, add_verbose, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,9 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default=None, help="split (default: the preset's; test, seed uses PTB validation)")
     add_data_dir_arg(p)
     add_dtype_arg(p)
-    p.add_argument("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
-    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass (default: %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=None,
+    add_device_arg(p, "cpu, cuda ... (default: cuda if available)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="windows per forward pass (default: %(default)s)")
+    p.add_argument("--max-tokens", type=positive_int, default=None,
                    help="use only the first N tokens (a quick look; the card marks the number partial)")
     p.add_argument("--run-dir", default=None,
                    help="run folder whose JSON records name the calibration data (the model folder is checked too)")
@@ -43,9 +43,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data.presets import resolve_data_dir
     from ..evaluation.perplexity import check_not_calibration, perplexity, resolve_protocol
-    from ..io import write_results
+    from ..io import check_results_target, write_results
     from ..models import load_for_eval, model_info
 
+    if args.out:
+        check_results_target(args.out, "ppl", args.overwrite)  # before the work
     data_dir = resolve_data_dir(args.data_dir)
     proto = resolve_protocol(args.preset, seq_len=args.seqlen, stride=args.stride, bos=args.bos)
     names = [d.strip() for d in args.data.split(",") if d.strip()]

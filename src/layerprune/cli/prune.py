@@ -14,7 +14,15 @@ from ..errors import LayerpruneError
 from ..pipeline import prune_by_metric
 from ..prune import parse_layer_list, prune_checkpoint
 from ..scoring import MODES as SCORE_MODES
-from .common import add_config_args, add_dtype_arg, add_model_arg, add_out_args, add_verbose, config_from_args
+from .common import (
+    add_config_args,
+    add_device_arg,
+    add_dtype_arg,
+    add_model_arg,
+    add_out_args,
+    add_verbose,
+    config_from_args,
+)
 from .score import (
     add_calib_args,
     add_metric_option_args,
@@ -52,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_protect_args(s)
     s.add_argument("--score-mode", default="memory", choices=SCORE_MODES,
                    help="how scoring holds the model (see 'layerprune score --mode'; default: memory)")
-    s.add_argument("--device", default=None, help="device for scoring (default: cuda if any)")
+    add_device_arg(s, "device for scoring (default: cuda if any)")
     s.add_argument("--offload-folder", default=None, help="dispatch scoring: folder for disk-offloaded weights")
     s.add_argument("--max-memory", default=None, metavar="SPEC",
                    help="dispatch scoring: memory per device, e.g. '0=20GiB,cpu=60GiB'")

@@ -29,6 +29,10 @@ def run(args: argparse.Namespace) -> int:
     if not manifest_path.is_file():
         raise LayerpruneError(f"no {MANIFEST} in {path}")
     manifest = read_json(manifest_path)
+    if not isinstance(manifest, dict) or (run_dir / "config.json").is_file():
+        # Report files and exports would be written into the model folder, next to its weights.
+        raise LayerpruneError(f"{run_dir} is a model folder, not a run folder; point report at a run of "
+                              f"`layerprune run` (or at a copy of its {MANIFEST} elsewhere); nothing was written")
     written = {} if args.no_exports else write_exports(run_dir, manifest)  # first, so the report links them
     written.update(write_report(run_dir, manifest))
     for rel in sorted(written):

@@ -11,7 +11,7 @@ from typing import Any
 from ..data.calibration import DEFAULT_SOURCE, CalibSpec
 from ..errors import LayerpruneError
 from ..scoring import MODES as SCORE_MODES
-from .common import add_data_dir_arg, add_dtype_arg, add_model_arg, add_out_args, add_verbose
+from .common import add_data_dir_arg, add_device_arg, add_dtype_arg, add_model_arg, add_out_args, add_verbose
 
 
 def add_calib_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +67,7 @@ def add_mode_args(p: argparse.ArgumentParser, flag: str = "--mode") -> None:
     p.add_argument(flag, dest="score_mode", default="memory", choices=SCORE_MODES,
                    help="memory: load the model; dispatch: accelerate device_map=auto with CPU/disk offload; "
                         "layerwise: read one decoder layer at a time from safetensors (default: memory)")
-    p.add_argument("--device", default=None, help="device for memory/layerwise modes (default: cuda if any)")
+    add_device_arg(p, "device for memory/layerwise modes (default: cuda if any)")
     p.add_argument("--offload-folder", default=None, help="dispatch mode: folder for disk-offloaded weights")
     p.add_argument("--max-memory", default=None, metavar="SPEC",
                    help="dispatch mode: memory per device, e.g. '0=20GiB,cpu=60GiB' (beyond it: disk)")

@@ -98,7 +98,15 @@ def compensate_checkpoint(model: str | os.PathLike, out_dir: str | os.PathLike, 
     from ..arch import adapter_for_config, layer_count
     from ..data.calibration import CalibSpec, build_calibration
     from ..io import check_out_dir
-    from ..models import build_manifest, count_parameters, load, load_tokenizer, resolve_model, save_pruned
+    from ..models import (
+        build_manifest,
+        count_parameters,
+        load,
+        load_tokenizer,
+        read_config,
+        resolve_model,
+        save_pruned,
+    )
     from ..prune.surgery import tail_layers, validate_removal
     from .core import fit_layerwise, fit_summary, fold_overrides
     from .plan import Block, plan_blocks
@@ -109,7 +117,7 @@ def compensate_checkpoint(model: str | os.PathLike, out_dir: str | os.PathLike, 
     cfg_file = Path(path) / "config.json"
     if not cfg_file.is_file():
         raise LayerpruneError(f"compensation needs a local model folder with config.json: {path}")
-    mcfg = json.loads(cfg_file.read_text())
+    mcfg = read_config(path)
     n = layer_count(mcfg)
     if (remove is None) == (tail is None):
         raise LayerpruneError("give exactly one of --remove or --tail")

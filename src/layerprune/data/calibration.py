@@ -153,13 +153,6 @@ class Calibration:
 # ----------------------------------------------------------------------------------------------- loading text
 
 
-def _first_string_field(row: dict[str, Any]) -> str | None:
-    for k, v in row.items():
-        if isinstance(v, str):
-            return k
-    return None
-
-
 def _rows_from_records(records: list[Any], field_name: str | None, where: str) -> tuple[list[str], str]:
     records = [r for r in records if r is not None]
     if not records:
@@ -168,7 +161,10 @@ def _rows_from_records(records: list[Any], field_name: str | None, where: str) -
         return [r for r in records if isinstance(r, str)], "<string rows>"
     if not isinstance(records[0], dict):
         raise LayerpruneError(f"unsupported row type {type(records[0]).__name__} in {where}")
-    name = field_name or ("text" if "text" in records[0] else _first_string_field(records[0]))
+    # Without --calib-field: "text", else the only string field; with several, guessing would calibrate on
+    # the wrong text (an id field) and fail later as a confusing token-count problem.
+    strings = [k for k, v in records[0].items() if isinstance(v, str)]
+    name = field_name or ("text" if "text" in records[0] else strings[0] if len(strings) == 1 else None)
     if name is None or name not in records[0]:
         have = ", ".join(sorted(records[0]))
         raise LayerpruneError(f"field '{field_name or 'text'}' not found in {where} (fields: {have}); "

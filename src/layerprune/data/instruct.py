@@ -354,13 +354,19 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
 
         return pq.read_table(p).to_pylist()
     text = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix == ".jsonl" or not text.lstrip().startswith("["):
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
+    if p.suffix == ".jsonl" or not text.lstrip().startswith("["):
+        rows = []
+        for n, line in enumerate(text.splitlines(), 1):  # the file's own line number in the message
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise LayerpruneError(f"invalid JSON on line {n} of {p}: {e.msg}") from None
+    else:
+        try:
             rows = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise LayerpruneError(f"invalid JSON in {p}: {e.msg} (line {e.lineno})") from None
+        except json.JSONDecodeError as e:
+            raise LayerpruneError(f"invalid JSON in {p}: {e.msg} (line {e.lineno})") from None
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise LayerpruneError(f"{p} must hold a list of JSON objects")
     return rows

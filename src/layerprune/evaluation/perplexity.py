@@ -161,14 +161,23 @@ def _read_rows(path: Path, field: str | None) -> list[str]:
         return path.read_text(encoding="utf-8").split("\n")[:-1] if path.stat().st_size else []
     rows: list[str] = []
     with path.open(encoding="utf-8") as fh:
-        for line in fh:
+        for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
-            obj = json.loads(line)
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise LayerpruneError(f"invalid JSON on line {n} of {path}: {e.msg}") from None
+            if not isinstance(obj, dict):
+                raise LayerpruneError(f"line {n} of {path} is not a JSON object")
             if field is None:
-                field = "text" if "text" in obj else next((k for k, v in obj.items() if isinstance(v, str)), None)
+                strings = [k for k, v in obj.items() if isinstance(v, str)]
+                field = "text" if "text" in obj else strings[0] if len(strings) == 1 else None
                 if field is None:
-                    raise LayerpruneError(f"{path}: no text field in the first row")
+                    raise LayerpruneError(f"{path}: no 'text' field in the first row (fields: "
+                                          f"{', '.join(sorted(obj))})")
+            if field not in obj:
+                raise LayerpruneError(f"line {n} of {path} has no field '{field}'")
             rows.append(obj[field])
     return rows
 

@@ -95,6 +95,21 @@ def parse_tasks(tasks: str | Sequence[str] | None) -> list[str]:
     return out
 
 
+def check_tasks(tasks: str | Sequence[str] | None, data_dir: str | os.PathLike | None = None,
+                num_fewshot: int = 0) -> list[str]:
+    """The task list, refused before any model work when a name is unknown or its local files are missing
+    (offline: file checks only; online: lm-eval's task index)."""
+    names = parse_tasks(tasks)
+    if data_dir is not None:
+        for n in names:
+            if not Path(n).is_file():
+                local_files(n, Path(data_dir), num_fewshot)
+    else:
+        with TaskSource(names, None, num_fewshot):
+            pass
+    return names
+
+
 def subjects(name: str) -> list[str]:
     """Subjects of a group task (``mmlu``/``cmmlu``), read from the built-in subtask YAML file names."""
     spec = SPECS[name]

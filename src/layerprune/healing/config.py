@@ -137,6 +137,19 @@ class HealConfig:
             self.tie_mode = "untie" if self.untie else "both"
         if self.overflow not in ("truncate", "drop"):
             raise LayerpruneError(f"overflow must be 'truncate' or 'drop', not '{self.overflow}'")
+        from transformers.trainer_utils import SchedulerType
+        from transformers.training_args import OptimizerNames
+
+        for name, value, enum in (("lr_scheduler", self.lr_scheduler, SchedulerType),
+                                  ("optim", self.optim, OptimizerNames)):
+            allowed = [e.value for e in enum]
+            if value is not None and value not in allowed:
+                shown = ", ".join(allowed[:8]) + (", ..." if len(allowed) > 8 else "")
+                raise LayerpruneError(f"unknown {name} '{value}' (a transformers name: {shown})")
+        if self.device is not None:
+            from ..models import resolve_device
+
+            resolve_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

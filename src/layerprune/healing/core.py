@@ -28,7 +28,7 @@ from ..data.instruct import (
     pad_id_for,
 )
 from ..errors import LayerpruneError
-from ..io import atomic_dir, check_out_dir, read_json, write_json
+from ..io import atomic_dir, check_out_dir, read_json, tmp_prefix, write_json
 from ..models import (
     MANIFEST,
     count_parameters,
@@ -39,12 +39,14 @@ from ..models import (
     resolve_model,
     save_pretrained_atomic,
 )
+from .checkpoints import checkpoints, finished_step, last_complete
 from .config import HealConfig
 from .distill import SharedPrefix, check_vocab, load_teacher
 from .methods import ExportContext, get_method, resolved, trainable_parameters
 from .prefix_cache import PrefixCache
 from .train import (
     PACK_AUTO_MAX_TOKENS,
+    DivergenceGuard,
     EvalAtEnd,
     HealProgress,
     HealTrainer,
@@ -119,6 +121,7 @@ class _Run:
             self.out.resolve().with_name(self.out.resolve().name + ".checkpoints")
         self.dist: Any = None  # accelerate's PartialState, set up in execute()
         self.main = int(os.environ.get("RANK", "0")) == 0
+        self.fresh_checkpoints = False
 
     def barrier(self) -> None:
         if self.dist is not None and self.dist.num_processes > 1:
@@ -127,6 +130,16 @@ class _Run:
     # ------------------------------------------------------------------------------------------ stages
 
     def execute(self) -> dict[str, Any]:
+        """Heal; a user error (bad option, divergence) leaves no checkpoint folder of a fresh run behind, so the
+        corrected command is not refused. An interruption keeps it for ``--resume``."""
+        try:
+            return self._execute()
+        except LayerpruneError:
+            if self.fresh_checkpoints and self.main:
+                shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+            raise
+
+    def _execute(self) -> dict[str, Any]:
         t_start = time.perf_counter()
         cfg = self.cfg
         check_out_dir(self.out, cfg.overwrite)
@@ -173,7 +186,12 @@ class _Run:
         mem = PeakMemory(self.device)
         mem.start()
         t_train = time.perf_counter()
-        out = trainer.train(resume_from_checkpoint=resume_from)
+        if resume_from is not None and _finished(resume_from):
+            # Killed after the last checkpoint (or during the final save): training is over. Train() would run
+            # one more step; restore the final state and the best weights instead.
+            _restore_finished(trainer, resume_from)
+        else:
+            trainer.train(resume_from_checkpoint=resume_from)
         train_wall = time.perf_counter() - t_train
         peak = mem.read()
 
@@ -212,7 +230,7 @@ class _Run:
             "grad_accum": ga,
             "world_size": world_size(),
             "final_train_loss": train_losses[-1] if train_losses else None,
-            "mean_train_loss": out.training_loss,
+            "mean_train_loss": _mean_logged_loss(logs),
             "val_loss_before": val_before,
             # The saved model is the best validation checkpoint: its loss is the final validation loss.
             "final_val_loss": state.best_metric if state.best_metric is not None else (evals[-1] if evals else None),
@@ -271,12 +289,15 @@ class _Run:
                 "data_fingerprint": data.fingerprint, "config": keep, "world_size": world_size()}
 
     def _checkpoint_setup(self, src: str, data: InstructData) -> str | None:
-        """Validate the checkpoint folder; return the checkpoint to resume from (or None)."""
-        from transformers.trainer_utils import get_last_checkpoint
+        """Validate the checkpoint folder; return the checkpoint to resume from (or None).
 
+        A folder without a complete checkpoint (only ``run.json``, or checkpoints cut off by a kill) holds
+        nothing to lose: it never blocks a new run. Incomplete checkpoints newer than the last complete one are
+        removed on ``--resume``.
+        """
         run = self._run_config(src, data)
         run_file = self.ckpt_dir / RUN_FILE
-        exists = self.ckpt_dir.is_dir() and any(self.ckpt_dir.iterdir())
+        exists = self.ckpt_dir.is_dir() and bool(checkpoints(self.ckpt_dir))
         self.barrier()  # all processes look before the main one writes
         if self.cfg.resume and exists:
             if run_file.is_file():
@@ -290,18 +311,21 @@ class _Run:
                 if diff:
                     raise LayerpruneError(f"cannot resume from {self.ckpt_dir}: the run differs in {diff}")
                 self._val_before_saved = old.get("val_loss_before")
-            last = get_last_checkpoint(str(self.ckpt_dir))
+            last = last_complete(self.ckpt_dir) if self.main else None
+            self.barrier()
+            if not self.main:
+                last = last_complete(self.ckpt_dir, log=None)
             if last is not None:
-                return last
-        elif exists and not self.cfg.resume:
-            if not self.cfg.overwrite:
-                raise LayerpruneError(f"checkpoint folder exists: {self.ckpt_dir} (use --resume to continue or "
-                                      "--overwrite to start over)")
-            if self.main:
-                shutil.rmtree(self.ckpt_dir)
+                return str(last)
+        elif exists and not self.cfg.overwrite:
+            raise LayerpruneError(f"checkpoint folder exists: {self.ckpt_dir} (use --resume to continue or "
+                                  "--overwrite to start over)")
         if self.main:
+            if self.ckpt_dir.exists():
+                shutil.rmtree(self.ckpt_dir)
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             write_json(run_file, run)
+        self.fresh_checkpoints = True  # this run owns the folder: a failure with a user error removes it
         self.barrier()
         return None
 
@@ -440,7 +464,7 @@ class _Run:
             model=model, args=targs, train_dataset=EncodedDataset(data.train),
             eval_dataset=EncodedDataset(data.val) if has_val else None,
             data_collator=PackCollator() if packing else PadCollator(pad_id_for(tok)), processing_class=tok,
-            callbacks=[progress, EvalAtEnd(), *self.callbacks], head=head, teacher=teacher,
+            callbacks=[progress, DivergenceGuard(), EvalAtEnd(), *self.callbacks], head=head, teacher=teacher,
             teacher_head=parts(teacher).head if teacher is not None else None,
             distill_temperature=cfg.distill_temperature, distill_weight=cfg.distill_weight,
             prefix_cache=prefix_cache, shared_prefix=shared_prefix)
@@ -458,7 +482,7 @@ class _Run:
         ctx = ExportContext(source=src, save_dtype=_checkpoint_dtype(src))
         manifest = read_json(Path(src) / MANIFEST) if (Path(src) / MANIFEST).is_file() else None
         with atomic_dir(self.out, overwrite=cfg.overwrite) as tmp:
-            side = Path(tempfile.mkdtemp(prefix=f".{tmp.name}.adapter-", dir=tmp.parent))
+            side = Path(tempfile.mkdtemp(prefix=tmp_prefix(self.out.resolve()) + "adapter-", dir=tmp.parent))
             try:
                 if self.behaviour.uses_peft and cfg.save_adapter:
                     ctx.adapter_dir = side / "adapter"  # before export: merging removes the adapter
@@ -472,6 +496,35 @@ class _Run:
                     shutil.move(str(ctx.adapter_dir), str(tmp / "adapter"))
             finally:
                 shutil.rmtree(side, ignore_errors=True)
+
+
+def _finished(ckpt: str) -> bool:
+    step, max_steps = finished_step(Path(ckpt))
+    return max_steps > 0 and step >= max_steps
+
+
+def _restore_finished(trainer: HealTrainer, ckpt: str) -> None:
+    """The end state of a run whose last checkpoint is its final step: trainer state, then the best weights."""
+    from transformers.trainer_callback import TrainerState
+
+    trainer.state = TrainerState.load_from_json(str(Path(ckpt) / "trainer_state.json"))
+    best = trainer.state.best_model_checkpoint
+    if trainer.args.load_best_model_at_end and best and Path(best).is_dir():
+        trainer._load_best_model()
+    else:
+        trainer._load_from_checkpoint(ckpt)
+
+
+def _mean_logged_loss(logs: list[dict[str, Any]]) -> float | None:
+    """Mean training loss over every step, from the logged window means (a window ends at each log; the run
+    logs at every checkpoint and at the last step, so the windows cover all steps, resumed or not)."""
+    total, prev, steps = 0.0, 0, 0
+    for e in logs:
+        if "loss" in e:
+            total += e["loss"] * (e["step"] - prev)
+            steps += e["step"] - prev
+            prev = e["step"]
+    return total / steps if steps else None
 
 
 def _full_model(trainer: HealTrainer) -> torch.nn.Module:

@@ -67,6 +67,17 @@ class NonFiniteLoss(LayerpruneError):
     """Training produced a NaN or infinite loss."""
 
 
+class Diverged(LayerpruneError):
+    """Training destroyed the model (exploding weights, or predictions collapsed to uniform)."""
+
+
+# A healthy model, even a badly pruned one, is confidently wrong: its predictive entropy sits far below ln(V).
+# One that predicts (near-)uniformly has entropy ln(V) and a loss of ln(V) -- which can look like progress.
+UNIFORM_ENTROPY = 0.95  # fraction of ln(V) that counts as uniform
+BASELINE_ENTROPY = 0.9  # ... when the model started below this fraction (random tiny models start uniform)
+WEIGHT_GROWTH = 10.0  # trainable-weight norm growth over the start that counts as exploding
+
+
 class HealTrainer(Trainer):
     """Trainer with a response-only loss (+ optional distillation) and a NaN/inf guard."""
 
@@ -82,6 +93,9 @@ class HealTrainer(Trainer):
         self.shared_prefix = shared_prefix  # SharedPrefix: the teacher reuses the student's frozen prefix
         self.distill_temperature = distill_temperature
         self.distill_weight = distill_weight
+        self._entropy = [0.0, 0]  # predictive entropy summed over the evaluated tokens, and their count
+        self._vocab = 0
+        self.entropy_start: float | None = None
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None) -> Any:
@@ -96,6 +110,12 @@ class HealTrainer(Trainer):
             out = model(**fwd, use_cache=False)
         logits = _selected(out.logits, keep)
         loss_sum = F.cross_entropy(logits.float(), targets[sel], reduction="sum")
+        if not model.training:
+            with torch.no_grad():
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                self._entropy[0] += float(-(logp.exp() * logp).sum())
+                self._entropy[1] += logits.shape[0]
+                self._vocab = logits.shape[-1]
         if self.teacher is not None and model.training:
             # Distillation shapes training only; evaluation reports the plain LM loss so validation losses
             # compare across methods and with the loss before healing.
@@ -120,6 +140,22 @@ class HealTrainer(Trainer):
                 and num_items_in_batch is not None):
             loss = loss * self.accelerator.num_processes
         return (loss, out) if return_outputs else loss
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """The Trainer's evaluation, plus a stop when predictions have collapsed to uniform (divergence)."""
+        self._entropy = [0.0, 0]
+        metrics = super().evaluate(*args, **kwargs)
+        if self._entropy[1] and self._vocab > 1:
+            ent = self._entropy[0] / self._entropy[1] / math.log(self._vocab)  # as a fraction of ln(V)
+            if self.entropy_start is None:
+                self.entropy_start = ent
+            elif ent >= UNIFORM_ENTROPY and self.entropy_start < BASELINE_ENTROPY:
+                raise Diverged(
+                    f"healing diverged at step {self.state.global_step}: the model now predicts almost uniformly "
+                    f"(entropy {ent:.0%} of ln(vocab), {self.entropy_start:.0%} at the start; validation loss "
+                    f"{metrics.get('eval_loss', float('nan')):.2f} is no improvement); nothing was saved -- lower "
+                    f"--lr (now {self.args.learning_rate:g})")
+        return metrics
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
@@ -246,13 +282,43 @@ class HealProgress(TrainerCallback):
         return self.tokens / self.step_time if self.step_time > 0 else 0.0
 
 
+class DivergenceGuard(TrainerCallback):
+    """Stop when the trainable weights stop being finite or grow far beyond their starting norm."""
+
+    def __init__(self) -> None:
+        self.params: list[torch.Tensor] = []
+        self.start = 0.0
+
+    def _norm(self) -> float:
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.detach().float())
+                                                           for p in self.params])))
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+        self.start = self._norm() if self.params else 0.0
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if not self.params:
+            return
+        norm = self._norm()
+        if not math.isfinite(norm) or (self.start > 0 and norm > WEIGHT_GROWTH * self.start):
+            raise Diverged(f"healing diverged at step {state.global_step}: the trained weights' norm went from "
+                           f"{self.start:.3g} to {norm:.3g}; nothing was saved -- lower --lr (now "
+                           f"{args.learning_rate:g})")
+
+
 class EvalAtEnd(TrainerCallback):
-    """Evaluate and save at the last step too, so the best checkpoint is chosen among all evaluations."""
+    """Evaluate and save at the last step too, so the best checkpoint is chosen among all evaluations; log the
+    training loss at every checkpoint and at the last step, so the logged windows restart where a resumed run
+    restarts (its loss history equals an uninterrupted run's) and cover every step."""
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> Any:
-        if state.global_step >= state.max_steps and args.eval_strategy != "no":
+        last = state.global_step >= state.max_steps
+        if last and args.eval_strategy != "no":
             control.should_evaluate = True
             control.should_save = True
+        if last or control.should_save:
+            control.should_log = True
         return control
 
 

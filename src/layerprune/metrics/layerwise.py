@@ -143,14 +143,15 @@ class LayerwiseModel:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from ..models import parse_dtype
+        from ..models import check_checkpoint_tensors, parse_dtype, read_config, resolve_device
 
         self.path = resolve_local(model)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(resolve_device(str(device) if device is not None else None))
+        self.num_layers = layer_count(read_config(self.path))  # not a library default for a missing count
+        check_checkpoint_tensors(self.path)  # a layer read from disk must not lack a tensor
         cfg = AutoConfig.from_pretrained(self.path)
         self.config = cfg
         self.adapter = adapter_for_type(cfg.model_type)
-        self.num_layers = layer_count(cfg.to_dict())
         changes = sliced_config(cfg.to_dict(), [], self.adapter)
         zero = copy.deepcopy(cfg)
         for k, v in changes.items():

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 from ..arch import layer_count
 from ..errors import LayerpruneError
-from ..models import build_manifest, count_parameters, load_model, parse_dtype, resolve_model, save_pruned
+from ..models import (
+    build_manifest,
+    count_parameters,
+    load_model,
+    parse_dtype,
+    read_config,
+    resolve_model,
+    save_pruned,
+)
 from .streaming import prune_checkpoint_streaming
 from .surgery import PruneRecord, parse_layer_list, prune_layers, tail_layers, validate_removal
 
@@ -30,7 +37,7 @@ def prune_checkpoint(model: str | os.PathLike, out_dir: str | os.PathLike, *, re
         raise LayerpruneError("give exactly one of --remove or --tail")
     cfg_file = Path(path) / "config.json"
     if cfg_file.is_file():  # validate against the config before any (slow) load
-        n = layer_count(json.loads(cfg_file.read_text()))
+        n = layer_count(read_config(path))
         if tail is not None:
             remove = tail_layers(n, tail)
             method = method or "reverse"

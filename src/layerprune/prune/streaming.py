@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..arch import Adapter, adapter_for_config, layer_count, sliced_config
 from ..errors import LayerpruneError
 from ..io import atomic_dir, check_out_dir, write_json
-from ..models import MANIFEST, build_manifest, copy_aux_files
+from ..models import MANIFEST, build_manifest, check_checkpoint_tensors, copy_aux_files, read_config
 from .surgery import PruneRecord, validate_removal
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -233,12 +233,11 @@ def prune_checkpoint_streaming(model_dir: str | os.PathLike, remove: list[int], 
     ``extra_manifest`` adds keys to the manifest.
     """
     src = Path(model_dir)
-    if not (src / "config.json").is_file():
-        raise LayerpruneError(f"not a model folder (no config.json): {src}")
-    cfg = json.loads((src / "config.json").read_text())
+    cfg = read_config(src)
     adapter = adapter_for_config(cfg)
     check_out_dir(out_dir, overwrite)
-    shards, meta, record = _plan(src, remove, cfg, adapter)
+    shards, meta, record = _plan(src, remove, cfg, adapter)  # corrupt shards: its own precise errors
+    check_checkpoint_tensors(src)  # a missing tensor must stop the cut, not vanish from it
     new_cfg = {**cfg, **sliced_config(cfg, record.kept_layers, adapter)}
     new_cfg.pop("auto_map", None)
     if dtype is not None:
@@ -248,7 +247,7 @@ def prune_checkpoint_streaming(model_dir: str | os.PathLike, remove: list[int], 
     shards = [s for s in shards if s]
     params_before = _param_count(src)
     total = sum(e.nbytes for s in shards for e in s)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite, need_bytes=total) as tmp:
         weight_map: dict[str, str] = {}
         total_size = 0
         with tqdm(total=total, unit="B", unit_scale=True, desc="streaming prune", disable=None) as bar:

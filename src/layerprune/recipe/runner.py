@@ -14,7 +14,6 @@ Run-directory layout (every folder is one stage's atomic output; ``state.json`` 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -25,7 +24,6 @@ from typing import Any
 
 import yaml
 
-from ..errors import LayerpruneError
 from ..io import check_out_dir, read_json, write_json
 from ..models import MANIFEST, library_versions, resolve_model
 from ..run_manifest import COMPENSATED, DENSE, HEALED, PRUNED, STAGES, RunManifest
@@ -33,16 +31,15 @@ from .schema import load_recipe
 from .state import RunState, folder_fingerprint
 
 FINAL = "model"
+BACKGROUND = ".background"  # worker processes write here; the stage then moves the files in
 NO_HEAL = "none"
 
 
 def _layer_count(path: str) -> int:
     from ..arch import layer_count
+    from ..models import read_config
 
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        raise LayerpruneError(f"not a model folder (no config.json): {path}")
-    return layer_count(json.loads(cfg.read_text()))
+    return layer_count(read_config(path))
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -61,6 +58,73 @@ def _flatten(ckpt: Path) -> None:
     for f in ckpt.iterdir():
         f.rename(ckpt.parent / f.name)
     ckpt.rmdir()
+
+
+def _check_ppl_data(e: dict[str, Any], run_dir: str | os.PathLike) -> None:
+    """Refuse to report perplexity on text this run calibrated on (before loading or computing anything)."""
+    from ..evaluation import check_not_calibration, resolve_protocol
+
+    for ds in e["ppl"]:
+        check_not_calibration(ds, resolve_protocol("seed").split_for(ds), run_dir)
+
+
+def evaluate_model(e: dict[str, Any], model_path: str, dtype: str, data_dir: str | None,
+                   run_dir: str | os.PathLike | None, out: str | os.PathLike) -> dict[str, Any]:
+    """The recipe's evaluation of one model (perplexity with protocol cards, then zero-shot tasks) into
+    ``out/eval.json``. Module-level so that a worker process can run it (``workers`` > 1); there ``run_dir`` is
+    None: the main process checks the calibration overlap (the worker would race with its stage renames)."""
+    from ..evaluation import evaluate, perplexity
+    from ..models import load
+
+    if run_dir is not None:
+        _check_ppl_data(e, run_dir)
+    model, tok = load(model_path, dtype=dtype)
+    res: dict[str, Any] = {"ppl": {}}
+    for ds in e["ppl"]:
+        # Every window has the same length, so batching them changes nothing but the speed.
+        res["ppl"][ds] = perplexity(model, tok, ds, "seed", data_dir=data_dir, seq_len=e["ppl_seqlen"],
+                                    max_tokens=e["ppl_max_tokens"], batch_size=e["batch_size"])
+    if e["tasks"]:
+        res["zero_shot"] = evaluate(model, tok, e["tasks"], num_fewshot=e["num_fewshot"], limit=e["limit"],
+                                    batch_size=e["batch_size"], data_dir=data_dir)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_json(Path(out) / "eval.json", res)
+    return res
+
+
+def _timed_evaluate_model(*args: Any) -> tuple[dict[str, Any], float]:
+    t0 = time.perf_counter()
+    return evaluate_model(*args), time.perf_counter() - t0
+
+
+def _worker_init() -> None:
+    # Worker output would interleave with the main process's progress bars: the main process reports the job.
+    import logging
+    import signal
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    logging.disable(logging.WARNING)
+    warnings.simplefilter("ignore")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which terminates the pool
+
+
+def _start_pool(processes: int) -> Any:
+    """A spawn-context pool whose workers show no progress bars (tqdm reads TQDM_DISABLE when imported)."""
+    import multiprocessing
+
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # the workers inherit the environment at start
+    try:
+        return multiprocessing.get_context("spawn").Pool(processes, _worker_init)
+    finally:
+        if before is None:
+            del os.environ["TQDM_DISABLE"]
+        else:
+            os.environ["TQDM_DISABLE"] = before
 
 
 class RecipeRun:
@@ -84,7 +148,28 @@ class RecipeRun:
         from ..select import resolve_k
 
         self.k = resolve_k(self.n0, p["num_layers"], None if p["num_layers"] is not None else p["ratio"])
+        self._check_inputs()
         self.heal_stage: str | None = None  # the stage whose heal.json the manifest reports (None: FINAL)
+        self._pool: Any = None  # multiprocessing pool for evaluations beside the main path (workers > 1)
+        self._jobs: dict[str, Any] = {}
+
+    def _check_inputs(self) -> None:
+        """What later stages read, checked before the first one runs: task names and files, perplexity text,
+        healing data (a bad task name must not surface only after score, prune and heal)."""
+        e = self.r["evaluate"]
+        if e["tasks"]:
+            from ..evaluation.tasks import check_tasks
+
+            check_tasks(e["tasks"], self.data_dir, e["num_fewshot"])
+        from ..evaluation.perplexity import load_text, resolve_protocol
+
+        proto = resolve_protocol("seed")
+        for ds in e["ppl"]:
+            load_text(ds, proto.split_for(ds), self.data_dir, proto.join_for(ds))
+        if self.r["heal"]["method"] != NO_HEAL:
+            from ..data.instruct import resolve_source
+
+            resolve_source(self.r["heal"]["data"], self.data_dir)
 
     # ---- stages -------------------------------------------------------------------------------------------
     def _score(self, model_path: str, name: str, k: int, inputs: dict, layer_map: list[int] | None = None
@@ -167,28 +252,43 @@ class RecipeRun:
 
         return self.state.run(name, inputs, fn)
 
+    def _eval_inputs(self, fp: str) -> dict[str, Any]:
+        return {"model": fp, "evaluate": self.r["evaluate"], "data_dir": self.data_dir}
+
+    def _submit_eval(self, which: str, model_path: str | None, fp: str | None) -> None:
+        """Start ``which``'s evaluation in the background pool (``workers`` > 1) unless it is current."""
+        if self._pool is None or not model_path or not fp or which not in self.r["evaluate"]["models"]:
+            return
+        name = f"eval-{which}"
+        if self.state.current(name, self._eval_inputs(fp)):
+            return
+        out = self.dir / BACKGROUND / name
+        if out.exists():
+            shutil.rmtree(out)
+        self.log(f"[bg  ] {name} (in a worker process)")
+        self._jobs[which] = self._pool.apply_async(
+            _timed_evaluate_model, (self.r["evaluate"], model_path, self.r["dtype"], self.data_dir, None, str(out)))
+
     def _evaluate(self, which: str, model_path: str, fp: str) -> dict[str, Any]:
-        e = self.r["evaluate"]
-        inputs = {"model": fp, "evaluate": e, "data_dir": self.data_dir}
+        name = f"eval-{which}"
+        job = self._jobs.pop(which, None)
+        worker_s: list[float] = []
 
         def fn(tmp: Path) -> dict[str, Any]:
-            from ..evaluation import check_not_calibration, evaluate, perplexity, resolve_protocol
-            from ..models import load
+            _check_ppl_data(self.r["evaluate"], self.dir)  # also for a job started before calibration ran
+            if job is None:
+                return evaluate_model(self.r["evaluate"], model_path, self.r["dtype"], self.data_dir, None, tmp)
+            res, seconds = job.get()  # re-raises the worker's error here, inside the stage
+            worker_s.append(seconds)
+            for f in (self.dir / BACKGROUND / name).iterdir():
+                f.rename(tmp / f.name)
+            return res
 
-            for ds in e["ppl"]:  # refuse before loading or computing anything
-                check_not_calibration(ds, resolve_protocol("seed").split_for(ds), self.dir)
-            model, tok = load(model_path, dtype=self.r["dtype"])
-            out: dict[str, Any] = {"ppl": {}}
-            for ds in e["ppl"]:
-                out["ppl"][ds] = perplexity(model, tok, ds, "seed", data_dir=self.data_dir, seq_len=e["ppl_seqlen"],
-                                            max_tokens=e["ppl_max_tokens"])
-            if e["tasks"]:
-                out["zero_shot"] = evaluate(model, tok, e["tasks"], num_fewshot=e["num_fewshot"], limit=e["limit"],
-                                            batch_size=e["batch_size"], data_dir=self.data_dir)
-            write_json(tmp / "eval.json", out)
-            return out
-
-        return self.state.run(f"eval-{which}", inputs, fn)
+        out = self.state.run(name, self._eval_inputs(fp), fn)
+        if worker_s:  # the stage's time is the worker's, not the wait for it
+            self.state.stages[name].update(seconds=round(worker_s[0], 2), background=True)
+            self.state.save()
+        return out
 
     def _measure(self, paths: dict[str, str], fps: dict[str, str]) -> dict[str, Any]:
         m = self.r["measure"]
@@ -214,9 +314,25 @@ class RecipeRun:
 
     # ---- pipeline -----------------------------------------------------------------------------------------
     def execute(self) -> RunManifest:
-        t0 = time.perf_counter()
+        """Run every stage not already current; with ``workers`` > 1 the evaluations of dense, pruned and
+        compensated run in worker processes beside compensation and healing (measurement waits for them)."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.dir / BACKGROUND, ignore_errors=True)  # a killed run's leftovers
+        if self.r["workers"] > 1:
+            self._pool = _start_pool(self.r["workers"] - 1)
+        try:
+            return self._execute()
+        finally:
+            if self._pool is not None:
+                self._pool.terminate()  # nothing is left running after a failure or Ctrl-C
+                self._pool.join()
+                self._pool = None
+            shutil.rmtree(self.dir / BACKGROUND, ignore_errors=True)
+
+    def _execute(self) -> RunManifest:
+        t0 = time.perf_counter()
         (self.dir / "recipe.yaml").write_text(yaml.safe_dump(self.r, sort_keys=False))
+        self._submit_eval(DENSE, self.source, self.source_fp)
         p, h = self.r["prune"], self.r["heal"]
         heal_on = h["method"] != NO_HEAL
         comp_on = self.r["compensate"]["method"] != "none"
@@ -235,6 +351,7 @@ class RecipeRun:
             pr = self._prune(self.source, removed, PRUNED, {**base, "removed": removed})
             pruned_path = str(self.dir / PRUNED)
             pruned_fp = self.state.stages[PRUNED]["fingerprint"]
+            self._submit_eval(PRUNED, pruned_path, pruned_fp)
             final_fp = pruned_fp
             heal_from, heal_fp = pruned_path, pruned_fp
             if comp_on:
@@ -243,6 +360,7 @@ class RecipeRun:
                 comp_path = str(self.dir / COMPENSATED)
                 heal_from = comp_path
                 heal_fp = final_fp = self.state.stages[COMPENSATED]["fingerprint"]
+                self._submit_eval(COMPENSATED, comp_path, heal_fp)
             if heal_on:
                 self._heal(heal_from, FINAL, {"pruned": heal_fp, "heal": h, "seed": self.r["seed"],
                                               "data_dir": self.data_dir})
@@ -380,6 +498,9 @@ def run_recipe(recipe: str | os.PathLike | dict[str, Any], out_dir: str | os.Pat
     rec = validate(apply_overrides(recipe, overrides or [])) if isinstance(recipe, dict) else \
         load_recipe(recipe, overrides)
     out = Path(out_dir or Path("runs") / rec["name"])
+    if out.is_dir() and not (out / "state.json").exists() and \
+            {f.name for f in out.iterdir()} <= {"recipe.yaml", BACKGROUND}:
+        shutil.rmtree(out)  # a run that failed before its first stage finished holds nothing to keep
     if not resume:
         check_out_dir(out, overwrite)
         if out.exists():

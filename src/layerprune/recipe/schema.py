@@ -27,6 +27,9 @@ SCHEMA: dict[str, Any] = {
     "seed": (int, 42),
     "dtype": (str, "float32"),  # load dtype for scoring/pruning/evaluation
     "data_dir": (OPT_STR, None),  # offline data folder; default $LAYERPRUNE_DATA, else the Hub
+    # Processes: with 2 or more, the evaluations of dense, pruned and compensated run in worker processes
+    # beside compensation and healing (give each process one thread: OMP_NUM_THREADS=1 on 2 cores).
+    "workers": (int, 1),
     "prune": {
         "metric": (str, "reverse"),
         "num_layers": (OPT_INT, None),  # how many layers to remove ...
@@ -160,6 +163,8 @@ def _validate(data: Any, schema: dict[str, Any], prefix: str) -> dict[str, Any]:
 def validate(data: Any) -> dict[str, Any]:
     """Fill defaults and check every key and type; raises a one-line LayerpruneError naming the key."""
     rec = _validate(data if data is not None else {}, SCHEMA, "")
+    if rec["workers"] < 1:
+        raise LayerpruneError("recipe: 'workers' must be >= 1")
     p = rec["prune"]
     if p["num_layers"] is not None and p["num_layers"] < 1:
         raise LayerpruneError("recipe: 'prune.num_layers' must be >= 1")
@@ -167,6 +172,12 @@ def validate(data: Any) -> dict[str, Any]:
         raise LayerpruneError("recipe: 'prune.ratio' must be in (0, 1) when prune.num_layers is not set")
     if p["step"] < 1:
         raise LayerpruneError("recipe: 'prune.step' must be >= 1")
+    from ..metrics.base import make_metric
+
+    try:
+        make_metric(p["metric"], **p["metric_params"])
+    except LayerpruneError as e:
+        raise LayerpruneError(f"recipe: prune.metric: {e}") from None
     bad = set(rec["evaluate"]["models"]) - {"dense", "pruned", "compensated", "healed"}
     if bad:
         raise LayerpruneError(f"recipe: 'evaluate.models' has unknown entries {sorted(bad)}; use dense, pruned, "
@@ -224,4 +235,7 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> 
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise LayerpruneError(f"recipe {p}: invalid YAML ({str(e).splitlines()[0]})") from None
-    return validate(apply_overrides(data or {}, overrides or []))
+    if data is None:
+        raise LayerpruneError(f"recipe {p} is empty (an empty file would run the whole default pipeline); "
+                              "write at least 'model:' and 'prune:'")
+    return validate(apply_overrides(data, overrides or []))

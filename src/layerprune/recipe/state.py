@@ -54,16 +54,21 @@ class RunState:
     def save(self) -> None:
         write_json(self.dir / STATE_FILE, {"stages": self.stages})
 
+    def current(self, name: str, inputs: dict[str, Any], output: bool = True) -> bool:
+        """Whether stage ``name`` is done with these inputs (``run`` would skip it)."""
+        prev = self.stages.get(name)
+        return bool(prev and prev.get("fingerprint") == fingerprint(inputs) and prev.get("done")
+                    and ((self.dir / name).is_dir() or not output))
+
     def run(self, name: str, inputs: dict[str, Any], fn: Callable[[Path], dict[str, Any]],
             output: bool = True) -> dict[str, Any]:
         """Run stage ``name`` unless its fingerprint is unchanged; ``fn(tmp_dir)`` writes into a temp folder
         that replaces ``run_dir/name`` atomically and returns a JSON-able result."""
         fp = fingerprint(inputs)
-        prev = self.stages.get(name)
         out = self.dir / name
-        if prev and prev.get("fingerprint") == fp and prev.get("done") and (out.is_dir() or not output):
+        if self.current(name, inputs, output):
             self.log(f"[skip] {name} (unchanged, fingerprint {fp})")
-            return prev["result"]
+            return self.stages[name]["result"]
         self.log(f"[run ] {name}")
         t0 = time.perf_counter()
         if output:
