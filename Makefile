@@ -11,7 +11,8 @@ export LAYERPRUNE_DATA ?= $(wildcard $(abspath ../shared/data))
 
 # The demo: the paper's best-practice recipe (reverse order, lm_head + last three layers) with least-squares
 # compensation first, at CPU-sized settings chosen from measured pilots (docs/healing.md, "CPU settings"):
-# 100 steps of batch 8, lr 2e-3 (tied head frozen), a limited evaluation; about 20 minutes on 2 cores.
+# 100 steps of batch 8, lr 2e-3 (tied head frozen), a limited evaluation; about 16 minutes on 2 cores (workers=2:
+# the dense, pruned and compensated models are evaluated in a second process while compensation and healing run).
 DEMO_SET ?= --set heal.max_steps=100 --set heal.batch_size=8 --set heal.micro_batch_size=4 \
 	--set heal.cutoff_len=128 --set heal.lr=2e-3 --set heal.warmup_steps=10 --set heal.eval_steps=50 \
 	--set heal.val_size=100 --set 'evaluate.tasks=[piqa,arc_easy,arc_challenge,hellaswag,winogrande,openbookqa]' \

@@ -206,3 +206,20 @@ def test_no_data_and_no_hub_fails_at_once(tmp_path, monkeypatch):
     with pytest.raises(LayerpruneError, match="LAYERPRUNE_DATA"):
         run_recipe(REPO / "recipes" / "best-practice.yaml", tmp_path / "r", log=lambda s: None)
     assert not (tmp_path / "r").exists()
+
+
+def test_recipe_budget_target(tiny_smol, tmp_path, data_dir, monkeypatch):
+    """prune.target picks the smallest removal meeting the bound; the manifest records it."""
+    monkeypatch.setenv("LAYERPRUNE_DATA", str(data_dir))
+    r = _recipe(tiny_smol, prune={"metric": "magnitude", "num_layers": None, "target": "non_embedding_params=0.6"},
+                heal={"method": "none"}, evaluate={"tasks": [], "ppl": [], "models": ["dense"]},
+                measure={"enabled": False})
+    r["prune"].pop("num_layers")
+    m = run_recipe(r, tmp_path / "run", log=lambda s: None)
+    t = m["target"]
+    assert len(m["removed_layers"]) == t["k"] == 3 and t["value"] <= 0.6 * t["dense_value"]
+    assert t["tried"][1]["value"] > 0.6 * t["dense_value"]  # two layers were not enough
+    with pytest.raises(LayerpruneError, match="cannot be met"):
+        run_recipe({**r, "prune": {**r["prune"], "target": "params=10"}}, tmp_path / "run2", log=lambda s: None)
+    with pytest.raises(LayerpruneError, match="measured"):
+        validate({"prune": {"target": "decode_speedup=1.2"}})

@@ -320,6 +320,14 @@ _HARNESS = textwrap.dedent("""
                 die()
             return real(self, output_dir)
         Trainer._save_optimizer_and_scheduler = save
+    elif point == "heal-after-last-ckpt":
+        from transformers import Trainer
+        real = Trainer._save_checkpoint
+        def after(self, *a, **k):
+            real(self, *a, **k)
+            if self.state.global_step >= self.state.max_steps:
+                die()
+        Trainer._save_checkpoint = after
     elif point == "heal-final-save":
         import layerprune.healing.core as core
         real = core.save_pretrained_atomic
@@ -345,9 +353,11 @@ _HARNESS = textwrap.dedent("""
 
 
 def _run_killed(point: str, argv: list[str], env_extra: dict[str, str] | None = None) -> int:
+    """Run the CLI in a subprocess that SIGKILLs itself at ``point``; asserts that it did."""
     env = {**os.environ, "KILL_AT": point, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     r = subprocess.run([sys.executable, "-c", _HARNESS, *argv], env=env, capture_output=True, text=True,
                        timeout=300, cwd=REPO)
+    assert r.returncode == -signal.SIGKILL, f"not killed at {point} (exit {r.returncode}): {r.stderr[-3000:]}"
     return r.returncode
 
 
@@ -504,7 +514,7 @@ def _history(folder: Path) -> tuple[list, int, float]:
     return h["log_history"], h["steps"], h["mean_train_loss"]
 
 
-@pytest.mark.parametrize("point", ["heal-ckpt-8", "heal-ckpt-12", "heal-final-save"])
+@pytest.mark.parametrize("point", ["heal-ckpt-8", "heal-ckpt-12", "heal-after-last-ckpt", "heal-final-save"])
 def test_heal_killed_anywhere_resumes_bit_identical(point, heal_ref, tiny_smol_rel, tmp_path, data_dir):
     out = tmp_path / "out"
     argv = ["heal", str(tiny_smol_rel), "--out", str(out), *HEAL]

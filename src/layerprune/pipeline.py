@@ -12,6 +12,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .arch import layer_count, parts
+from .budget import MEASURED, Sizes, Target, check_reachable, choose
 from .compensation import compensate_checkpoint
 from .data.calibration import CalibSpec, build_calibration
 from .errors import LayerpruneError
@@ -44,11 +45,13 @@ def score_and_select(model: Any, metrics: list[Any], k: int, calib: Any = None, 
 def iterative_prune(model: nn.Module, metric: str | Metric, k: int, *, step: int = 1, calib: Any = None,
                     protect_first: int = 0, protect_last: int = 0, batch_size: int | None = None,
                     progress: bool = True, on_step: StepCallback | None = None,
-                    metric_options: dict[str, Any] | None = None) -> tuple[Any, Selection]:
+                    metric_options: dict[str, Any] | None = None,
+                    until: Callable[[nn.Module], bool] | None = None) -> tuple[Any, Selection]:
     """SLEB-style iterative pruning IN PLACE: score, remove ``step`` layers, re-score the pruned model, ...
 
     ``on_step(model, step, kept)`` runs after each removal (``kept``: original indices still present); the
-    recipe stage plugs healing in there. Returns (PruneRecord against the original indices, Selection).
+    recipe stage plugs healing in there. ``until(model)``: stop as soon as it holds (a budget target; ``k`` is
+    then the most that may be removed). Returns (PruneRecord against the original indices, Selection).
     """
     if step < 1:
         raise LayerpruneError("--step must be >= 1")
@@ -60,7 +63,7 @@ def iterative_prune(model: nn.Module, metric: str | Metric, k: int, *, step: int
     order: list[int] = []
     it = 0
     bar = tqdm(total=k, desc=f"iterative {m.label}", disable=not progress, leave=False)
-    while len(order) < k:
+    while len(order) < k and not (until is not None and order and until(model)):
         it += 1
         s = min(step, k - len(order))
         results, picked = score_and_select(model, [m], s, calib, protect_first=protect_first,
@@ -77,6 +80,10 @@ def iterative_prune(model: nn.Module, metric: str | Metric, k: int, *, step: int
         if on_step is not None:
             on_step(model, st, list(kept))
     bar.close()
+    if until is not None and not until(model):
+        raise LayerpruneError(f"the budget target cannot be met: even {len(order)} layers removed (the most "
+                              "allowed) do not reach it")
+    k = len(order)
     removed = sorted(order)
     record = PruneRecord(n0, removed, kept)
     sel = Selection(m.label, k, removed, order, iterative=True, step=step, protect_first=protect_first,
@@ -91,14 +98,17 @@ def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, met
                     dtype: str | None = "auto", batch_size: int | None = None, overwrite: bool = False,
                     cache: bool = True, device: str | None = None, offload_folder: str | None = None,
                     max_memory: dict | None = None, progress: bool = True,
-                    compensation: Any = None) -> tuple[PruneRecord, Any]:
+                    compensation: Any = None, target: str | Target | None = None,
+                    measure_opts: dict[str, Any] | None = None) -> tuple[PruneRecord, Any]:
     """Score with ``metric``, select ``k`` layers (or ``ratio`` of them), prune and save with the manifest.
 
     One-shot by default; ``iterative`` re-scores the pruned model after every ``step`` removals (SLEB-style,
     in memory). The manifest's ``method`` is the metric, ``method_params`` its parameters, the selection
     settings and the calibration, and ``scores`` the selection with the scores it was made from (per step
     when iterative). ``compensation`` (a CompensationConfig) folds a training-free map for each removed block
-    into the weights (one-shot only). Returns (PruneRecord, Selection).
+    into the weights (one-shot only). ``target`` (``"params=0.8"``, a :class:`~layerprune.budget.Target`)
+    replaces ``k``/``ratio``: the smallest removal in the metric's order that meets it (see
+    :mod:`layerprune.budget`; ``measure_opts`` for the measured kinds). Returns (PruneRecord, Selection).
     """
 
     path = resolve_model(model)
@@ -106,10 +116,21 @@ def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, met
     if not cfg_file.is_file():
         raise LayerpruneError(f"pruning by a metric needs a local model folder with config.json: {path}")
     n = layer_count(read_config(path))
-    k = resolve_k(n, k, ratio)
+    tgt = Target.parse(target) if isinstance(target, str) else target
+    if tgt is not None and (k is not None or ratio is not None):
+        raise LayerpruneError("give a layer count (--num/--ratio) or a --target, not both")
+    if tgt is not None and tgt.kind in MEASURED and (streaming or score_mode != "memory" or
+                                                     compensation is not None):
+        raise LayerpruneError(f"target {tgt.kind} is measured on the model in memory: it cannot be combined with "
+                              "--streaming, a non-memory --score-mode or compensation")
+    k = n - 1 - protect_first - protect_last if tgt is not None else resolve_k(n, k, ratio)
+    if k < 1:
+        raise LayerpruneError("the protected layers leave nothing to remove")
     m = make_metric(metric, **(metric_options or {}))
     spec = calib if isinstance(calib, CalibSpec) else CalibSpec()
     check_out_dir(out_dir, overwrite)
+    if tgt is not None:
+        check_reachable(tgt, Sizes.of(_meta_model(path, dtype)), k)  # before any scoring
     params: dict[str, Any] = {"metric": m.label, "metric_params": m.params(), "k": k, "ratio": ratio,
                               "iterative": iterative, "step": step if iterative else None,
                               "protect_first": protect_first, "protect_last": protect_last,
@@ -124,8 +145,11 @@ def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, met
         mdl, tok = load(path, dtype=dtype, device=device)
         cal = build_calibration(tok, spec) if m.needs_calibration else None
         before = count_parameters(mdl)
+        until = _target_reached(mdl, tgt, measure_opts, params) if tgt is not None else None
         record, sel = iterative_prune(mdl, m, k, step=step, calib=cal, protect_first=protect_first,
-                                      protect_last=protect_last, batch_size=batch_size, progress=progress)
+                                      protect_last=protect_last, batch_size=batch_size, progress=progress,
+                                      until=until)
+        params["k"] = len(record.removed_layers)
         params["calibration"] = cal.describe() if cal is not None else None
         manifest = build_manifest(str(model), record, method=m.label, params=params, scores=sel.to_dict(),
                                   params_before=before, params_after=count_parameters(mdl), mode="in-memory")
@@ -133,6 +157,34 @@ def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, met
         return record, sel
 
     fp = model_fingerprint(path)
+    if tgt is not None and tgt.kind in MEASURED:
+        # Measured: score and time the loaded model, each candidate cut skipped in place, then prune it.
+        mdl, tok = load(path, dtype=dtype, device=device)
+        cal = build_calibration(tok, spec) if m.needs_calibration else None
+        res = score(mdl, [m], cal, batch_size=batch_size, cache=cache, fingerprint=fp, progress=progress)
+        r = res.results[m.label]
+        choice = choose(tgt, _candidates(r, m, protect_first, protect_last), k, model=mdl,
+                        measure_opts=measure_opts)
+        params.update(k=len(choice.removed), target=choice.to_dict(), calibration=res.calibration)
+        sel = select_one_shot(r, len(choice.removed), protect_first=protect_first, protect_last=protect_last,
+                              metric=m)
+        before = count_parameters(mdl)
+        record = prune_layers(mdl, sel.removed)
+        manifest = build_manifest(str(model), record, method=m.label, params=params,
+                                  scores={**sel.to_dict(), "metric_scores": r.to_dict()}, params_before=before,
+                                  params_after=count_parameters(mdl), mode="in-memory")
+        save_pruned(mdl, None, out_dir, manifest, overwrite=overwrite, copy_from=path)
+        return record, sel
+    if tgt is not None:
+        # Analytic: the sizes come from the shapes (a meta-device model, no weights); the scores are cached
+        # for the scoring below, which then selects the chosen k.
+        res = score(path, [m], spec if m.needs_calibration else None, mode=score_mode, batch_size=batch_size,
+                    cache=cache, dtype=dtype, device=device, offload_folder=offload_folder, max_memory=max_memory,
+                    progress=progress)
+        choice = choose(tgt, _candidates(res.results[m.label], m, protect_first, protect_last), k,
+                        sizes=Sizes.of(_meta_model(path, dtype)))
+        k = len(choice.removed)
+        params.update(k=k, target=choice.to_dict())
     if compensation is not None:
         res, sel = score_and_select(path, [m], k, spec if m.needs_calibration else None,
                                     protect_first=protect_first, protect_last=protect_last, mode=score_mode,
@@ -170,6 +222,49 @@ def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, met
                               overwrite=overwrite, method=m.label, method_params=params,
                               scores={**sel.to_dict(), "metric_scores": r.to_dict()})
     return record, sel
+
+
+def _candidates(r: Any, m: Metric, protect_first: int, protect_last: int) -> Callable[[int], list[int]]:
+    """k -> the layers the metric's one-shot selection removes."""
+    return lambda k: select_one_shot(r, k, protect_first=protect_first, protect_last=protect_last,
+                                     metric=m).removed
+
+
+def _meta_model(path: str, dtype: Any) -> nn.Module:
+    """The model's structure without its weights (for analytic sizes)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .models import parse_dtype
+
+    cfg = AutoConfig.from_pretrained(path)
+    dt = parse_dtype(dtype)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(cfg, dtype=dt if isinstance(dt, torch.dtype) else None)
+
+
+def _target_reached(model: nn.Module, tgt: Target, measure_opts: dict[str, Any] | None,
+                    record: dict[str, Any]) -> Callable[[nn.Module], bool]:
+    """For iterative pruning: a check on the (pruned in place) model against the dense model's values."""
+    from .budget import speedup_value, target_met, time_model
+
+    if tgt.kind in MEASURED:
+        dense_speed = time_model(model, tgt.kind, measure_opts or {})
+
+        def measured(mdl: nn.Module) -> bool:
+            v = speedup_value(tgt.kind, dense_speed, time_model(mdl, tgt.kind, measure_opts or {}))
+            record["target"] = {"target": tgt.describe(), "value": v, "dense_value": 1.0}
+            return target_met(tgt, v, 1.0)
+
+        return measured
+    dense = Sizes.of(model).after([])[tgt.kind]
+
+    def analytic(mdl: nn.Module) -> bool:
+        v = Sizes.of(mdl).after([])[tgt.kind]
+        record["target"] = {"target": tgt.describe(), "value": v, "dense_value": dense}
+        return target_met(tgt, v, dense)
+
+    return analytic
 
 
 __all__ = ["StepCallback", "iterative_prune", "prune_by_metric", "score_and_select"]

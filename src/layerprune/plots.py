@@ -183,3 +183,27 @@ def plot_score_heatmaps(data: dict[str, Any], path: Path) -> Path | None:
             ax.set_yticklabels([str(v) for v in labels[::step]], fontsize=6)
         fig.colorbar(im, ax=ax, fraction=0.046)
     return _save(fig, path)
+
+
+def plot_frontier(result: dict[str, Any], path: Path) -> Path | None:
+    """Held-out perplexity (log scale) against parameters, one line per metric, the dense model as a star."""
+    rows = result.get("rows") or []
+    if not rows:
+        return None
+    fig = _figure(7, 4.5)
+    ax = fig.subplots()
+    for metric in dict.fromkeys(r["metric"] for r in rows):
+        pts = sorted((r["params"] / 1e6, r["ppl"]) for r in rows if r["metric"] == metric and _num(r["ppl"]))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=metric)
+    d = result.get("dense") or {}
+    if _num(d.get("ppl")):
+        ax.plot([d["params"] / 1e6], [d["ppl"]], marker="*", markersize=12, color="black", linestyle="",
+                label="dense")
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel("held-out calibration perplexity")
+    ax.set_title("quality against size (no healing)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

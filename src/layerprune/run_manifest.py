@@ -38,6 +38,7 @@ class RunManifest(TypedDict, total=False):
     scores: dict[str, Any]
     similarity: dict[str, Any] | None
     compensation: dict[str, Any] | None  # layerprune.compensation's summary: method, blocks with fit errors
+    target: dict[str, Any] | None  # a budget target (prune.target) and the removal that met it
     heal: dict[str, Any] | None  # heal.json of the final healing stage
     results: dict[str, StageResult]  # keyed by STAGES
     measure: dict[str, Any] | None

@@ -19,8 +19,8 @@ from ..errors import LayerpruneError
 
 # Every module in this package with a ``register(subparsers)`` function is a sub-command; they are listed in
 # pipeline order first, any others after.
-PIPELINE_ORDER = ("info", "download", "score", "prune", "compensate", "heal", "eval", "ppl", "compare", "bench", "generate",
-                  "run")
+PIPELINE_ORDER = ("info", "download", "score", "prune", "frontier", "compensate", "heal", "eval", "ppl", "compare",
+                  "bench", "generate", "run")
 
 
 def _command_modules() -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 from ..errors import LayerpruneError
 from .common import (
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.harness import evaluate, markdown_table
     from ..evaluation.tasks import check_tasks
     from ..io import check_results_target, write_results
-    from ..models import default_device, load_for_eval, model_info, resolve_model
+    from ..models import check_checkpoint_tensors, default_device, load_for_eval, model_info, resolve_model
 
     data_dir = resolve_data_dir(args.data_dir)
     if args.out:
@@ -94,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.parallelize:
             model_args.setdefault("device", args.device or default_device())
         model, tok = resolve_model(args.model), None
+        if Path(model).is_dir():
+            check_checkpoint_tensors(model)  # lm-eval's loader would re-initialise a missing tensor silently
         info = {"source": args.model, "peft": args.peft, "loaded_by": "lm-eval", "model_args": model_args}
     else:
         model, tok = load_for_eval(args.model, args.dtype, args.device, args.peft)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..budget import Target
 from ..compensation import METHODS as COMP_METHODS
 from ..compensation import CompensationConfig
 from ..errors import LayerpruneError
@@ -48,6 +49,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--num", type=int, default=None, metavar="K", help="with --metric: remove K layers")
     g.add_argument("--ratio", type=float, default=None,
                    help="with --metric: remove floor(RATIO * layers) layers")
+    g.add_argument("--target", default=None, type=_target, metavar="KIND=VALUE",
+                   help="with --metric: the smallest removal that meets a budget: params=100M or 0.8 (of dense), "
+                        "non_embedding_params, macs, kv_cache (bytes per token), prefill_speedup=1.25, "
+                        "decode_speedup (measured here)")
     add_out_args(p)
     p.add_argument("--streaming", action="store_true",
                    help="rewrite the safetensors shards without loading the model (about one tensor of memory)")
@@ -76,6 +81,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _target(text: str) -> Target:
+    try:
+        return Target.parse(text)
+    except LayerpruneError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _count(text: str) -> int:
     t = str(text).strip()
     if not t.isdigit():
@@ -95,8 +107,8 @@ def _compensation(args: argparse.Namespace) -> CompensationConfig | None:
 def run(args: argparse.Namespace) -> int:
     comp = _compensation(args)
     if args.metric is None:
-        if args.num is not None or args.ratio is not None:
-            raise LayerpruneError("--num and --ratio choose layers by a metric: add --metric NAME")
+        if args.num is not None or args.ratio is not None or args.target is not None:
+            raise LayerpruneError("--num, --ratio and --target choose layers by a metric: add --metric NAME")
         if args.iterative:
             raise LayerpruneError("--iterative needs --metric")
         remove = parse_layer_list(args.remove) if args.remove is not None else None
@@ -124,8 +136,12 @@ def run(args: argparse.Namespace) -> int:
                                streaming=args.streaming, dtype=args.dtype, batch_size=args.batch_size,
                                overwrite=args.overwrite, cache=not args.no_cache, device=args.device,
                                offload_folder=args.offload_folder,
-                               max_memory=parse_max_memory(args.max_memory), compensation=comp)
+                               max_memory=parse_max_memory(args.max_memory), compensation=comp,
+                               target=args.target)
     how = f"iterative, step {sel.step}" if sel.iterative else "one-shot"
     print(f"{sel.metric} ({how}): removed layers {rec.removed_layers} of {rec.original_num_layers} "
           f"(removal order {sel.order}); {len(rec.kept_layers)} kept -> {args.out}")
+    if args.target is not None:
+        print(f"target {args.target.describe()}: met with {len(rec.removed_layers)} layers removed (details in "
+              f"{args.out}/layerprune.json, method_params.target)")
     return 0

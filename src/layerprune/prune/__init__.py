@@ -17,11 +17,12 @@ from ..models import (
     resolve_model,
     save_pruned,
 )
+from .skip import skipped
 from .streaming import prune_checkpoint_streaming
 from .surgery import PruneRecord, parse_layer_list, prune_layers, tail_layers, validate_removal
 
 __all__ = ["PruneRecord", "parse_layer_list", "prune_checkpoint", "prune_checkpoint_streaming",
-           "prune_layers", "tail_layers", "validate_removal"]
+           "prune_layers", "skipped", "tail_layers", "validate_removal"]
 
 
 def prune_checkpoint(model: str | os.PathLike, out_dir: str | os.PathLike, *, remove: list[int] | None = None,

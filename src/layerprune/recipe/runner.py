@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from ..errors import LayerpruneError
 from ..io import check_out_dir, read_json, write_json
 from ..models import MANIFEST, library_versions, resolve_model
 from ..run_manifest import COMPENSATED, DENSE, HEALED, PRUNED, STAGES, RunManifest
@@ -147,7 +148,17 @@ class RecipeRun:
         p = recipe["prune"]
         from ..select import resolve_k
 
-        self.k = resolve_k(self.n0, p["num_layers"], None if p["num_layers"] is not None else p["ratio"])
+        self.target: Any = None  # a budget.Target (prune.target)
+        if p["target"] is not None:
+            from ..budget import Sizes, Target, check_reachable
+            from ..pipeline import _meta_model
+
+            self.target = Target.parse(p["target"])
+            self.sizes = Sizes.of(_meta_model(self.source, recipe["dtype"]))
+            self.k = self.n0 - 1 - p["protect_first"] - p["protect_last"]  # the most that may go
+            check_reachable(self.target, self.sizes, self.k)
+        else:
+            self.k = resolve_k(self.n0, p["num_layers"], None if p["num_layers"] is not None else p["ratio"])
         self._check_inputs()
         self.heal_stage: str | None = None  # the stage whose heal.json the manifest reports (None: FINAL)
         self._pool: Any = None  # multiprocessing pool for evaluations beside the main path (workers > 1)
@@ -170,6 +181,13 @@ class RecipeRun:
             from ..data.instruct import resolve_source
 
             resolve_source(self.r["heal"]["data"], self.data_dir)
+
+    def _target_met(self, removed: list[int]) -> bool:
+        from ..budget import target_met
+
+        assert self.target is not None
+        v, dense = self.sizes.after(removed)[self.target.kind], self.sizes.after([])[self.target.kind]
+        return target_met(self.target, v, dense)
 
     # ---- stages -------------------------------------------------------------------------------------------
     def _score(self, model_path: str, name: str, k: int, inputs: dict, layer_map: list[int] | None = None
@@ -197,6 +215,16 @@ class RecipeRun:
             else:
                 res, sel = score_and_select(model_path, metrics, k, spec, dtype=self.r["dtype"], **protect)
             label = next(iter(res.results))
+            target = None
+            if self.target is not None and layer_map is None:
+                from ..budget import choose
+                from ..select import select_one_shot
+
+                r0, m0 = res.results[label], res.metric_objects.get(label)
+                ch = choose(self.target, lambda kk: select_one_shot(r0, kk, metric=m0, **protect).removed, k,
+                            sizes=self.sizes)
+                sel = select_one_shot(r0, len(ch.removed), metric=m0, **protect)
+                target = ch.to_dict()
             res.write(tmp, k=None, overwrite=True)
             # Highlight what was actually removed (iterative rounds select among the remaining layers).
             data = read_json(tmp / "scores.json")
@@ -205,7 +233,7 @@ class RecipeRun:
             sim = next((m["extra"]["matrix"] for m in data["metrics"].values()
                         if (m.get("extra") or {}).get("matrix") is not None), None)
             return {"metric": label, "removed": sorted(sel.removed), "scores": data["metrics"][label],
-                    "calibration": data.get("calibration"), "similarity": sim}
+                    "calibration": data.get("calibration"), "similarity": sim, "target": target}
 
         return self.state.run(name, inputs, fn)
 
@@ -346,6 +374,7 @@ class RecipeRun:
                     "k": self.k, "data_dir": self.data_dir}
             sc = self._score(self.source, "score", self.k, base)
             removed = sc["removed"]
+            target_info = sc.get("target")
             similarity = sc.get("similarity")
             scores[sc["metric"]] = sc["scores"]
             pr = self._prune(self.source, removed, PRUNED, {**base, "removed": removed})
@@ -368,10 +397,11 @@ class RecipeRun:
             kept = pr["kept_layers"]
         else:
             removed, kept, current, cur_fp = [], list(range(self.n0)), self.source, self.source_fp
+            target_info = None
             similarity = None
             pruned_path, pruned_fp = None, None
             r = 0
-            while len(removed) < self.k:
+            while len(removed) < self.k and not (self.target and removed and self._target_met(removed)):
                 r += 1
                 step = min(p["step"], self.k - len(removed))
                 rd = f"rounds/round-{r:02d}"
@@ -393,6 +423,9 @@ class RecipeRun:
                 kept = [i for i in kept if i not in set(chosen)]
                 scores[f"{sc['metric']}@round{r}"] = sc["scores"]
                 rounds.append({"round": r, "removed_layers": chosen, "kept_layers": list(kept)})
+            if self.target is not None and not self._target_met(removed):
+                raise LayerpruneError(f"target {self.target.describe()} not met after removing {len(removed)} "
+                                      "layers")
             # The final model of the last round becomes RUN/model (hard links, no copy). Iterative mode has no
             # "all k layers removed, never healed" model, so only dense and final are evaluated.
             final_fp = cur_fp
@@ -427,6 +460,10 @@ class RecipeRun:
 
         manifest = self._manifest(removed, kept, scores, rounds, results, bench, similarity)
         manifest["compensation"] = compensation
+        if self.target is not None:
+            manifest["target"] = target_info or {"target": self.target.describe(),
+                                                 "value": self.sizes.after(removed)[self.target.kind],
+                                                 "dense_value": self.sizes.after([])[self.target.kind]}
         manifest["timings"]["total_s"] = round(time.perf_counter() - t0, 1)
         self._finish(manifest)
         return manifest

@@ -34,6 +34,7 @@ SCHEMA: dict[str, Any] = {
         "metric": (str, "reverse"),
         "num_layers": (OPT_INT, None),  # how many layers to remove ...
         "ratio": (OPT_NUM, 0.25),  # ... or which fraction (rounded down: 25% of 26 layers is 6, as in the paper)
+        "target": (OPT_STR, None),  # ... or a budget: params=0.8, macs=5G, kv_cache=18KB (analytic kinds)
         "metric_params": (dict, {}),  # e.g. {p: 1, seed_compat: false}
         "protect_first": (int, 0),
         "protect_last": (int, 0),
@@ -166,6 +167,15 @@ def validate(data: Any) -> dict[str, Any]:
     if rec["workers"] < 1:
         raise LayerpruneError("recipe: 'workers' must be >= 1")
     p = rec["prune"]
+    if p["target"] is not None:
+        from ..budget import ANALYTIC, Target
+
+        t = Target.parse(p["target"])
+        if t.kind not in ANALYTIC:
+            raise LayerpruneError(f"recipe: 'prune.target' {t.kind} is measured; recipes take {', '.join(ANALYTIC)} "
+                                  "(use 'layerprune prune --target' for measured speedups)")
+        if p["num_layers"] is not None:
+            raise LayerpruneError("recipe: give prune.num_layers or prune.target, not both")
     if p["num_layers"] is not None and p["num_layers"] < 1:
         raise LayerpruneError("recipe: 'prune.num_layers' must be >= 1")
     if p["num_layers"] is None and not (p["ratio"] and 0 < p["ratio"] < 1):
