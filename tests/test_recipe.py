@@ -223,3 +223,16 @@ def test_recipe_budget_target(tiny_smol, tmp_path, data_dir, monkeypatch):
         run_recipe({**r, "prune": {**r["prune"], "target": "params=10"}}, tmp_path / "run2", log=lambda s: None)
     with pytest.raises(LayerpruneError, match="measured"):
         validate({"prune": {"target": "decode_speedup=1.2"}})
+
+
+def test_recipe_stability_in_scores_and_report(tiny_smol, tmp_path, data_dir, monkeypatch):
+    monkeypatch.setenv("LAYERPRUNE_DATA", str(data_dir))
+    r = _recipe(tiny_smol, prune={"stability": 4, "stability_calib": [str(data_dir / "calibration/wiki_demo.jsonl")]},
+                heal={"method": "none"}, evaluate={"tasks": [], "ppl": [], "models": ["dense"]},
+                measure={"enabled": False})
+    m = run_recipe(r, tmp_path / "run", log=lambda s: None)
+    st = m["stability"]
+    assert st["resamples"] == 4 and len(st["sources"]) == 2 and st["k"] == 2
+    assert json.loads((tmp_path / "run" / "score" / "scores.json").read_text())["stability"]["k"] == 2
+    assert "## Ranking stability" in (tmp_path / "run" / "report.md").read_text()
+    assert (tmp_path / "run" / "score" / "stability.png").is_file()

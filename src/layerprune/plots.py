@@ -207,3 +207,46 @@ def plot_frontier(result: dict[str, Any], path: Path) -> Path | None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def plot_stability(st: dict[str, Any], path: Path) -> Path | None:
+    """Per metric: each layer's mean rank with its 90% bootstrap interval (0 = removed first), the stable set
+    in red; then Kendall's tau between metrics (and between calibration sources of the first metric)."""
+    metrics = st.get("metrics") or {}
+    if not metrics:
+        return None
+    tau_src = st.get("kendall_tau_sources") or {}
+    n_src = len(st.get("sources") or [])
+    extra = 1 + (1 if n_src > 1 else 0)
+    fig = _figure(9, 2.2 * len(metrics) + 3.2)
+    grid = fig.add_gridspec(len(metrics) + 1, max(extra, 1), height_ratios=[1.0] * len(metrics) + [1.5])
+    for row, (name, m) in enumerate(metrics.items()):
+        ax = fig.add_subplot(grid[row, :])
+        mean = m["mean_rank"]
+        lo = [mean[i] - iv[0] for i, iv in enumerate(m["rank_interval_90"])]
+        hi = [iv[1] - mean[i] for i, iv in enumerate(m["rank_interval_90"])]
+        stable = set(m["stable_set"])
+        xs = list(range(len(mean)))
+        for color, sel in (("#d62728", [i for i in xs if i in stable]), ("#4c72b0", [i for i in xs if i not in stable])):
+            if sel:
+                ax.errorbar(sel, [mean[i] for i in sel], yerr=[[lo[i] for i in sel], [hi[i] for i in sel]],
+                            fmt="o", color=color, markersize=4, capsize=2)
+        ax.set_title(f"{name}: rank (0 = removed first), 90% interval over {st['resamples']} resamples; red = "
+                     f"stable set at k={st['k']}", fontsize=9)
+        ax.set_xticks(xs[:: max(1, len(xs) // 40)])
+    labels = st["kendall_tau_metrics"]["metrics"]
+    ax = fig.add_subplot(grid[len(metrics), 0])
+    im = ax.imshow(st["kendall_tau_metrics"]["matrix"], vmin=-1, vmax=1, cmap="RdBu")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_title("Kendall tau between metrics", fontsize=9)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    if n_src > 1:
+        first = next(iter(tau_src))
+        ax2 = fig.add_subplot(grid[len(metrics), 1])
+        names = [str(x)[-18:] for x in st["sources"]]
+        ax2.imshow(tau_src[first], vmin=-1, vmax=1, cmap="RdBu")
+        ax2.set_xticks(range(n_src), names, rotation=45, fontsize=7)
+        ax2.set_yticks(range(n_src), names, fontsize=7)
+        ax2.set_title(f"Kendall tau between calibration sources ({first})", fontsize=9)
+    return _save(fig, path)

@@ -16,9 +16,10 @@ from .common import add_data_dir_arg, add_device_arg, add_dtype_arg, add_model_a
 
 def add_calib_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("calibration data")
-    g.add_argument("--calib", default=DEFAULT_SOURCE,
+    g.add_argument("--calib", action="append", default=None,
                    help="preset (c4, wikitext2, ptb, bookcorpus), local .jsonl/.json/.txt/.parquet file or "
-                        "folder, or a Hub dataset id (default: %(default)s; offline: the local C4 sample)")
+                        f"folder, or a Hub dataset id (default: {DEFAULT_SOURCE}; offline: the local C4 sample); "
+                        "'score --stability' takes it repeated (the first is the primary source)")
     g.add_argument("--nsamples", type=int, default=10, help="number of calibration windows (default: 10)")
     g.add_argument("--seqlen", type=int, default=128, help="tokens per window (default: 128)")
     g.add_argument("--seed", type=int, default=42,
@@ -89,10 +90,20 @@ def parse_max_memory(spec: str | None) -> dict[Any, Any] | None:
     return out
 
 
+def calib_specs_from_args(args: argparse.Namespace) -> list[CalibSpec]:
+    """One spec per ``--calib`` (the same window settings for each)."""
+    return [CalibSpec(source=src, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                      split=args.calib_split, field=args.calib_field, mode=args.calib_mode, data_dir=args.data_dir,
+                      allow_eval_overlap=args.allow_eval_overlap, hub_config=args.calib_config)
+            for src in (args.calib or [DEFAULT_SOURCE])]
+
+
 def calib_spec_from_args(args: argparse.Namespace) -> CalibSpec:
-    return CalibSpec(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                     split=args.calib_split, field=args.calib_field, mode=args.calib_mode, data_dir=args.data_dir,
-                     allow_eval_overlap=args.allow_eval_overlap, hub_config=args.calib_config)
+    """The calibration spec of a command that takes one ``--calib``."""
+    specs = calib_specs_from_args(args)
+    if len(specs) > 1 and not getattr(args, "stability", None):
+        raise LayerpruneError("--calib is given several times; only 'score --stability' compares sources")
+    return specs[0]
 
 
 def metric_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,6 +129,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--remove", "--num", dest="num", type=int, default=None, metavar="K",
                    help="highlight the K layers one-shot selection would remove (default: --ratio 0.25)")
     k.add_argument("--ratio", type=float, default=None, help="highlight this fraction of layers")
+    p.add_argument("--stability", type=int, default=None, metavar="B",
+                   help="ranking stability: B bootstrap resamples of the calibration windows (and Kendall's tau "
+                        "between repeated --calib sources and between metrics); adds 'stability' to scores.json "
+                        "and writes stability.png")
     add_protect_args(p)
     add_calib_args(p)
     add_metric_option_args(p)
@@ -127,11 +142,41 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _stability(args: argparse.Namespace, metrics: list[Any], k: int) -> None:
+    from pathlib import Path
+
+    from ..io import read_json, write_json
+    from ..models import load
+    from ..plots import plot_stability
+    from ..stability import ranking_stability
+
+    model, tok = load(args.model, dtype=args.dtype, device=args.device)
+    st = ranking_stability(model, tok, metrics, k, calib=calib_specs_from_args(args), resamples=args.stability,
+                           seed=args.seed, protect_first=args.protect_first, protect_last=args.protect_last,
+                           batch_size=args.batch_size, metric_options=metric_options_from_args(args))
+    out = Path(args.out)
+    data = read_json(out / "scores.json")
+    data["stability"] = st
+    write_json(out / "scores.json", data)
+    plot_stability(st, out / "stability.png")
+    for name, m in st["metrics"].items():
+        print(f"{name} stability (B={st['resamples']}, k={k}): stable set {m['stable_set']}, uncertain "
+              f"{m['uncertain']} [{m['cost']}]")
+    print(f"wrote stability into scores.json and stability.png -> {args.out}")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..metrics import parse_metric_list
     from ..scoring import score_and_write
 
     metrics = parse_metric_list(args.metric)
+    if args.stability is not None:
+        if args.stability < 2:
+            raise LayerpruneError("--stability needs at least 2 resamples")
+        from ..data.calibration import load_texts
+
+        for spec in calib_specs_from_args(args)[1:]:
+            load_texts(spec)  # every source readable before any scoring
     res, k = score_and_write(args.model, metrics, args.out, calib=calib_spec_from_args(args), k=args.num,
                              ratio=args.ratio, protect_first=args.protect_first,
                              protect_last=args.protect_last, overwrite=args.overwrite, mode=args.score_mode,
@@ -140,6 +185,10 @@ def run(args: argparse.Namespace) -> int:
                              max_memory=parse_max_memory(args.max_memory),
                              metric_options=metric_options_from_args(args))
     sel = res.selections(k, args.protect_first, args.protect_last)
+    if args.stability is not None:
+        if k is None:
+            raise LayerpruneError("--stability needs the removal count: give --num K or --ratio")
+        _stability(args, metrics, k)
     for name, r in res.results.items():
         tag = " (cached)" if r.cached else f" ({r.elapsed_s:.1f}s)"
         print(f"{name}{tag}: removal order {r.removal_order()[:12]}{' ...' if r.num_layers > 12 else ''}; "

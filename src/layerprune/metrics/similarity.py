@@ -181,24 +181,9 @@ class HiddenStateMetric(Metric):
     @classmethod
     @torch.no_grad()
     def run(cls, metrics: list[Metric], model: nn.Module, calib: Any, ctx: ScoreContext) -> list[MetricResult]:
-        layers = parts(model).layers
-        n = len(layers)
+        n = parts(model).num_layers
         cols = [m.collector(n) for m in metrics]  # type: ignore[attr-defined]
-        batches = calib.batches(ctx.batch_size)
-        state = {"batch": 0, "mask": None}
-
-        def hook(pos: int, args: tuple, kwargs: dict, out: Any) -> None:
-            x_in, x_out = layer_input(args, kwargs), layer_output(out)
-            for c in cols:
-                c.update(pos, state["batch"], x_in, x_out, state["mask"])
-            if pos == n - 1:
-                raise StopForward
-
-        with layer_hooks(layers, hook):
-            for b, (ids, mask) in enumerate(tqdm(batches, desc="hidden-state pass", disable=not ctx.progress,
-                                                 leave=False)):
-                state["batch"], state["mask"] = b, mask
-                run_until_layers_done(model, ids, mask)
+        collect(model, calib, cols, ctx)
         return [m.finalize(c, ctx, calib) for m, c in zip(metrics, cols)]  # type: ignore[attr-defined]
 
     @classmethod
@@ -206,6 +191,28 @@ class HiddenStateMetric(Metric):
         from .layerwise import CollectorConsumer
 
         return CollectorConsumer(metrics, ctx, calib)
+
+
+@torch.no_grad()
+def collect(model: nn.Module, calib: Any, cols: list[Collector], ctx: ScoreContext) -> None:
+    """One forward over the calibration batches, feeding every layer's input and output to ``cols``."""
+    layers = parts(model).layers
+    n = len(layers)
+    batches = calib.batches(ctx.batch_size)
+    state: dict[str, Any] = {"batch": 0, "mask": None}
+
+    def hook(pos: int, args: tuple, kwargs: dict, out: Any) -> None:
+        x_in, x_out = layer_input(args, kwargs), layer_output(out)
+        for c in cols:
+            c.update(pos, state["batch"], x_in, x_out, state["mask"])
+        if pos == n - 1:
+            raise StopForward
+
+    with layer_hooks(layers, hook):
+        for b, (ids, mask) in enumerate(tqdm(batches, desc="hidden-state pass", disable=not ctx.progress,
+                                             leave=False)):
+            state["batch"], state["mask"] = b, mask
+            run_until_layers_done(model, ids, mask)
 
 
 @register_metric

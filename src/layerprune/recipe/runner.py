@@ -232,8 +232,22 @@ class RecipeRun:
             write_json(tmp / "scores.json", data)
             sim = next((m["extra"]["matrix"] for m in data["metrics"].values()
                         if (m.get("extra") or {}).get("matrix") is not None), None)
+            stability = None
+            if p["stability"] and layer_map is None:
+                from ..models import load
+                from ..plots import plot_stability
+                from ..stability import ranking_stability
+
+                model, tok = load(model_path, dtype=self.r["dtype"])
+                extra = [CalibSpec(**{**spec.to_dict(), "source": src}) for src in p["stability_calib"]]
+                stability = ranking_stability(model, tok, [metric], len(sel.removed), calib=[spec, *extra],
+                                              resamples=p["stability"], seed=self.r["seed"], **protect)
+                data["stability"] = stability
+                write_json(tmp / "scores.json", data)
+                plot_stability(stability, tmp / "stability.png")
             return {"metric": label, "removed": sorted(sel.removed), "scores": data["metrics"][label],
-                    "calibration": data.get("calibration"), "similarity": sim, "target": target}
+                    "calibration": data.get("calibration"), "similarity": sim, "target": target,
+                    "stability": stability}
 
         return self.state.run(name, inputs, fn)
 
@@ -375,6 +389,7 @@ class RecipeRun:
             sc = self._score(self.source, "score", self.k, base)
             removed = sc["removed"]
             target_info = sc.get("target")
+            stability = sc.get("stability")
             similarity = sc.get("similarity")
             scores[sc["metric"]] = sc["scores"]
             pr = self._prune(self.source, removed, PRUNED, {**base, "removed": removed})
@@ -397,7 +412,7 @@ class RecipeRun:
             kept = pr["kept_layers"]
         else:
             removed, kept, current, cur_fp = [], list(range(self.n0)), self.source, self.source_fp
-            target_info = None
+            target_info = stability = None
             similarity = None
             pruned_path, pruned_fp = None, None
             r = 0
@@ -460,6 +475,8 @@ class RecipeRun:
 
         manifest = self._manifest(removed, kept, scores, rounds, results, bench, similarity)
         manifest["compensation"] = compensation
+        if stability is not None:
+            manifest["stability"] = stability
         if self.target is not None:
             manifest["target"] = target_info or {"target": self.target.describe(),
                                                  "value": self.sizes.after(removed)[self.target.kind],

@@ -42,6 +42,8 @@ SCHEMA: dict[str, Any] = {
         "calib_split": (OPT_STR, None),
         "nsamples": (int, 10),
         "seqlen": (int, 128),
+        "stability": (int, 0),  # bootstrap resamples of the ranking (0: off); see docs/scoring.md
+        "stability_calib": (LIST_STR, []),  # further calibration sources to compare the ranking on (Kendall tau)
         "similarity": (bool, True),  # also compute the CKA layer-similarity matrix (for the report's heat map)
         "iterative": (bool, False),  # score -> prune step -> heal -> re-score ... until the target
         "step": (int, 1),
@@ -164,6 +166,8 @@ def _validate(data: Any, schema: dict[str, Any], prefix: str) -> dict[str, Any]:
 def validate(data: Any) -> dict[str, Any]:
     """Fill defaults and check every key and type; raises a one-line LayerpruneError naming the key."""
     rec = _validate(data if data is not None else {}, SCHEMA, "")
+    if rec["prune"]["stability"] == 1 or rec["prune"]["stability"] < 0:
+        raise LayerpruneError("recipe: 'prune.stability' is a number of resamples: 0 (off) or at least 2")
     if rec["workers"] < 1:
         raise LayerpruneError("recipe: 'workers' must be >= 1")
     p = rec["prune"]

@@ -76,6 +76,33 @@ def _section_scores(m: dict, run_dir: Path) -> list[Block]:
     return blocks
 
 
+def _section_selection(m: dict, run_dir: Path) -> list[Block]:
+    """The budget target that chose k, and how stable the ranking is."""
+    blocks: list[Block] = []
+    t = m.get("target")
+    if isinstance(t, dict):
+        tt = t.get("target")
+        text = tt.get("text") if isinstance(tt, dict) else tt
+        blocks += [Heading(2, "Budget target"),
+                   Para(f"Target `{text}`: met with {len(_layers(m.get('removed_layers')))} layers removed "
+                        f"(value {_fmt_value(t.get('value'))}, dense {_fmt_value(t.get('dense_value'))}).")]
+    st = m.get("stability")
+    if isinstance(st, dict) and isinstance(st.get("metrics"), dict):
+        rows = [[name, _layer_list(_layers(e.get("stable_set"))), _layer_list(_layers(e.get("uncertain"))),
+                 str(e.get("cost", ""))] for name, e in st["metrics"].items()]
+        blocks += [Heading(2, "Ranking stability"),
+                   Para(f"{st.get('resamples')} bootstrap resamples of the calibration windows (seed "
+                        f"{st.get('seed')}), k = {st.get('k')}: the stable set is removed in at least "
+                        f"{_fmt_value(st.get('stable_threshold'))} of them."),
+                   Table(["metric", "stable set", "uncertain", "cost"], rows)]
+        from ..plots import plot_stability
+
+        p = plot_stability(st, run_dir / "plots" / "stability.png")
+        if p:
+            blocks.append(Image("plots/stability.png", p, "rank intervals and Kendall tau"))
+    return blocks
+
+
 def _section_similarity(m: dict, run_dir: Path) -> list[Block]:
     sim = m.get("similarity")
     if not isinstance(sim, dict):
@@ -174,7 +201,8 @@ def _section_exports(m: dict, run_dir: Path) -> list[Block]:
 
 SECTIONS: list[tuple[str, Callable[[dict, Path], list[Block]]]] = [
     ("overview", _section_overview), ("summary", _section_summary), ("perplexity", lambda m, d: ppl_blocks(m)),
-    ("zero-shot", _section_zero_shot), ("scores", _section_scores), ("similarity", _section_similarity),
+    ("zero-shot", _section_zero_shot), ("scores", _section_scores), ("selection", _section_selection),
+    ("similarity", _section_similarity),
     ("compensation", _section_compensation), ("healing", _section_heal), ("rounds", _section_rounds), ("timings", _section_timings),
     ("environment", _section_environment), ("recipe", _section_recipe), ("exports", _section_exports),
 ]
