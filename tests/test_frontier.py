@@ -64,3 +64,20 @@ def test_cli_frontier(tmp_path, text_file, capsys):
     assert main(["frontier", str(src), "--metric", "bi", "--ks", "9", "--out", str(tmp_path / "g"),
                  "--calib", str(text_file)]) == 2
     assert "--ks" in capsys.readouterr().err
+
+
+def test_frontier_with_compensation_equals_the_folded_model(text_file):
+    from layerprune.compensation import compensate
+
+    model, tok = make_tiny("llama"), tiny_tokenizer()
+    spec = CalibSpec(source=str(text_file), nsamples=6, seqlen=16)
+    res = frontier(model, tok, ["reverse"], [2], calib=spec, heldout=4, batch_size=2, compensation="lstsq",
+                   progress=False)
+    plain, comp = res["rows"]
+    assert plain["compensation"] is None and comp["compensation"] == "lstsq" and comp["fits"]
+    full = build_calibration(tok, CalibSpec(source=str(text_file), nsamples=10, seqlen=16))
+    scoring, held = split_calibration(full, 4)
+    folded = copy.deepcopy(model)
+    compensate(folded, comp["removed"], scoring, method="lstsq", batch_size=2, progress=False)
+    assert comp["ppl"] == pytest.approx(_ppl(folded, held), rel=1e-4)
+    assert comp["ppl"] != pytest.approx(plain["ppl"], rel=1e-3)

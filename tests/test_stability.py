@@ -52,12 +52,18 @@ def test_deterministic_under_seed_and_varies_with_it(text_file):
     spec = CalibSpec(source=str(text_file), nsamples=6, seqlen=16)
     a = ranking_stability(model, tok, ["bi"], 2, calib=spec, resamples=6, seed=3, progress=False)
     b = ranking_stability(model, tok, ["bi"], 2, calib=spec, resamples=6, seed=3, progress=False)
+    for st in (a, b):
+        for m in st["metrics"].values():
+            m.pop("seconds")  # wall time, the one thing that may differ
     assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    c = ranking_stability(model, tok, ["bi"], 2, calib=spec, resamples=6, seed=4, progress=False)
+    assert c["metrics"]["bi"]["mean_rank"] != a["metrics"]["bi"]["mean_rank"] or \
+        c["metrics"]["bi"]["rank_interval_90"] != a["metrics"]["bi"]["rank_interval_90"]
 
 
 def test_per_window_statistics_equal_plain_scoring(text_file):
     """With every window weighted once the bootstrap's full-sample result is the plain score."""
-    from layerprune.stability import _bootstrap
+    from layerprune.stability import _per_window
 
     model, tok = make_tiny("llama"), tiny_tokenizer()
     cal = build_calibration(tok, CalibSpec(source=str(text_file), nsamples=5, seqlen=16))
@@ -66,8 +72,9 @@ def test_per_window_statistics_equal_plain_scoring(text_file):
 
         m = make_metric(name)
         plain = score(model, [m], cal, tokenizer=tok, cache=False, batch_size=2, progress=False).results[m.label]
-        st = _bootstrap(model, tok, m, cal, 1, [np.arange(5)], {"protect_first": 0, "protect_last": 0}, 2, False)
-        np.testing.assert_allclose(st.full.scores, plain.scores, rtol=1e-9, atol=1e-12)
+        full, res = _per_window(model, [m], cal, [np.arange(5)], 2, False)[m.label]
+        np.testing.assert_allclose(full.scores, plain.scores, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(res[0].scores, plain.scores, rtol=1e-9, atol=1e-12)  # each window once
 
 
 def test_kendall_tau():

@@ -9,7 +9,9 @@ model's log-probabilities are computed once per batch and shared by every cut.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .arch import parts
 from .budget import Sizes, fmt_count
 from .data.calibration import Calibration, CalibSpec, build_calibration
 from .errors import LayerpruneError
@@ -33,6 +36,26 @@ class Cut:
     metric: str
     k: int
     removed: tuple[int, ...]
+    compensation: str | None = None  # a compensation method applied through hooks (fitted per cut)
+
+
+@contextlib.contextmanager
+def _applied(model: nn.Module, cut: Cut, maps: dict[Cut, list[Any]]) -> Iterator[None]:
+    """The cut on the loaded model: the surgery (restored after), or, with compensation, the layers skipped
+    at their original positions and the fitted maps applied by hooks (what folding computes)."""
+    if cut.compensation is None:
+        with skipped(model, cut.removed):
+            yield
+        return
+    from .compensation.fold import map_hooks
+    from .metrics._forward import skipped as skip_one
+
+    layers = parts(model).layers
+    with contextlib.ExitStack() as stack:
+        for i in cut.removed:
+            stack.enter_context(skip_one(layers, i))
+        stack.enter_context(map_hooks(model, layers, maps[cut]))
+        yield
 
 
 def split_calibration(cal: Calibration, heldout: int) -> tuple[Calibration, Calibration]:
@@ -47,8 +70,8 @@ def split_calibration(cal: Calibration, heldout: int) -> tuple[Calibration, Cali
 
 
 @torch.no_grad()
-def _quality(model: nn.Module, held: Calibration, cuts: list[Cut], batch_size: int, progress: bool
-             ) -> dict[Cut | None, dict[str, float]]:
+def _quality(model: nn.Module, held: Calibration, cuts: list[Cut], maps: dict[Cut, list[Any]], batch_size: int,
+             progress: bool) -> dict[Cut | None, dict[str, float]]:
     """Held-out NLL and KL to dense for the dense model (key None) and every cut."""
     device = next(model.parameters()).device
     acc: dict[Cut | None, list[float]] = {c: [0.0, 0.0] for c in [None, *cuts]}
@@ -63,7 +86,7 @@ def _quality(model: nn.Module, held: Calibration, cuts: list[Cut], batch_size: i
         acc[None][0] += float(-dense.gather(-1, t.unsqueeze(-1)).sum())
         count += int(valid.sum())
         for c in cuts:
-            with skipped(model, c.removed):
+            with _applied(model, c, maps):
                 lp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False)
                                        .logits[:, :-1].float(), -1)[valid]
             acc[c][0] += float(-lp.gather(-1, t.unsqueeze(-1)).sum())
@@ -74,14 +97,16 @@ def _quality(model: nn.Module, held: Calibration, cuts: list[Cut], batch_size: i
 def frontier(model: nn.Module, tokenizer: Any, metrics: list[str], ks: list[int], *, calib: CalibSpec | None = None,
              heldout: int = 8, protect_first: int = 0, protect_last: int = 0, batch_size: int = 4,
              measure_speed: bool = False, measure_opts: dict[str, Any] | None = None,
-             metric_options: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
+             metric_options: dict[str, Any] | None = None, compensation: str | None = None,
+             progress: bool = True) -> dict[str, Any]:
     """Score ``model`` with each metric on the scoring windows, then evaluate the cut of every k in ``ks``.
+
+    ``compensation`` (a method of :mod:`layerprune.compensation`, e.g. ``lstsq``): each cut is also evaluated
+    with its map fitted on the scoring windows (a second row per cut, with the fit errors).
 
     Returns ``{"dense": {...}, "rows": [{metric, k, removed, params, non_embedding_params, macs, kv_cache,
     ppl, kl[, prefill_speedup, decode_speedup]}], "calibration": ...}``. The model is unchanged afterwards.
     """
-    from .arch import parts
-
     max_k = parts(model).num_layers - 1 - protect_first - protect_last
     if not ks or any(not 1 <= k <= max_k for k in ks):
         raise LayerpruneError(f"--ks must be between 1 and {max_k} for this model (got {ks})")
@@ -99,7 +124,20 @@ def frontier(model: nn.Module, tokenizer: Any, metrics: list[str], ks: list[int]
         for k in ks:
             cuts.append(Cut(m.label, k, tuple(select_one_shot(r, k, protect_first=protect_first,
                                                               protect_last=protect_last, metric=m).removed)))
-    quality = _quality(model, held, cuts, batch_size, progress)
+    maps: dict[Cut, list[Any]] = {}
+    fit_errors: dict[Cut, list[Any]] = {}
+    if compensation is not None and compensation != "none":
+        from .compensation.core import fit_in_memory
+        from .compensation.methods import make_method
+
+        method = make_method(compensation)
+        for c in list(cuts):
+            cc = Cut(c.metric, c.k, c.removed, compensation)
+            fits = fit_in_memory(model, list(c.removed), scoring, method, batch_size=batch_size, progress=False)
+            maps[cc] = [(f.block, f.site, f.tensor()) for f in fits]
+            fit_errors[cc] = [f.describe(parts(model).adapter) for f in fits]
+            cuts.append(cc)
+    quality = _quality(model, held, cuts, maps, batch_size, progress)
     sizes = Sizes.of(model)
     speed: dict[int, dict[str, float]] = {}
     if measure_speed:
@@ -107,13 +145,14 @@ def frontier(model: nn.Module, tokenizer: Any, metrics: list[str], ks: list[int]
 
         d = time_model(model, "", measure_opts or {})
         for c in cuts:
-            if c.k not in speed:  # uniform layers: the speed of a cut depends on its size, measured once per k
+            if c.k not in speed and c.compensation is None:  # uniform layers: the speed of a cut depends on its size, measured once per k
                 with skipped(model, c.removed):
                     t = time_model(model, "", measure_opts or {})
                 speed[c.k] = {"prefill_speedup": speedup_value("prefill_speedup", d, t),
                               "decode_speedup": speedup_value("decode_speedup", d, t)}
-    rows = [{"metric": c.metric, "k": c.k, "removed": list(c.removed), **sizes.after(list(c.removed)), **quality[c],
-             **speed.get(c.k, {})} for c in cuts]
+    rows = [{"metric": c.metric, "k": c.k, "removed": list(c.removed), "compensation": c.compensation,
+             **sizes.after(list(c.removed)), **quality[c], **speed.get(c.k, {}),
+             **({"fits": fit_errors[c]} if c in fit_errors else {})} for c in cuts]
     return {"dense": {**sizes.after([]), **quality[None]}, "rows": rows, "scores": scores,
             "calibration": {"scoring": scoring.describe(), "heldout": held.describe()},
             "protect_first": protect_first, "protect_last": protect_last}
@@ -129,7 +168,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines.append(f"| dense | 0 | – | {fmt_count(d['params'])} | {fmt_count(d['macs'])} | {d['ppl']:.2f} | 0 |"
                  + (" 1.00 | 1.00 |" if speed else ""))
     for r in result["rows"]:
-        lines.append(f"| {r['metric']} | {r['k']} | {r['removed']} | {fmt_count(r['params'])} | "
+        name = r["metric"] + (f" + {r['compensation']}" if r.get("compensation") else "")
+        lines.append(f"| {name} | {r['k']} | {r['removed']} | {fmt_count(r['params'])} | "
                      f"{fmt_count(r['macs'])} | {r['ppl']:.2f} | {r['kl']:.4f} |"
                      + (f" {r['prefill_speedup']:.2f} | {r['decode_speedup']:.2f} |" if speed else ""))
     return "\n".join(lines) + "\n"

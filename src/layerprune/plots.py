@@ -192,10 +192,14 @@ def plot_frontier(result: dict[str, Any], path: Path) -> Path | None:
         return None
     fig = _figure(7, 4.5)
     ax = fig.subplots()
-    for metric in dict.fromkeys(r["metric"] for r in rows):
-        pts = sorted((r["params"] / 1e6, r["ppl"]) for r in rows if r["metric"] == metric and _num(r["ppl"]))
+    def line(r: dict) -> str:
+        return r["metric"] + (f" + {r['compensation']}" if r.get("compensation") else "")
+
+    for name in dict.fromkeys(line(r) for r in rows):
+        pts = sorted((r["params"] / 1e6, r["ppl"]) for r in rows if line(r) == name and _num(r["ppl"]))
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=metric)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name,
+                    linestyle="--" if " + " in name else "-")
     d = result.get("dense") or {}
     if _num(d.get("ppl")):
         ax.plot([d["params"] / 1e6], [d["ppl"]], marker="*", markersize=12, color="black", linestyle="",

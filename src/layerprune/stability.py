@@ -112,37 +112,41 @@ def _per_window_metric(m: Metric) -> bool:
 
 
 @torch.no_grad()
-def _bootstrap(model: nn.Module, tokenizer: Any, m: Metric, cal: Calibration, k: int, draws: list[np.ndarray],
-               protect: dict[str, int], batch_size: int | None, progress: bool) -> MetricStability:
+def _per_window(model: nn.Module, metrics: list[Metric], cal: Calibration, draws: list[np.ndarray],
+                batch_size: int | None, progress: bool) -> dict[str, tuple[MetricResult, list[MetricResult]]]:
+    """bi/angular together: one forward (as plain scoring), then each resample re-weights the windows."""
     n = parts(model).num_layers
-    resamples = len(draws)
-    t0 = time.perf_counter()
-    results: list[MetricResult] = []
+    ctx = ScoreContext(n, list(range(n)), batch_size, progress, None)
+    pws = [_PerWindow(lambda m=m: m.collector(n)) for m in metrics]
+    collect(model, cal, list(pws), ctx)
+    out = {}
+    for m, pw in zip(metrics, pws):
+        full = m.finalize(pw.combined(np.ones(cal.nsamples)), ctx, cal)  # type: ignore[attr-defined]
+        res = [m.finalize(pw.combined(np.bincount(d, minlength=cal.nsamples)), ctx, cal)  # type: ignore[attr-defined]
+               for d in draws]
+        out[m.label] = (full, res)
+    return out
+
+
+@torch.no_grad()
+def _rerun(model: nn.Module, tokenizer: Any, m: Metric, cal: Calibration, draws: list[np.ndarray],
+           batch_size: int | None) -> tuple[MetricResult, list[MetricResult]]:
+    """Any other metric: scored on the full sample and on each resample (a data-free one only once)."""
     if not m.needs_calibration:
         full = score(model, [m], None, tokenizer=tokenizer, cache=False, progress=False).results[m.label]
-        results = [full] * resamples
-        cost = "none (the metric does not read calibration data)"
-    elif _per_window_metric(m):
-        ctx = ScoreContext(n, list(range(n)), batch_size, progress, None)
-        pw = _PerWindow(lambda: m.collector(n))  # type: ignore[attr-defined]
-        collect(model, cal, [pw], ctx)
-        full = m.finalize(pw.combined(np.ones(cal.nsamples)), ctx, cal)  # type: ignore[attr-defined]
-        for d in draws:
-            results.append(m.finalize(pw.combined(np.bincount(d, minlength=cal.nsamples)), ctx, cal))  # type: ignore[attr-defined]
-        cost = "one forward; resamples re-weight per-window statistics"
-    else:
-        full = score(model, [m], cal, tokenizer=tokenizer, cache=False, batch_size=batch_size,
-                     progress=False).results[m.label]
-        for d in draws:
-            results.append(score(model, [m], _subset(cal, d), tokenizer=tokenizer, cache=False,
-                                 batch_size=batch_size, progress=False).results[m.label])
-        cost = f"{resamples + 1} passes (re-run per resample)"
+        return full, [full] * len(draws)
+    kw = {"tokenizer": tokenizer, "cache": False, "batch_size": batch_size, "progress": False}
+    full = score(model, [m], cal, **kw).results[m.label]
+    return full, [score(model, [m], _subset(cal, d), **kw).results[m.label] for d in draws]
+
+
+def _summarise(m: Metric, full: MetricResult, results: list[MetricResult], k: int, n: int,
+               protect: dict[str, int], cost: str, seconds: float) -> MetricStability:
     ranks = np.stack([_ranks(r, n) for r in results])
     freq = np.zeros(n)
     for r in results:
         freq[select_layers(r, k, metric=m, **protect)] += 1
-    return MetricStability(m.label, ranks, [float(f) for f in freq / resamples], full, cost,
-                           time.perf_counter() - t0)
+    return MetricStability(m.label, ranks, [float(f) for f in freq / len(results)], full, cost, seconds)
 
 
 def ranking_stability(model: nn.Module, tokenizer: Any, metrics: list[Any], k: int, *,
@@ -166,16 +170,32 @@ def ranking_stability(model: nn.Module, tokenizer: Any, metrics: list[Any], k: i
     # The same resamples for every metric, so their stabilities compare pair-wise.
     rng = np.random.default_rng(seed)
     draws = [rng.integers(0, cals[0].nsamples, cals[0].nsamples) for _ in range(resamples)]
+    window = [m for m in objs if m.needs_calibration and _per_window_metric(m)]
     per_metric: dict[str, MetricStability] = {}
+    t0 = time.perf_counter()
+    if window:
+        shared = _per_window(model, window, cals[0], draws, batch_size, progress)
+        dt = time.perf_counter() - t0
+        for m in window:
+            per_metric[m.label] = _summarise(m, *shared[m.label], k, n, protect,
+                                             "one forward (shared by bi/angular); resamples re-weight per-window "
+                                             "statistics", dt)
     for m in objs:
-        per_metric[m.label] = _bootstrap(model, tokenizer, m, cals[0], k, draws, protect, batch_size, progress)
+        if m.label in per_metric:
+            continue
+        t0 = time.perf_counter()
+        full, res = _rerun(model, tokenizer, m, cals[0], draws, batch_size)
+        cost = "none (the metric does not read calibration data)" if not m.needs_calibration else \
+            f"{len(draws) + 1} passes (re-run per resample)"
+        per_metric[m.label] = _summarise(m, full, res, k, n, protect, cost, time.perf_counter() - t0)
+    per_metric = {m.label: per_metric[m.label] for m in objs}
     # Full-sample scores on the other sources (first source: from the bootstrap pass).
     by_source: dict[str, list[MetricResult]] = {lbl: [st.full] for lbl, st in per_metric.items()}
     for c in cals[1:]:
-        res = score(model, [copy.deepcopy(m) for m in objs], c, tokenizer=tokenizer, cache=False,
-                    batch_size=batch_size, progress=progress)
+        other = score(model, [copy.deepcopy(m) for m in objs], c, tokenizer=tokenizer, cache=False,
+                      batch_size=batch_size, progress=progress)
         for lbl in by_source:
-            by_source[lbl].append(res.results[lbl])
+            by_source[lbl].append(other.results[lbl])
     names = [c.info.get("source") or specs[i].source for i, c in enumerate(cals)]
     tau_sources = {lbl: [[kendall_tau(_ranks(a, n).tolist(), _ranks(b, n).tolist()) for b in rs] for a in rs]
                    for lbl, rs in by_source.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..compensation import METHODS as COMP_METHODS
 from ..errors import LayerpruneError
 from .common import add_device_arg, add_dtype_arg, add_model_arg, add_verbose, positive_int
 from .score import (
@@ -40,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heldout", type=positive_int, default=8,
                    help="held-out calibration windows for the quality proxy (default: %(default)s)")
     p.add_argument("--measure", action="store_true", help="also time prefill and decode of every k")
+    p.add_argument("--compensate", default=None, choices=tuple(COMP_METHODS),
+                   help="also evaluate every cut with this training-free compensation (fitted per cut on the "
+                        "scoring windows, applied through hooks)")
     p.add_argument("--out", required=True, help="folder for frontier.json/.md/.png")
     p.add_argument("--overwrite", action="store_true", help="replace an existing frontier.json")
     add_protect_args(p)
@@ -73,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     res = frontier(model, tok, metrics, args.ks, calib=calib_spec_from_args(args), heldout=args.heldout,
                    protect_first=args.protect_first, protect_last=args.protect_last,
                    batch_size=args.batch_size or 4, measure_speed=args.measure,
-                   metric_options=metric_options_from_args(args))
+                   metric_options=metric_options_from_args(args), compensation=args.compensate)
     res["model"] = args.model
     print(markdown(res), end="")
     for written in write(res, args.out, args.overwrite).values():
