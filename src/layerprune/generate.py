@@ -3,7 +3,9 @@ stop tokens (never the hard-coded ids of one model family)."""
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,10 +62,9 @@ def build_prompt(tokenizer: Any, prompt: str, chat: bool | None = None) -> tuple
     return text, True
 
 
-def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, do_sample: bool = False,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None, seed: int = 0,
-             chat: bool | None = None) -> Generation:
-    """Generate a reply to ``prompt``; see :func:`generate_text`. Returns text plus token count and timing."""
+def _prepare(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int, do_sample: bool, temperature: float,
+             top_p: float, top_k: int | None, chat: bool | None) -> tuple[dict[str, Any], Any, str, bool, list[int]]:
+    """Encoded prompt, generation config, prompt text, whether the chat template was used, stop ids."""
     from transformers import GenerationConfig
 
     if max_new_tokens < 1:
@@ -79,21 +80,70 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops[0] if stops else None)
     # Values set here win over the checkpoint's generation_config (which only fills the unset ones), so a
     # checkpoint that defaults to sampling still decodes greedily unless asked.
-    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+    sampling: dict[str, Any] = {"temperature": temperature, "top_p": top_p} if do_sample else {}
     if do_sample and top_k is not None:
         sampling["top_k"] = top_k
     gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=stops or None,
                                pad_token_id=pad, **sampling)
+    return enc, gen_cfg, text, used_chat, stops
+
+
+def _seeded_generate(model: Any, enc: dict[str, Any], gen_cfg: Any, seed: int, **kw: Any) -> Any:
+    device = next(model.parameters()).device
     fork_devices = [device.index or 0] if device.type == "cuda" else []
-    start = time.perf_counter()
     with torch.random.fork_rng(devices=fork_devices), torch.inference_mode():
         torch.manual_seed(seed)  # the caller's RNG state is restored on exit
-        out = model.generate(**enc, generation_config=gen_cfg)
+        return model.generate(**enc, generation_config=gen_cfg, **kw)
+
+
+def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, do_sample: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None, seed: int = 0,
+             chat: bool | None = None) -> Generation:
+    """Generate a reply to ``prompt``; see :func:`generate_text`. Returns text plus token count and timing."""
+    enc, gen_cfg, text, used_chat, stops = _prepare(model, tokenizer, prompt, max_new_tokens, do_sample,
+                                                    temperature, top_p, top_k, chat)
+    start = time.perf_counter()
+    out = _seeded_generate(model, enc, gen_cfg, seed)
     seconds = time.perf_counter() - start
     new = out[0, enc["input_ids"].shape[1]:].tolist()
     stopped = bool(new) and new[-1] in stops
     return Generation(text=tokenizer.decode(new, skip_special_tokens=True), prompt_text=text,
                       new_tokens=len(new), stopped=stopped, seconds=seconds, chat=used_chat)
+
+
+def stream(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, do_sample: bool = False,
+           temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None, seed: int = 0,
+           chat: bool | None = None) -> Iterator[Generation]:
+    """:func:`generate`, yielding the reply so far after every new token (for a UI); the last item is final."""
+    from transformers import TextIteratorStreamer
+
+    enc, gen_cfg, text, used_chat, stops = _prepare(model, tokenizer, prompt, max_new_tokens, do_sample,
+                                                    temperature, top_p, top_k, chat)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["out"] = _seeded_generate(model, enc, gen_cfg, seed, streamer=streamer)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = e
+            streamer.end()
+
+    start = time.perf_counter()
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    reply, pieces = "", 0
+    for piece in streamer:
+        reply += piece
+        pieces += 1
+        yield Generation(reply, text, pieces, False, time.perf_counter() - start, used_chat)
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    seconds = time.perf_counter() - start
+    new = result["out"][0, enc["input_ids"].shape[1]:].tolist()
+    yield Generation(tokenizer.decode(new, skip_special_tokens=True), text, len(new),
+                     bool(new) and new[-1] in stops, seconds, used_chat)
 
 
 def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, do_sample: bool = False,
@@ -108,4 +158,4 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int =
                     temperature=temperature, top_p=top_p, seed=seed, chat=chat).text
 
 
-__all__ = ["Generation", "build_prompt", "generate", "generate_text", "stop_token_ids"]
+__all__ = ["Generation", "build_prompt", "generate", "generate_text", "stop_token_ids", "stream"]

@@ -1,0 +1,39 @@
+"""``layerprune chat``: a local web page to talk to a pruned model next to the dense one."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+
+from ..errors import LayerpruneError
+from .common import add_device_arg, add_dtype_arg, add_model_arg, add_verbose, positive_int
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="a local Gradio page: the same prompt to the model and --compare DENSE",
+                       description="Serve a page on 127.0.0.1 that streams every model's reply to the same prompt "
+                                   "(chat template, greedy or seeded sampling) with tokens/s and layer counts. "
+                                   "Needs: pip install 'layerprune[ui]'.")
+    add_model_arg(p)
+    p.add_argument("--compare", metavar="DENSE", default=None, help="a second model shown beside it (the dense one)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this machine)")
+    p.add_argument("--port", type=positive_int, default=7860, help="port (default: %(default)s)")
+    add_device_arg(p)
+    add_dtype_arg(p)
+    add_verbose(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..chat import UI_HINT, launch, load_chat_model
+    from ..models import resolve_model
+
+    if importlib.util.find_spec("gradio") is None:
+        raise LayerpruneError(UI_HINT)
+    paths = [args.model] + ([args.compare] if args.compare else [])
+    for p in paths:
+        resolve_model(p)  # a wrong path fails before any load
+    models = [load_chat_model(p, args.dtype, args.device) for p in paths]
+    print(f"layerprune chat on http://{args.host}:{args.port}/ (Ctrl-C to stop)")
+    launch(models, host=args.host, port=args.port)
+    return 0
