@@ -135,7 +135,7 @@ def check_gguf(gguf: str | os.PathLike, model: str | os.PathLike, prompt: str = 
                           min_new_tokens=new_tokens, do_sample=False,
                           pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else 0)
     want = out[0, ids.shape[1]:].tolist()
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=max(64, ids.shape[1] + new_tokens + 8), logits_all=False,
+    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=max(64, ids.shape[1] + new_tokens + 8), logits_all=True,
                           verbose=False, n_threads=1, seed=0)
     llm.reset()
     llm.eval(ids[0].tolist())
