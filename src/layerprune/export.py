@@ -31,7 +31,7 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 _PARTS = ("convert_hf_to_gguf.py", "conversion", "gguf-py", "LICENSE")
 
 
-def converter_dir(fetch: bool = True) -> Path:
+def converter_dir(fetch: bool = False) -> Path:
     """The folder holding ``convert_hf_to_gguf.py`` (+ ``conversion/``, ``gguf-py/``); fetched when missing."""
     env = os.environ.get("LAYERPRUNE_LLAMA_CPP")
     if env:
@@ -43,7 +43,8 @@ def converter_dir(fetch: bool = True) -> Path:
     if (out / "convert_hf_to_gguf.py").is_file():
         return out
     if not fetch:
-        raise LayerpruneError(f"llama.cpp's converter is not in {out}; run 'make setup' (or set $LAYERPRUNE_LLAMA_CPP)")
+        raise LayerpruneError(f"llama.cpp's converter is not in {out}; fetch it once with 'make setup' or "
+                              "'layerprune export --fetch-converter' (or set $LAYERPRUNE_LLAMA_CPP)")
     return _fetch(out)
 
 

@@ -111,6 +111,14 @@ def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, 
                       new_tokens=len(new), stopped=stopped, seconds=seconds, chat=used_chat)
 
 
+def greedy_ids(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, chat: bool | None = None
+               ) -> list[int]:
+    """The greedy continuation's token ids (chat template when the tokenizer has one)."""
+    enc, gen_cfg, _, _, _ = _prepare(model, tokenizer, prompt, max_new_tokens, False, 1.0, 1.0, None, chat)
+    out = _seeded_generate(model, enc, gen_cfg, 0)
+    return out[0, enc["input_ids"].shape[1]:].tolist()
+
+
 def stream(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 64, do_sample: bool = False,
            temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None, seed: int = 0,
            chat: bool | None = None) -> Iterator[Generation]:
@@ -158,4 +166,4 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int =
                     temperature=temperature, top_p=top_p, seed=seed, chat=chat).text
 
 
-__all__ = ["Generation", "build_prompt", "generate", "generate_text", "stop_token_ids", "stream"]
+__all__ = ["Generation", "build_prompt", "generate", "generate_text", "greedy_ids", "stop_token_ids", "stream"]

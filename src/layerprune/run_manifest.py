@@ -19,6 +19,8 @@ class StageResult(TypedDict, total=False):
     ppl: dict[str, Any]  # dataset -> {"ppl", "card"}
     zero_shot: dict[str, Any]  # task -> {acc, acc_stderr, ...}
     avg_acc: float | None
+    generative: dict[str, Any]  # generative task -> {exact_match, exact_match_flexible, ...}
+    generation: dict[str, Any]  # greedy agreement with dense: exact_match, mean_common_prefix_tokens, rouge_l
     params: int
     non_embedding_params: int | None
     macs: int

@@ -22,6 +22,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", default=None, help="lm-eval tasks whose multiple-choice picks are compared, "
                                                  "e.g. arc_easy,hellaswag (default: none)")
     p.add_argument("--task-limit", type=positive_int, default=100, help="documents per task (default: %(default)s)")
+    p.add_argument("--generate", type=positive_int, default=None, metavar="N",
+                   help="generation agreement: greedy continuations of N held-out prompts (the Alpaca validation "
+                        "instructions healing never trains on): exact match, common prefix, ROUGE-L")
+    p.add_argument("--gen-tokens", type=positive_int, default=64, help="new tokens per prompt (default: 64)")
+    p.add_argument("--prompts", default="alpaca", help="instruction data of --generate (default: alpaca)")
     add_data_dir_arg(p)
     add_dtype_arg(p)
     add_device_arg(p, "cpu, cuda ... (default: cuda if available)")
@@ -46,6 +51,11 @@ def run(args: argparse.Namespace) -> int:
     model_dir = Path(args.pruned) if Path(args.pruned).is_dir() else None
     overlap = check_not_calibration(args.data, split, model_dir, args.run_dir, force=args.force)
     tasks = check_tasks(args.tasks, data_dir) if args.tasks else None  # before the KL pass, not after it
+    prompts = None
+    if args.generate:
+        from ..data.instruct import heldout_prompts
+
+        prompts = heldout_prompts(args.prompts, args.generate, data_dir=data_dir)
     if args.out:
         check_results_target(args.out, "compare", args.overwrite)
     teacher, tok = load_for_eval(args.teacher, args.dtype, args.device)
@@ -53,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
     res = compare(pruned, teacher, tok, args.data, split=split, data_dir=data_dir, seq_len=args.seqlen,
                   max_tokens=args.max_tokens or None, tasks=tasks, task_limit=args.task_limit)
     res["text"]["same_split_as_calibration"] = overlap
+    if prompts:
+        from ..evaluation.agreement import generation_agreement
+
+        res["generation"] = generation_agreement(pruned, teacher, tok, prompts, new_tokens=args.gen_tokens)
     res["pruned"] = model_info(pruned, args.pruned)
     res["teacher"] = model_info(teacher, args.teacher)
     t = res["text"]
@@ -65,6 +79,11 @@ def run(args: argparse.Namespace) -> int:
         frac = r["changed_fraction"]
         lines.append(f"| {task}: changed MC answers ({r['documents']} docs) | "
                      f"{'n/a' if frac is None else f'{frac:.4f}'} |")
+    g = res.get("generation")
+    if g:
+        lines += [f"| generation: exact match ({g['prompts']} prompts, {g['new_tokens']} tokens) | {g['exact_match']:.4f} |",
+                  f"| generation: mean common prefix [tokens] | {g['mean_common_prefix_tokens']:.1f} |",
+                  f"| generation: ROUGE-L vs dense | {g['rouge_l']:.4f} |"]
     table = "\n".join(lines) + "\n"
     print(table, end="")
     if args.out:

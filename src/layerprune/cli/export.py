@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import add_model_arg, add_verbose, positive_int
+from .common import add_verbose, positive_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,8 +15,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Write OUT.gguf with convert_hf_to_gguf.py of the llama.cpp vendored by "
                                    f"llama-cpp-python {LLAMA_CPP_PYTHON}; --check loads it with llama-cpp-python "
                                    "and compares its greedy tokens with transformers'.")
-    add_model_arg(p)
-    p.add_argument("--gguf", required=True, metavar="OUT.gguf", help="output file (written atomically)")
+    p.add_argument("model", nargs="?", help="local model folder or 'default'")
+    p.add_argument("--gguf", metavar="OUT.gguf", help="output file (written atomically)")
+    p.add_argument("--fetch-converter", action="store_true",
+                   help=f"download llama-cpp-python {LLAMA_CPP_PYTHON}'s sdist from the package index once and keep "
+                        "its converter in the cache (make setup does it); nothing is downloaded otherwise")
     p.add_argument("--outtype", default="f16", choices=OUTTYPES, help="tensor type (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.gguf")
     p.add_argument("--check", action="store_true",
@@ -34,6 +37,14 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import LayerpruneError
     from ..export import check_gguf, export_gguf
 
+    if args.fetch_converter:
+        from ..export import converter_dir
+
+        print(f"llama.cpp converter: {converter_dir(fetch=True)}")
+        if args.model is None:
+            return 0
+    if args.model is None or args.gguf is None:
+        raise LayerpruneError("give MODEL and --gguf OUT.gguf (or only --fetch-converter)")
     if args.check and importlib.util.find_spec("llama_cpp") is None:  # before converting anything
         raise LayerpruneError("--check needs llama-cpp-python: pip install 'layerprune[gguf]'")
     res = export_gguf(args.model, args.gguf, outtype=args.outtype, overwrite=args.overwrite)

@@ -429,6 +429,23 @@ class InstructData:
         return self.info["fingerprint"]
 
 
+def heldout_prompts(data: str = "alpaca", n: int = 16, *, data_dir: str | os.PathLike | None = None,
+                    seed: int = 42) -> list[str]:
+    """The user messages (instruction + input) of the first ``n`` validation rows, split exactly as healing
+    splits them (same seed and default size), so they are never trained on."""
+    kind, fmt, where = resolve_source(data, data_dir)
+    rows = read_rows(where) if kind == "file" else _hub_rows(where)
+    fmt = fmt or detect_format(rows[0].keys())
+    examples = [to_example(r, FORMATS[fmt]) for r in rows]
+    kept = [e for e in examples if e.instruction.strip() and e.output.strip()]
+    _, val_idx, _ = split_rows(len(kept), None, FORMAT_VAL_SIZE[fmt], seed)
+    out = []
+    for i in val_idx[:n]:
+        e = kept[i]
+        out.append(e.instruction.strip() + (f"\n\n{e.input.strip()}" if e.input.strip() else ""))
+    return out
+
+
 def split_rows(n: int, val_size: int | float | None, default: int, seed: int) -> tuple[list[int], list[int], str]:
     """Seeded shuffle of ``range(n)`` into (train, val) indices; returns a note when the default was capped.
 

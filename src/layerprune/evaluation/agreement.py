@@ -94,6 +94,36 @@ def choice_changes(pruned: nn.Module, teacher: Any, tokenizer: Any, tasks: Seque
     return out
 
 
+def generation_agreement(pruned: nn.Module, teacher: Any, tokenizer: Any, prompts: Sequence[str], *,
+                         new_tokens: int = 64, samples: int = 3, progress: bool = True) -> dict[str, Any]:
+    """Greedy continuations of ``prompts`` by the teacher (dense) and the pruned model: exact-match rate, mean
+    common-prefix length in tokens, and ROUGE-L (F1, ``rouge-score``) of the pruned text against the dense."""
+    from rouge_score import rouge_scorer
+
+    from ..generate import greedy_ids
+
+    if not prompts:
+        raise LayerpruneError("generation agreement needs at least one prompt")
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    exact, prefix, rouge = [], [], []
+    shown: list[dict[str, str]] = []
+    for p in tqdm(prompts, desc="generation agreement", disable=not progress, leave=False):
+        d = greedy_ids(teacher, tokenizer, p, new_tokens)
+        q = greedy_ids(pruned, tokenizer, p, new_tokens)
+        common = next((i for i, (a, b) in enumerate(zip(d, q)) if a != b), min(len(d), len(q)))
+        dt = tokenizer.decode(d, skip_special_tokens=True)
+        qt = tokenizer.decode(q, skip_special_tokens=True)
+        exact.append(float(d == q))
+        prefix.append(float(common))
+        rouge.append(scorer.score(dt, qt)["rougeL"].fmeasure if dt.strip() or qt.strip() else 1.0)
+        if len(shown) < samples:
+            shown.append({"prompt": p, "dense": dt, "pruned": qt})
+    n = len(prompts)
+    return {"prompts": n, "new_tokens": new_tokens, "exact_match": sum(exact) / n,
+            "mean_common_prefix_tokens": sum(prefix) / n, "rouge_l": sum(rouge) / n, "samples": shown,
+            "decoding": "greedy, chat template when the tokenizer has one"}
+
+
 def compare(pruned: nn.Module, teacher: Any, tokenizer: Any, dataset: str = "wikitext2", *,
             split: str | None = None, data_dir: str | os.PathLike | None = None, protocol: str = "seed",
             seq_len: int | None = None, bos: str | None = None, max_tokens: int | None = 16384,

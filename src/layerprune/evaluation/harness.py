@@ -198,6 +198,13 @@ def summarize(res: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
                 row[m] = v
                 se = entry.get(f"{m}_stderr,none")
                 row[f"{m}_stderr"] = float(se) if isinstance(se, (int, float)) else None
+        for key, flt in (("exact_match", "strict-match"), ("exact_match_flexible", "flexible-extract")):
+            v = entry.get(f"exact_match,{flt}")
+            if isinstance(v, (int, float)):  # generative tasks (gsm8k): lm-eval's answer filters
+                row["kind"] = "generative"
+                row[key] = float(v)
+                se = entry.get(f"exact_match_stderr,{flt}")
+                row[f"{key}_stderr"] = float(se) if isinstance(se, (int, float)) else None
         if row["kind"] == "group":
             leaves = _leaves(name, subtasks)
             row["subtasks"] = len(leaves)
@@ -307,8 +314,11 @@ def evaluate(model: nn.Module | str, tokenizer: Any = None, tasks: str | Sequenc
                 kwargs["samples"] = sample_plan(loaded, names, int(limit))
                 drop_unsampled(loaded, kwargs["samples"])
         t_load = time.perf_counter() - t0
-        res = lm_eval.simple_evaluate(model=lm, tasks=top, task_manager=src.manager, num_fewshot=num_fewshot,
-                                      log_samples=log_samples, bootstrap_iters=bootstrap_iters, **kwargs)
+        try:
+            res = lm_eval.simple_evaluate(model=lm, tasks=top, task_manager=src.manager, num_fewshot=num_fewshot,
+                                          log_samples=log_samples, bootstrap_iters=bootstrap_iters, **kwargs)
+        except AssertionError as e:  # lm-eval checks configurations with asserts (e.g. generation > context)
+            raise LayerpruneError(f"lm-eval refused the run: {str(e).strip().splitlines()[0]}") from None
     if res is None:  # a non-zero rank under accelerate/torchrun: rank 0 gathers and reports
         return {"tasks": {}, "mean_acc": None, "mean_acc_over": [], "rank": int(getattr(lm, "rank", 0)),
                 "config": {"tasks": names}}
@@ -351,4 +361,11 @@ def markdown_table(summary: dict[str, Any]) -> str:
     if summary.get("mean_acc") is not None:
         k = len(summary["mean_acc_over"])
         lines.append(f"| **Avg Acc** (unweighted mean of acc, {k} tasks) | {f(summary['mean_acc'])} | | | | |")
+    gen = {n: r for n, r in summary["tasks"].items() if r.get("kind") == "generative"}
+    if gen:  # generative tasks: exact match after lm-eval's answer extraction (not part of Avg Acc)
+        lines += ["", "| generative task | exact match (strict) | ± | exact match (flexible) | ± | n |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {n} | {f(r.get('exact_match'))} | {f(r.get('exact_match_stderr'))} | "
+                  f"{f(r.get('exact_match_flexible'))} | {f(r.get('exact_match_flexible_stderr'))} | {r.get('n', '')} |"
+                  for n, r in gen.items()]
     return "\n".join(lines) + "\n"

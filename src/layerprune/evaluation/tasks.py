@@ -63,6 +63,10 @@ SPECS: dict[str, TaskSpec] = {
                      {"test": "eval/mmlu/test/{s}.jsonl", "dev": "eval/mmlu/dev/{s}.jsonl"},
                      {"test_split": "test", "fewshot_split": "dev"}, group=True, subtask_prefix="mmlu_",
                      optional_splits=("dev",)),
+    # Generative (generate_until): lm-eval's own prompt, answer extraction (strict / flexible) and exact match.
+    "gsm8k": TaskSpec("gsm8k", "gsm8k", "gsm8k.yaml", {"test": "eval/gsm8k/test.jsonl", "train": "eval/gsm8k/train.jsonl"},
+                      {"test_split": "test", "training_split": "train", "fewshot_split": "train"},
+                      optional_splits=("train",)),
     "cmmlu": TaskSpec("cmmlu", "cmmlu", "_cmmlu.yaml",
                       {"test": "eval/cmmlu/test/{s}.jsonl", "dev": "eval/cmmlu/dev/{s}.jsonl"},
                       {"test_split": "test", "fewshot_split": "dev"}, group=True, subtask_prefix="cmmlu_",

@@ -70,10 +70,12 @@ def _check_ppl_data(e: dict[str, Any], run_dir: str | os.PathLike) -> None:
 
 
 def evaluate_model(e: dict[str, Any], model_path: str, dtype: str, data_dir: str | None,
-                   run_dir: str | os.PathLike | None, out: str | os.PathLike) -> dict[str, Any]:
+                   run_dir: str | os.PathLike | None, out: str | os.PathLike, dense_path: str | None = None,
+                   heal_data: str = "alpaca") -> dict[str, Any]:
     """The recipe's evaluation of one model (perplexity with protocol cards, then zero-shot tasks) into
     ``out/eval.json``. Module-level so that a worker process can run it (``workers`` > 1); there ``run_dir`` is
-    None: the main process checks the calibration overlap (the worker would race with its stage renames)."""
+    None: the main process checks the calibration overlap (the worker would race with its stage renames).
+    ``dense_path``: the dense model, for generation agreement (``evaluate.generative.agreement``)."""
     from ..evaluation import evaluate, perplexity
     from ..models import load
 
@@ -88,6 +90,18 @@ def evaluate_model(e: dict[str, Any], model_path: str, dtype: str, data_dir: str
     if e["tasks"]:
         res["zero_shot"] = evaluate(model, tok, e["tasks"], num_fewshot=e["num_fewshot"], limit=e["limit"],
                                     batch_size=e["batch_size"], data_dir=data_dir)
+    g = e["generative"]
+    if g["tasks"]:
+        res["generative"] = evaluate(model, tok, g["tasks"], num_fewshot=e["num_fewshot"], limit=g["limit"],
+                                     batch_size=e["batch_size"], data_dir=data_dir)
+    if g["agreement"] and dense_path is not None:
+        from ..data.instruct import heldout_prompts
+        from ..evaluation.agreement import generation_agreement
+
+        teacher = load(dense_path, dtype=dtype)[0]
+        res["generation"] = generation_agreement(model, teacher, tok, heldout_prompts(heal_data, g["agreement"],
+                                                                                      data_dir=data_dir),
+                                                 new_tokens=g["new_tokens"])
     Path(out).mkdir(parents=True, exist_ok=True)
     write_json(Path(out) / "eval.json", res)
     return res
@@ -168,10 +182,15 @@ class RecipeRun:
         """What later stages read, checked before the first one runs: task names and files, perplexity text,
         healing data (a bad task name must not surface only after score, prune and heal)."""
         e = self.r["evaluate"]
-        if e["tasks"]:
-            from ..evaluation.tasks import check_tasks
+        from ..evaluation.tasks import check_tasks
 
-            check_tasks(e["tasks"], self.data_dir, e["num_fewshot"])
+        for tasks in (e["tasks"], e["generative"]["tasks"]):
+            if tasks:
+                check_tasks(tasks, self.data_dir, e["num_fewshot"])
+        if e["generative"]["agreement"]:
+            from ..data.instruct import resolve_source
+
+            resolve_source(self.r["heal"]["data"], self.data_dir)
         from ..evaluation.perplexity import load_text, resolve_protocol
 
         proto = resolve_protocol("seed")
@@ -294,6 +313,9 @@ class RecipeRun:
 
         return self.state.run(name, inputs, fn)
 
+    def _dense_for(self, which: str) -> str | None:
+        return None if which == DENSE else self.source
+
     def _eval_inputs(self, fp: str) -> dict[str, Any]:
         return {"model": fp, "evaluate": self.r["evaluate"], "data_dir": self.data_dir}
 
@@ -309,7 +331,8 @@ class RecipeRun:
             shutil.rmtree(out)
         self.log(f"[bg  ] {name} (in a worker process)")
         self._jobs[which] = self._pool.apply_async(
-            _timed_evaluate_model, (self.r["evaluate"], model_path, self.r["dtype"], self.data_dir, None, str(out)))
+            _timed_evaluate_model, (self.r["evaluate"], model_path, self.r["dtype"], self.data_dir, None, str(out),
+                                    self._dense_for(which), self.r["heal"]["data"]))
 
     def _evaluate(self, which: str, model_path: str, fp: str) -> dict[str, Any]:
         name = f"eval-{which}"
@@ -319,7 +342,8 @@ class RecipeRun:
         def fn(tmp: Path) -> dict[str, Any]:
             _check_ppl_data(self.r["evaluate"], self.dir)  # also for a job started before calibration ran
             if job is None:
-                return evaluate_model(self.r["evaluate"], model_path, self.r["dtype"], self.data_dir, None, tmp)
+                return evaluate_model(self.r["evaluate"], model_path, self.r["dtype"], self.data_dir, None, tmp,
+                                      self._dense_for(which), self.r["heal"]["data"])
             res, seconds = job.get()  # re-raises the worker's error here, inside the stage
             worker_s.append(seconds)
             for f in (self.dir / BACKGROUND / name).iterdir():
@@ -513,6 +537,10 @@ class RecipeRun:
             if zs:
                 row["zero_shot"] = zs["tasks"]
                 row["avg_acc"] = zs.get("mean_acc")
+            if ev.get("generative"):
+                row["generative"] = ev["generative"]["tasks"]
+            if ev.get("generation"):
+                row["generation"] = ev["generation"]
             out_results[which] = row
         if bench:
             for which in STAGES:

@@ -60,6 +60,14 @@ SCHEMA: dict[str, Any] = {
         "ppl": (LIST_STR, ["wikitext2"]),
         "ppl_seqlen": (int, 128),
         "ppl_max_tokens": (OPT_INT, None),
+        # Generation: lm-eval generative tasks (gsm8k: exact match after its answer extraction) and greedy
+        # agreement with the dense model on held-out instructions (exact match, common prefix, ROUGE-L).
+        "generative": {
+            "tasks": (LIST_STR, []),
+            "limit": (OPT_INT, None),
+            "agreement": (int, 0),  # prompts (0: off)
+            "new_tokens": (int, 64),
+        },
     },
     "measure": {
         "enabled": (bool, True),

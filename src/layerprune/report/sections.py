@@ -129,6 +129,34 @@ def _section_zero_shot(m: dict, run_dir: Path) -> list[Block]:
     return blocks
 
 
+def _section_generative(m: dict, run_dir: Path) -> list[Block]:
+    """Generative tasks (exact match) and greedy agreement with the dense model, next to the MC results."""
+    res = _results(m)
+    blocks: list[Block] = []
+    gen_tasks = sorted({t for r in res.values() for t in (r.get("generative") or {})})
+    if gen_tasks:
+        rows = [[stage] + [_fmt_value((r.get("generative") or {}).get(t, {}).get("exact_match")) for t in gen_tasks]
+                for stage, r in res.items() if r.get("generative")]
+        blocks += [Heading(2, "Generative evaluation"),
+                   Para("Exact match after lm-eval's strict answer extraction (generate_until, greedy)."),
+                   Table(["model", *gen_tasks], rows)]
+    agree = {stage: r["generation"] for stage, r in res.items() if isinstance(r.get("generation"), dict)}
+    if agree:
+        first = next(iter(agree.values()))
+        blocks += [Heading(2 if not gen_tasks else 3, "Generation agreement with the dense model"),
+                   Para(f"Greedy continuations ({first.get('new_tokens')} tokens) of {first.get('prompts')} held-out "
+                        "instructions; ROUGE-L F1 of the model's text against the dense model's."),
+                   Table(["model", "exact match", "common prefix [tokens]", "ROUGE-L"],
+                         [[stage, _fmt_value(g.get("exact_match")), _fmt_value(g.get("mean_common_prefix_tokens")),
+                           _fmt_value(g.get("rouge_l"))] for stage, g in agree.items()])]
+        for stage, g in agree.items():
+            for smp in (g.get("samples") or [])[:2]:
+                blocks.append(Bullets([f"**{stage}** — prompt: {smp.get('prompt', '')[:200]!r}",
+                                       f"dense: {smp.get('dense', '')[:300]!r}",
+                                       f"{stage}: {smp.get('pruned', '')[:300]!r}"]))
+    return blocks
+
+
 def _section_compensation(m: dict, run_dir: Path) -> list[Block]:
     table = compensation_table(m)
     return [Heading(2, "Compensation"), table] if table else []
@@ -201,7 +229,7 @@ def _section_exports(m: dict, run_dir: Path) -> list[Block]:
 
 SECTIONS: list[tuple[str, Callable[[dict, Path], list[Block]]]] = [
     ("overview", _section_overview), ("summary", _section_summary), ("perplexity", lambda m, d: ppl_blocks(m)),
-    ("zero-shot", _section_zero_shot), ("scores", _section_scores), ("selection", _section_selection),
+    ("zero-shot", _section_zero_shot), ("generative", _section_generative), ("scores", _section_scores), ("selection", _section_selection),
     ("similarity", _section_similarity),
     ("compensation", _section_compensation), ("healing", _section_heal), ("rounds", _section_rounds), ("timings", _section_timings),
     ("environment", _section_environment), ("recipe", _section_recipe), ("exports", _section_exports),
