@@ -82,7 +82,7 @@ def gguf_command(model_dir: str | os.PathLike, out_file: str | os.PathLike, outt
 
 
 def export_gguf(model: str | os.PathLike, out_file: str | os.PathLike, *, outtype: str = "f16",
-                overwrite: bool = False) -> dict[str, Any]:
+                overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Convert a (pruned) HF checkpoint folder to GGUF with llama.cpp's converter; written atomically."""
     if outtype not in OUTTYPES:
         raise LayerpruneError(f"unknown --outtype '{outtype}'; choose one of {', '.join(OUTTYPES)}")
@@ -101,12 +101,26 @@ def export_gguf(model: str | os.PathLike, out_file: str | os.PathLike, *, outtyp
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     cmd = gguf_command(path, tmp, outtype)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(conv / "gguf-py"), str(conv)])}
+    from collections import deque
+
+    from tqdm.auto import tqdm
+
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=conv)
-        if r.returncode != 0 or not tmp.is_file():
-            lines = [ln for ln in (r.stderr or r.stdout).strip().splitlines() if ln.strip()]
+        # The converter logs one line per tensor it writes: they drive the progress bar; the last lines are
+        # kept for the error message.
+        last: deque[str] = deque(maxlen=20)
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                              cwd=conv) as proc, tqdm(desc="convert to GGUF", unit="line", disable=not progress,
+                                                      leave=False) as bar:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.strip():
+                    last.append(line.strip())
+                    bar.update(1)
+            rc = proc.wait()
+        if rc != 0 or not tmp.is_file():
             raise LayerpruneError(f"llama.cpp's converter failed for {cfg.get('model_type')}: "
-                                  f"{lines[-1] if lines else f'exit {r.returncode}'}")
+                                  f"{last[-1] if last else f'exit {rc}'}")
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -131,7 +131,7 @@ def frontier(model: nn.Module, tokenizer: Any, metrics: list[str], ks: list[int]
         from .compensation.methods import make_method
 
         method = make_method(compensation)
-        for c in list(cuts):
+        for c in tqdm(list(cuts), desc=f"frontier: fit {compensation}", disable=not progress, leave=False):
             cc = Cut(c.metric, c.k, c.removed, compensation)
             fits = fit_in_memory(model, list(c.removed), scoring, method, batch_size=batch_size, progress=False)
             maps[cc] = [(f.block, f.site, f.tensor()) for f in fits]

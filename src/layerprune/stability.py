@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .arch import parts
 from .data.calibration import Calibration, CalibSpec, build_calibration
@@ -130,14 +131,15 @@ def _per_window(model: nn.Module, metrics: list[Metric], cal: Calibration, draws
 
 @torch.no_grad()
 def _rerun(model: nn.Module, tokenizer: Any, m: Metric, cal: Calibration, draws: list[np.ndarray],
-           batch_size: int | None) -> tuple[MetricResult, list[MetricResult]]:
+           batch_size: int | None, progress: bool = True) -> tuple[MetricResult, list[MetricResult]]:
     """Any other metric: scored on the full sample and on each resample (a data-free one only once)."""
     if not m.needs_calibration:
         full = score(model, [m], None, tokenizer=tokenizer, cache=False, progress=False).results[m.label]
         return full, [full] * len(draws)
     kw = {"tokenizer": tokenizer, "cache": False, "batch_size": batch_size, "progress": False}
     full = score(model, [m], cal, **kw).results[m.label]
-    return full, [score(model, [m], _subset(cal, d), **kw).results[m.label] for d in draws]
+    return full, [score(model, [m], _subset(cal, d), **kw).results[m.label]
+                  for d in tqdm(draws, desc=f"stability {m.label}", disable=not progress, leave=False)]
 
 
 def _summarise(m: Metric, full: MetricResult, results: list[MetricResult], k: int, n: int,
@@ -184,7 +186,7 @@ def ranking_stability(model: nn.Module, tokenizer: Any, metrics: list[Any], k: i
         if m.label in per_metric:
             continue
         t0 = time.perf_counter()
-        full, res = _rerun(model, tokenizer, m, cals[0], draws, batch_size)
+        full, res = _rerun(model, tokenizer, m, cals[0], draws, batch_size, progress)
         cost = "none (the metric does not read calibration data)" if not m.needs_calibration else \
             f"{len(draws) + 1} passes (re-run per resample)"
         per_metric[m.label] = _summarise(m, full, res, k, n, protect, cost, time.perf_counter() - t0)

@@ -10,7 +10,8 @@ from .common import add_device_arg, add_dtype_arg, add_model_arg, add_verbose, p
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("chat", help="a local Gradio page: the same prompt to the model and --compare DENSE",
+    p = sub.add_parser("chat", epilog="example:\n  layerprune chat runs/demo/model --compare default     # then open http://127.0.0.1:7860/",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, help="a local Gradio page: the same prompt to the model and --compare DENSE",
                        description="Serve a page on 127.0.0.1 that streams every model's reply to the same prompt "
                                    "(chat template, greedy or seeded sampling) with tokens/s and layer counts. "
                                    "Needs: pip install 'layerprune[ui]'.")

@@ -11,7 +11,8 @@ from .common import add_verbose, positive_int
 def register(sub: argparse._SubParsersAction) -> None:
     from ..export import LLAMA_CPP_PYTHON, OUTTYPES
 
-    p = sub.add_parser("export", help="convert a checkpoint to GGUF (llama.cpp's converter) and check it",
+    p = sub.add_parser("export", epilog="example:\n  layerprune export runs/demo/model --gguf smollm2-23l-f16.gguf --outtype f16 --check",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, help="convert a checkpoint to GGUF (llama.cpp's converter) and check it",
                        description="Write OUT.gguf with convert_hf_to_gguf.py of the llama.cpp vendored by "
                                    f"llama-cpp-python {LLAMA_CPP_PYTHON}; --check loads it with llama-cpp-python "
                                    "and compares its greedy tokens with transformers'.")

@@ -30,7 +30,8 @@ def _ks(text: str) -> list[int]:
 def register(sub: argparse._SubParsersAction) -> None:
     from ..metrics import metric_names
 
-    p = sub.add_parser("frontier", help="held-out perplexity, KL, size (and speed) for each metric and k",
+    p = sub.add_parser("frontier", epilog="example:\n  layerprune frontier default --metric bi,angular,reverse --ks 2,4,6,8 --compensate lstsq --out runs/frontier",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, help="held-out perplexity, KL, size (and speed) for each metric and k",
                        description="Score the model with each metric, then evaluate the cut of every k on the "
                                    "same loaded model (layers skipped in place, restored after): size, MACs, "
                                    "held-out calibration perplexity, KL to dense, optionally measured speed. "

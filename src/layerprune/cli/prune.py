@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prune", help="remove decoder layers and save a vanilla HF checkpoint",
                        description="Remove decoder layers (0-based original indices) and save the result: "
                                    "give the indices (--remove 24,25), the tail (--tail K), or a metric that "
-                                   "chooses them (--metric taylor --remove 8 | --ratio 0.25).")
+                                   "chooses them (--metric taylor --remove 8 | --ratio 0.25), or a budget the "
+                                   "metric's order must meet (--metric bi --target params=0.8).")
     add_model_arg(p)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--remove", help="0-based layer indices, ranges allowed (24,25,26-31); with --metric: the "

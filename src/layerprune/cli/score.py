@@ -120,7 +120,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="compute layer-importance scores (bi, angular, ppl, taylor, ...)",
                        description="Score every decoder layer with one or more metrics and write scores.json, "
                                    "scores.csv, scores.png (and similarity.png for cka/angular). Scores are "
-                                   "indexed by 0-based original layer; higher = more important.")
+                                   "indexed by 0-based original layer; higher = more important. How stable a "
+                                   "ranking is: --stability 20 --calib c4 --calib FILE (see docs/scoring.md).")
     add_model_arg(p)
     p.add_argument("--metric", action="append", required=True,
                    help=f"metric name, repeatable or comma-separated: {', '.join(metric_names())}")
