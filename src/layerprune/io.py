@@ -131,7 +131,8 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = False, need_bytes: 
             raise LayerpruneError(f"disk full while writing {out}: it needs {need}, "
                                   f"{_human(shutil.disk_usage(out.parent).free)} free; nothing was written") \
                 from None
-        if e.errno in _READ_ONLY:
+        if e.errno in _READ_ONLY and str(getattr(e, "filename", "") or "").startswith(str(out.parent)):
+            # (a permission error on an input file elsewhere is not about the output place)
             raise LayerpruneError(f"cannot write to {out.parent}: {e.strerror}; nothing was written") from None
         raise
     except BaseException:
