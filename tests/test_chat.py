@@ -116,3 +116,17 @@ def test_page_in_a_real_browser(server, tmp_path):
     replies = drive(server, "w7 w8 w9", shot)
     assert len(replies) == 2 and all(r.strip() for r in replies)
     assert shot.stat().st_size > 10_000
+
+
+def test_without_gradio_one_line(pair, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from layerprune.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    save_tiny(tmp_path / "m")
+    capsys.readouterr()
+    assert main(["chat", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'layerprune[ui]'" in err
