@@ -113,10 +113,17 @@ def _timed_evaluate_model(*args: Any) -> tuple[dict[str, Any], float]:
 
 
 def _worker_init() -> None:
-    # Worker output would interleave with the main process's progress bars: the main process reports the job.
+    # Worker output would interleave with the main process's progress bars (lm-eval passes disable=False to
+    # its bars, so TQDM_DISABLE alone is not enough): the main process reports the job, and a worker's error
+    # comes back to it as the job's exception. Its stderr goes nowhere.
     import logging
     import signal
+    import sys
     import warnings
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - lives as long as the worker
 
     from transformers.utils import logging as hf_logging
 
