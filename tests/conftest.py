@@ -119,6 +119,15 @@ def data_file(tmp_path_factory) -> Path:
     return p
 
 
+def save_tiny_smol(path: Path, smollm2_path: Path, model_type: str = "llama", **overrides) -> Path:
+    """A tiny random model with the real SmolLM2 tokenizer (49k vocabulary), so real text data is meaningful."""
+    from layerprune.models import copy_aux_files
+
+    make_tiny(model_type, vocab_size=49152, pad_token_id=2, **overrides).save_pretrained(path)
+    copy_aux_files(smollm2_path, path, overwrite=False)
+    return path
+
+
 def save_tiny(path: Path, model_type: str = "llama", **overrides) -> Path:
     """A tiny model and the tiny tokenizer saved as a checkpoint folder."""
     make_tiny(model_type, **overrides).save_pretrained(path)

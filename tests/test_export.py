@@ -10,7 +10,7 @@ import pytest
 from layerprune.cli import main
 from layerprune.errors import LayerpruneError
 
-from conftest import make_tiny
+from conftest import save_tiny_smol
 
 
 def _converter():
@@ -22,26 +22,12 @@ def _converter():
         pytest.skip(str(e))
 
 
-@pytest.fixture(scope="module")
-def smol_tok(smollm2_path):
-    return smollm2_path
-
-
-def _tiny_with_real_tokenizer(tmp_path, model_type, smollm2_path, **over):
-    from layerprune.models import copy_aux_files
-
-    out = tmp_path / model_type
-    make_tiny(model_type, vocab_size=49152, pad_token_id=2, **over).save_pretrained(out)
-    copy_aux_files(smollm2_path, out, overwrite=False)
-    return out
-
-
 @pytest.mark.parametrize("model_type,remove", [("llama", "1,3"), ("gemma3_text", "2")])
 def test_pruned_models_convert(model_type, remove, tmp_path, smollm2_path, capsys):
     _converter()
     import gguf
 
-    src = _tiny_with_real_tokenizer(tmp_path, model_type, smollm2_path)
+    src = save_tiny_smol(tmp_path / model_type, smollm2_path, model_type)
     pruned = tmp_path / "pruned"
     assert main(["prune", str(src), "--remove", remove, "--out", str(pruned)]) == 0
     out = tmp_path / "m.gguf"
@@ -86,7 +72,7 @@ def test_recipe_writes_gguf_and_records_the_command(tmp_path, smollm2_path, data
     from layerprune.recipe import run_recipe
 
     monkeypatch.setenv("LAYERPRUNE_DATA", str(data_dir))
-    src = _tiny_with_real_tokenizer(tmp_path, "llama", smollm2_path)
+    src = save_tiny_smol(tmp_path / "llama", smollm2_path)
     r = {"model": str(src), "prune": {"metric": "reverse", "num_layers": 2}, "heal": {"method": "none"},
          "evaluate": {"tasks": [], "ppl": [], "models": []}, "measure": {"enabled": False},
          "export": {"gguf": "f16"}}

@@ -9,18 +9,13 @@ import pytest
 
 from layerprune.cli import main
 
-from conftest import make_tiny
+from conftest import save_tiny_smol
 
 
 @pytest.fixture(scope="module")
 def tiny_long(tmp_path_factory, smollm2_path):
     """A tiny random llama with the real SmolLM2 tokenizer and room for gsm8k's 256 generated tokens."""
-    from layerprune.models import copy_aux_files
-
-    out = tmp_path_factory.mktemp("gen") / "m"
-    make_tiny("llama", vocab_size=49152, pad_token_id=2, max_position_embeddings=1024).save_pretrained(out)
-    copy_aux_files(smollm2_path, out, overwrite=False)
-    return out
+    return save_tiny_smol(tmp_path_factory.mktemp("gen") / "m", smollm2_path, max_position_embeddings=1024)
 
 
 def test_gsm8k_offline(tiny_long, data_dir):

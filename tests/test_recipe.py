@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from layerprune.errors import LayerpruneError
 from layerprune.recipe import load_recipe, run_recipe, validate
 
-from conftest import make_tiny
+from conftest import save_tiny_smol
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,12 +50,7 @@ def test_defaults_and_shipped_recipes_validate():
 @pytest.fixture(scope="module")
 def tiny_smol(tmp_path_factory, smollm2_path):
     """A tiny random llama that uses the real SmolLM2 tokenizer (so real text data is meaningful)."""
-    from layerprune.models import copy_aux_files
-
-    out = tmp_path_factory.mktemp("tiny") / "tiny-smol"
-    make_tiny("llama", vocab_size=49152, pad_token_id=2).save_pretrained(out)
-    copy_aux_files(smollm2_path, out, overwrite=False)
-    return out
+    return save_tiny_smol(tmp_path_factory.mktemp("tiny") / "tiny-smol", smollm2_path)
 
 
 def _recipe(model: Path, **over) -> dict:

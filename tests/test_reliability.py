@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from layerprune.cli import main
 
-from conftest import REPO, save_tiny
+from conftest import REPO, save_tiny, save_tiny_smol
 
 
 class _Evil:
@@ -515,14 +515,7 @@ def heal_ref(tiny_smol_rel, tmp_path_factory, data_dir):
 
 @pytest.fixture(scope="module")
 def tiny_smol_rel(tmp_path_factory, smollm2_path):
-    from layerprune.models import copy_aux_files
-
-    from conftest import make_tiny
-
-    out = tmp_path_factory.mktemp("tinyrel") / "m"
-    make_tiny("llama", vocab_size=49152, pad_token_id=2).save_pretrained(out)
-    copy_aux_files(smollm2_path, out, overwrite=False)
-    return out
+    return save_tiny_smol(tmp_path_factory.mktemp("tinyrel") / "m", smollm2_path)
 
 
 def _history(folder: Path) -> tuple[list, int, float]:

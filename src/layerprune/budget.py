@@ -133,7 +133,8 @@ def target_met(t: Target, value: float, dense: float) -> bool:
     return value >= t.value if t.kind in MEASURED else value <= _limit(t, dense) * (1 + 1e-12)
 
 
-def time_model(model: Any, kind: str, measure_opts: dict[str, Any]) -> dict[str, Any]:
+def time_model(model: Any, measure_opts: dict[str, Any]) -> dict[str, Any]:
+    """``measure``'s speed benchmark with the target defaults (batch 1, 64-token prompt, 32 new tokens)."""
     from .measurement import bench_speed
 
     opts = {"seq_len": 64, "batch": 1, "new_tokens": 32, "warmup": 2, "repeats": 3, **measure_opts}
@@ -188,12 +189,12 @@ def choose(target: Target, candidates: Callable[[int], list[int]], max_k: int, *
         raise LayerpruneError(f"target {target.kind} is measured on a loaded model")
     opts = measure_opts or {}
     with torch.no_grad():
-        d = time_model(model, target.kind, opts)
+        d = time_model(model, opts)
         best_v, best_rem = 0.0, []
         for k in range(1, max_k + 1):
             rem = candidates(k)
             with skipped(model, rem):
-                c = time_model(model, target.kind, opts)
+                c = time_model(model, opts)
             v = speedup_value(target.kind, d, c)
             tried.append({"k": k, "value": v})
             if v > best_v:

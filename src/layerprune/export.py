@@ -95,7 +95,7 @@ def export_gguf(model: str | os.PathLike, out_file: str | os.PathLike, *, outtyp
         raise LayerpruneError(f"{out} exists (use --overwrite)")
     if out.suffix != ".gguf":
         raise LayerpruneError(f"the output should be a .gguf file, got {out}")
-    check_out_dir(out.parent if str(out.parent) else Path("."), overwrite=True)  # writable place
+    check_out_dir(out.parent, overwrite=True)  # a writable place (out is absolute)
     conv = converter_dir()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

@@ -143,11 +143,11 @@ def frontier(model: nn.Module, tokenizer: Any, metrics: list[str], ks: list[int]
     if measure_speed:
         from .budget import speedup_value, time_model
 
-        d = time_model(model, "", measure_opts or {})
+        d = time_model(model, measure_opts or {})
         for c in cuts:
             if c.k not in speed and c.compensation is None:  # uniform layers: the speed of a cut depends on its size, measured once per k
                 with skipped(model, c.removed):
-                    t = time_model(model, "", measure_opts or {})
+                    t = time_model(model, measure_opts or {})
                 speed[c.k] = {"prefill_speedup": speedup_value("prefill_speedup", d, t),
                               "decode_speedup": speedup_value("decode_speedup", d, t)}
     rows = [{"metric": c.metric, "k": c.k, "removed": list(c.removed), "compensation": c.compensation,

@@ -129,8 +129,9 @@ def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, met
     m = make_metric(metric, **(metric_options or {}))
     spec = calib if isinstance(calib, CalibSpec) else CalibSpec()
     check_out_dir(out_dir, overwrite)
-    if tgt is not None:
-        check_reachable(tgt, Sizes.of(_meta_model(path, dtype)), k)  # before any scoring
+    sizes = Sizes.of(_meta_model(path, dtype)) if tgt is not None else None
+    if tgt is not None and sizes is not None:
+        check_reachable(tgt, sizes, k)  # before any scoring
     params: dict[str, Any] = {"metric": m.label, "metric_params": m.params(), "k": k, "ratio": ratio,
                               "iterative": iterative, "step": step if iterative else None,
                               "protect_first": protect_first, "protect_last": protect_last,
@@ -157,32 +158,14 @@ def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, met
         return record, sel
 
     fp = model_fingerprint(path)
-    if tgt is not None and tgt.kind in MEASURED:
-        # Measured: score and time the loaded model, each candidate cut skipped in place, then prune it.
-        mdl, tok = load(path, dtype=dtype, device=device)
-        cal = build_calibration(tok, spec) if m.needs_calibration else None
-        res = score(mdl, [m], cal, batch_size=batch_size, cache=cache, fingerprint=fp, progress=progress)
-        r = res.results[m.label]
-        choice = choose(tgt, _candidates(r, m, protect_first, protect_last), k, model=mdl,
-                        measure_opts=measure_opts)
-        params.update(k=len(choice.removed), target=choice.to_dict(), calibration=res.calibration)
-        sel = select_one_shot(r, len(choice.removed), protect_first=protect_first, protect_last=protect_last,
-                              metric=m)
-        before = count_parameters(mdl)
-        record = prune_layers(mdl, sel.removed)
-        manifest = build_manifest(str(model), record, method=m.label, params=params,
-                                  scores={**sel.to_dict(), "metric_scores": r.to_dict()}, params_before=before,
-                                  params_after=count_parameters(mdl), mode="in-memory")
-        save_pruned(mdl, None, out_dir, manifest, overwrite=overwrite, copy_from=path)
-        return record, sel
-    if tgt is not None:
-        # Analytic: the sizes come from the shapes (a meta-device model, no weights); the scores are cached
-        # for the scoring below, which then selects the chosen k.
+    in_memory = score_mode == "memory" and not streaming and compensation is None
+    if tgt is not None and not in_memory:
+        # Analytic (measured kinds need the in-memory path): the scores are cached for the scoring below,
+        # which then selects the chosen k.
         res = score(path, [m], spec if m.needs_calibration else None, mode=score_mode, batch_size=batch_size,
                     cache=cache, dtype=dtype, device=device, offload_folder=offload_folder, max_memory=max_memory,
                     progress=progress)
-        choice = choose(tgt, _candidates(res.results[m.label], m, protect_first, protect_last), k,
-                        sizes=Sizes.of(_meta_model(path, dtype)))
+        choice = choose(tgt, _candidates(res.results[m.label], m, protect_first, protect_last), k, sizes=sizes)
         k = len(choice.removed)
         params.update(k=k, target=choice.to_dict())
     if compensation is not None:
@@ -197,13 +180,18 @@ def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, met
                                     method_name=m.label, method_params=params,
                                     scores={**sel.to_dict(), "metric_scores": r.to_dict()}, progress=progress)
         return PruneRecord(man["original_num_layers"], man["removed_layers"], man["kept_layers"]), sel
-    if score_mode == "memory" and not streaming:
-        # Load once: score the model, then prune that same object.
+    if in_memory:
+        # Load once: score the model (and, for a target, time or size its cuts), then prune that same object.
         mdl, tok = load(path, dtype=dtype, device=device)
         cal = build_calibration(tok, spec) if m.needs_calibration else None
-        res, sel = score_and_select(mdl, [m], k, cal, protect_first=protect_first, protect_last=protect_last,
-                                    batch_size=batch_size, cache=cache, fingerprint=fp, progress=progress)
+        res = score(mdl, [m], cal, batch_size=batch_size, cache=cache, fingerprint=fp, progress=progress)
         r = res.results[m.label]
+        if tgt is not None:
+            choice = choose(tgt, _candidates(r, m, protect_first, protect_last), k, model=mdl, sizes=sizes,
+                            measure_opts=measure_opts)
+            k = len(choice.removed)
+            params.update(k=k, target=choice.to_dict())
+        sel = select_one_shot(r, k, protect_first=protect_first, protect_last=protect_last, metric=m)
         params["calibration"] = res.calibration
         before = count_parameters(mdl)
         record = prune_layers(mdl, sel.removed)
@@ -249,10 +237,10 @@ def _target_reached(model: nn.Module, tgt: Target, measure_opts: dict[str, Any] 
     from .budget import speedup_value, target_met, time_model
 
     if tgt.kind in MEASURED:
-        dense_speed = time_model(model, tgt.kind, measure_opts or {})
+        dense_speed = time_model(model, measure_opts or {})
 
         def measured(mdl: nn.Module) -> bool:
-            v = speedup_value(tgt.kind, dense_speed, time_model(mdl, tgt.kind, measure_opts or {}))
+            v = speedup_value(tgt.kind, dense_speed, time_model(mdl, measure_opts or {}))
             record["target"] = {"target": tgt.describe(), "value": v, "dense_value": 1.0}
             return target_met(tgt, v, 1.0)
 
