@@ -100,6 +100,19 @@ class Sizes:
                    macs_per_layer=macs["per_layer"] / MACS_SEQ_LEN,
                    kv_per_layer=2 * s["kv_heads"] * s["head_dim"] * b, dtype_bytes=b)
 
+    @classmethod
+    def of_checkpoint(cls, path: str, dtype: Any = "auto") -> Sizes:
+        """The sizes of a checkpoint folder from its structure alone (a meta-device model: no weights read)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from .models import parse_dtype
+
+        cfg = AutoConfig.from_pretrained(path)
+        dt = parse_dtype(dtype)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dt if isinstance(dt, torch.dtype) else None)
+        return cls.of(model)
+
     def after(self, removed: list[int]) -> dict[str, float]:
         """The analytic values with ``removed`` (positions in this model) taken out."""
         gone = sum(self.layer_params[i] for i in removed)

@@ -129,7 +129,7 @@ def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, met
     m = make_metric(metric, **(metric_options or {}))
     spec = calib if isinstance(calib, CalibSpec) else CalibSpec()
     check_out_dir(out_dir, overwrite)
-    sizes = Sizes.of(_meta_model(path, dtype)) if tgt is not None else None
+    sizes = Sizes.of_checkpoint(path, dtype) if tgt is not None else None
     if tgt is not None and sizes is not None:
         check_reachable(tgt, sizes, k)  # before any scoring
     params: dict[str, Any] = {"metric": m.label, "metric_params": m.params(), "k": k, "ratio": ratio,
@@ -216,19 +216,6 @@ def _candidates(r: Any, m: Metric, protect_first: int, protect_last: int) -> Cal
     """k -> the layers the metric's one-shot selection removes."""
     return lambda k: select_one_shot(r, k, protect_first=protect_first, protect_last=protect_last,
                                      metric=m).removed
-
-
-def _meta_model(path: str, dtype: Any) -> nn.Module:
-    """The model's structure without its weights (for analytic sizes)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from .models import parse_dtype
-
-    cfg = AutoConfig.from_pretrained(path)
-    dt = parse_dtype(dtype)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(cfg, dtype=dt if isinstance(dt, torch.dtype) else None)
 
 
 def _target_reached(model: nn.Module, tgt: Target, measure_opts: dict[str, Any] | None,

@@ -172,10 +172,9 @@ class RecipeRun:
         self.target: Any = None  # a budget.Target (prune.target)
         if p["target"] is not None:
             from ..budget import Sizes, Target, check_reachable
-            from ..pipeline import _meta_model
 
             self.target = Target.parse(p["target"])
-            self.sizes = Sizes.of(_meta_model(self.source, recipe["dtype"]))
+            self.sizes = Sizes.of_checkpoint(self.source, recipe["dtype"])
             self.k = self.n0 - 1 - p["protect_first"] - p["protect_last"]  # the most that may go
             check_reachable(self.target, self.sizes, self.k)
         else:
