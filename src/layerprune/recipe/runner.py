@@ -538,7 +538,8 @@ class RecipeRun:
         out_results: dict[str, Any] = {}
         for which, r in results.items():
             ev = r["eval"]
-            row: dict[str, Any] = {"ppl": {ds: {"ppl": v["ppl"], "card": v["card"]} for ds, v in ev["ppl"].items()}}
+            row: dict[str, Any] = {"ppl": {ds: {"ppl": v["ppl"], "ppl_stderr": v.get("ppl_stderr"), "card": v["card"]}
+                                          for ds, v in ev["ppl"].items()}}
             zs = ev.get("zero_shot")
             if zs:
                 row["zero_shot"] = zs["tasks"]

@@ -1,0 +1,87 @@
+"""scripts/reproduce_small.py: the sweep runs end to end (tiny models, smoke budget), resumes, and its
+documents follow the noise rule."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import save_tiny_smol
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "reproduce_small.py"
+
+
+@pytest.fixture(scope="module")
+def rs():
+    spec = importlib.util.spec_from_file_location("reproduce_small", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce_small"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_noise_rule(rs):
+    assert rs.verdict((0.40, 0.02), (0.35, 0.02))[0] == "within noise"  # 5 points < 2 * 2.83
+    assert rs.verdict((0.45, 0.02), (0.35, 0.02))[0] == "better"
+    assert rs.verdict((0.30, 0.01), (0.40, 0.01))[0] == "worse"
+    assert rs.verdict((3.0, 0.01), (4.0, 0.01), higher_better=False)[0] == "better"  # lower NLL is better
+    assert rs.verdict((None, None), (0.3, 0.01))[0] == "n/a"
+
+
+def test_job_selection_and_settings(rs):
+    # --only a healed configuration brings its own method's pilot candidates (and the dense evaluation) along.
+    j = rs.jobs(["smollm2", "gemma3"], ["g-bi-lora"])
+    assert j == ["dense:gemma3"] + [f"pilot:{k}" for k in rs.pilot_keys() if k.startswith("lora@")] + [
+        "config:g-bi-lora"]
+    assert rs.jobs(["smollm2"], ["t3-reverse-lstsq-none"]) == ["dense:smollm2", "config:t3-reverse-lstsq-none"]
+    # Every configuration is scheduled exactly once, and every recipe validates.
+    from layerprune.recipe.schema import validate
+
+    names = [n for f in rs.FAMILIES.values() for n in f.configs]
+    assert sorted(rs.PRIORITY) == sorted(names)
+    for fam in rs.FAMILIES.values():
+        for n, c in fam.configs.items():
+            rec = validate(rs.recipe(fam, n, c, 1e-3))
+            assert rec["heal"]["batch_size"] == 16 or c.heal == "none"
+            assert rec["prune"]["num_layers"] == fam.remove
+    assert len(rs.FAMILIES["smollm2"].configs) == 8 + 4 + 6 and len(rs.FAMILIES["gemma3"].configs) == 4
+
+
+@pytest.mark.slow
+def test_smoke_sweep_end_to_end(tmp_path, smollm2_path, data_dir):
+    smol = save_tiny_smol(tmp_path / "smol", smollm2_path, "llama", num_hidden_layers=12)
+    gem = save_tiny_smol(tmp_path / "gem", smollm2_path, "gemma3_text", num_hidden_layers=8,
+                         layer_types=(["sliding_attention"] * 3 + ["full_attention"]) * 2)
+    out = tmp_path / "out"
+    env = {**os.environ, "LAYERPRUNE_DATA": str(data_dir), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(SCRIPT), "--smoke", "--out", str(out), "--model", f"smollm2={smol}",
+           "--model", f"gemma3={gem}", "--workers", "2",
+           "--only", "t3-reverse-lstsq-none", "t2-reverse-last3", "g-reverse-lstsq-last3"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    done = json.loads((out / "smollm2" / "t2-reverse-last3" / "done.json").read_text())
+    pilots = [json.loads((out / "pilot" / f"partial@{lr:g}" / "done.json").read_text()) for lr in (3e-4, 1e-3)]
+    assert done["lr"] == min(pilots, key=lambda p: p["final_val_loss"])["lr"]  # the pilot's choice, recorded
+    assert done["removed_layers"] == [4, 5, 6, 7, 8, 9, 10, 11]  # reverse: the last 8 of 12
+    assert done["zero_shot"]["tasks"]["piqa"]["acc"] is not None and done["compare"]["text"]["kl_teacher_pruned"] > 0
+    assert done["ppl"]["healed"]["ppl_stderr"] > 0 and done["wall_s"] > 0
+    g = json.loads((out / "gemma3" / "g-reverse-lstsq-last3" / "done.json").read_text())
+    assert g["compensation"] is not None and g["removed_layers"] == [4, 5, 6, 7]
+    doc = (out / "results-smollm2.md").read_text()
+    assert "**Partial results.** 2 of 18 configurations" in doc and "t1-bi-lora" in doc
+    assert "| reverse + last3 | 4,5,6,7,8,9,10,11 |" in doc and "not run yet" in doc
+    assert "Partial last3 ≥ LoRA" in doc and "(t1-reverse-lora missing)" in doc
+    assert "**Partial results.** 1 of 4" in (out / "results-gemma3.md").read_text()
+    assert (out / "img" / "results-avg-vs-ppl.png").stat().st_size > 0
+    assert (out / "img" / "results-val-loss.png").stat().st_size > 0
+    # Resume: everything is done, nothing runs again.
+    before = done["wall_s"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "started" not in r.stdout
+    assert json.loads((out / "smollm2" / "t2-reverse-last3" / "done.json").read_text())["wall_s"] == before
