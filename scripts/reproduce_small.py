@@ -44,14 +44,24 @@ CHANCE = {"piqa": 1 / 2, "arc_easy": 1 / 4, "arc_challenge": 1 / 4, "hellaswag":
           "openbookqa": 1 / 4}
 
 # ---- the fixed settings (one source for the runs and the documents) ----------------------------------------
+# The budget: 10 hours on this 2-core machine with two workers (20 core-hours). Measured before the sweep (two
+# jobs side by side): healing steps of batch 16 take about 12 s (SmolLM2 partial), 26 s (SmolLM2 LoRA) and an
+# estimated 50 s / 70 s (Gemma partial / LoRA), so one step of every configuration costs about 555 core-s, a
+# full epoch (117 steps) 18 core-hours; the fixed evaluations (24 models) about 7.6 and the pilot about 1.5
+# core-hours. 64 steps (1,024 of the 1,870 training rows) is what fits, for every configuration alike.
+BUDGET_NOTE = ("The issue's budget is 10 hours on the 2-core machine with two workers (20 core-hours). One "
+               "epoch (117 steps of batch 16) for all 22 configurations would need about 18 core-hours of "
+               "healing on top of about 7.6 for the fixed evaluations and 1.5 for the pilot, so every "
+               "configuration heals for 64 steps (1,024 of the 1,870 training rows, 55% of an epoch) — the same "
+               "cut for every method, chosen from step times measured before the sweep.")
 SETTINGS: dict[str, Any] = {
     "seed": 42,
     "calib": {"calib": "c4", "nsamples": 10, "seqlen": 128},  # scoring (taylor, ppl, bi, angular)
     "compensate": {"method": "lstsq", "calib": "c4", "nsamples": 64, "seqlen": 256},
     # One epoch over the training rows (val_size held out); max_steps None = the whole epoch. A budget cut
     # sets max_steps for every configuration alike (never per method).
-    "heal": {"data": "alpaca", "epochs": 1.0, "max_steps": None, "batch_size": 16, "micro_batch_size": 8,
-             "cutoff_len": 128, "val_size": 96, "warmup_steps": 6, "lr_scheduler": "linear", "eval_steps": 20,
+    "heal": {"data": "alpaca", "epochs": 1.0, "max_steps": 64, "batch_size": 16, "micro_batch_size": 8,
+             "cutoff_len": 128, "val_size": 96, "warmup_steps": 4, "lr_scheduler": "linear", "eval_steps": 16,
              "tie_mode": "head"},
     "evaluate": {"limit": 100, "mmlu_limit": 114, "ppl_max_tokens": 32768, "compare_max_tokens": 16384,
                  "batch_size": 16},
@@ -72,7 +82,7 @@ LR_GROUP = {"lm_head": "partial", "last1": "partial", "last2": "partial", "last3
 # The learning-rate pilot: every candidate heals the reverse-pruned SmolLM2 (distillation: its lstsq-compensated
 # version, as in Table 3) for `steps` steps with the settings above; the lowest final validation loss wins and
 # is then fixed for every configuration of that method, on both families.
-PILOT = {"steps": 20, "warmup_steps": 2, "eval_steps": 20,
+PILOT = {"steps": 20, "warmup_steps": 2, "eval_steps": 20, "max_candidates": 5,
          "grid": {"partial": [3e-4, 1e-3, 3e-3], "lora": [3e-4, 1e-3, 3e-3], "distill": [3e-4, 1e-3, 3e-3]},
          "heal": {"partial": "last3", "lora": "lora", "distill": "distill"}}
 METRICS = {
@@ -150,7 +160,7 @@ def smoke_settings() -> None:
     SETTINGS["evaluate"].update(limit=2, mmlu_limit=2, ppl_max_tokens=512, compare_max_tokens=256)
     SETTINGS["compensate"].update(nsamples=2, seqlen=32)
     SETTINGS["calib"].update(nsamples=2, seqlen=32)
-    PILOT.update(steps=1, eval_steps=1, warmup_steps=0, grid={k: v[:2] for k, v in PILOT["grid"].items()})
+    PILOT.update(steps=1, eval_steps=1, warmup_steps=0, max_candidates=2, grid={k: v[:2] for k, v in PILOT["grid"].items()})
     SETTINGS["smoke"] = True
 
 
@@ -273,18 +283,36 @@ def pilot_job(key: str, out: Path) -> None:
                                    "train_s": h.get("wall_s"), "steps": h.get("steps")})
 
 
-def pilot_keys() -> list[str]:
-    return [f"{g}@{lr:g}" for g, lrs in PILOT["grid"].items() for lr in lrs]
+def pilot_grid(group: str, out: Path | None = None) -> list[float]:
+    """A method's pilot candidates: PILOT's grid, continued geometrically (up to `max_candidates`) while the
+    best finished candidate is the largest one, so the chosen rate is never an untested edge."""
+    grid = list(PILOT["grid"][group])
+    while out is not None and len(grid) < PILOT["max_candidates"]:
+        rows = [_read(out / "pilot" / f"{group}@{lr:g}" / "done.json") for lr in grid]
+        if any(r is None or r["final_val_loss"] is None for r in rows):
+            break
+        if min(rows, key=lambda r: r["final_val_loss"])["lr"] != grid[-1]:
+            break
+        grid.append(float(f"{grid[-1] * grid[-1] / grid[-2]:.3g}"))
+    return grid
+
+
+def pilot_keys(out: Path | None = None) -> list[str]:
+    return [f"{g}@{lr:g}" for g in PILOT["grid"] for lr in pilot_grid(g, out)]
 
 
 def chosen_lrs(out: Path) -> dict[str, float]:
     """The pilot's choice per method: the candidate with the lowest final validation loss, once every candidate
-    of that method has finished (a method with a candidate still to run has no entry)."""
+    of that method (extensions included) has finished; a method still piloting has no entry."""
     best: dict[str, float] = {}
-    for g, grid in PILOT["grid"].items():
+    for g in PILOT["grid"]:
+        grid = pilot_grid(g, out)
         rows = [_read(out / "pilot" / f"{g}@{lr:g}" / "done.json") for lr in grid]
-        if rows and all(r is not None and r["final_val_loss"] is not None for r in rows):
-            best[g] = min(rows, key=lambda r: r["final_val_loss"])["lr"]
+        if not all(r is not None and r["final_val_loss"] is not None for r in rows):
+            continue
+        top = min(rows, key=lambda r: r["final_val_loss"])
+        if top["lr"] != grid[-1] or len(grid) >= PILOT["max_candidates"]:
+            best[g] = top["lr"]
     return best
 
 
@@ -315,16 +343,18 @@ def config_job(fam: Family, name: str, out: Path) -> None:
 
 
 # ---- scheduling ------------------------------------------------------------------------------------------
-def jobs(families: list[str], only: list[str] | None) -> list[str]:
+def jobs(families: list[str], only: list[str] | None, out: Path | None = None) -> list[str]:
     """Every job in run order: dense evaluations and pilots first, then configurations by PRIORITY. With
     `only`, the named configurations/jobs plus the pilot candidates of the methods they heal with."""
     names = [n for n in PRIORITY if any(n in FAMILIES[f].configs for f in families)]
     if only:
         names = [n for n in names if n in only]
     groups = {LR_GROUP[_family_of(n).configs[n].heal] for n in names if _family_of(n).configs[n].heal != "none"}
+    outdir = out
     out = [f"dense:{f}" for f in families if not only or f"dense:{f}" in only or
            any(n in FAMILIES[f].configs for n in names)]
-    out += [f"pilot:{k}" for k in pilot_keys() if k.split("@")[0] in groups or (only and f"pilot:{k}" in only)]
+    out += [f"pilot:{k}" for k in pilot_keys(outdir) if k.split("@")[0] in groups or
+            (only and f"pilot:{k}" in only)]
     return out + [f"config:{n}" for n in names]
 
 
@@ -377,45 +407,38 @@ def _run_job(job: str, out: Path) -> None:
         config_job(_family_of(name), name, out)
 
 
-def schedule(todo: list[str], out: Path, workers: int) -> list[str]:
-    """Run `todo` in child processes, `workers` at a time; configurations wait for the pilot. Returns the
-    jobs that failed (their logs are in OUT/logs)."""
-    pending = [j for j in todo if not job_done(j, out)]
-    busy = [j for j in pending if job_running(j, out)]
-    if busy:  # left running by an earlier scheduler: let them finish, run the rest
-        print(f"already running elsewhere, skipped: {', '.join(busy)}", flush=True)
-        pending = [j for j in pending if j not in busy]
+def schedule(families: list[str], only: list[str] | None, out: Path, workers: int) -> list[str]:
+    """Run the jobs in child processes, `workers` at a time, re-reading the job list as pilots finish (a
+    method's grid may grow); a configuration starts once its method's learning rate is chosen. Jobs left
+    running by an earlier scheduler (their lock is live) count against `workers` and are not started twice.
+    Returns the jobs that failed or could not run (logs in OUT/logs)."""
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     failed: list[str] = []
     (out / "logs").mkdir(parents=True, exist_ok=True)
-
-    def waits(j: str) -> bool:  # a configuration waits for its own method's pilot candidates
-        if not j.startswith("config:"):
-            return False
-        c = _family_of(j.split(":", 1)[1]).configs[j.split(":", 1)[1]]
-        return c.heal != "none" and any(x.startswith(f"pilot:{LR_GROUP[c.heal]}@")
-                                        for x in pending + list(running) + busy)
-
-    while pending or running:
-        busy = [j for j in busy if job_running(j, out)]
+    while True:
         for j, (p, t0) in list(running.items()):
             if p.poll() is not None:
                 del running[j]
-                ok = p.returncode == 0
-                print(f"[{time.strftime('%H:%M:%S')}] {j} {'done' if ok else 'FAILED'} "
+                print(f"[{time.strftime('%H:%M:%S')}] {j} {'done' if p.returncode == 0 else 'FAILED'} "
                       f"({(time.time() - t0) / 60:.1f} min)", flush=True)
-                if not ok:
+                if p.returncode != 0:
                     failed.append(j)
-                    if j.startswith("pilot:"):  # no learning rate for that method: its configurations wait
-                        g = j.split(":")[1].split("@")[0]
-                        pending = [x for x in pending if not (x.startswith("config:") and LR_GROUP.get(
-                            _family_of(x.split(":", 1)[1]).configs[x.split(":", 1)[1]].heal) == g)]
-        while len(running) + len(busy) < workers:  # jobs left by an earlier scheduler count too
-            ready = [j for j in pending if not waits(j)]
-            if not ready:
-                break
-            j = ready[0]
-            pending.remove(j)
+        todo = [j for j in jobs(families, only, out) if j not in running and j not in failed and not job_done(j, out)]
+        busy = [j for j in todo if job_running(j, out)]
+        lrs = chosen_lrs(out)
+        dead = {j.split(":")[1].split("@")[0] for j in failed if j.startswith("pilot:")}
+        ready = []
+        for j in todo:
+            if j in busy:
+                continue
+            heal = _family_of(j.split(":", 1)[1]).configs[j.split(":", 1)[1]].heal if j.startswith("config:") \
+                else "none"
+            if heal != "none" and LR_GROUP[heal] in dead:
+                failed.append(j)  # its method has no learning rate
+            elif heal == "none" or LR_GROUP[heal] in lrs:
+                ready.append(j)
+        while ready and len(running) + len(busy) < workers:
+            j = ready.pop(0)
             log = open(out / "logs" / f"{j.replace(':', '-')}.log", "a")  # noqa: SIM115 (closed with the child)
             cmd = [sys.executable, str(Path(__file__).resolve()), "--job", j, "--out", str(out)]
             if SETTINGS.get("smoke"):
@@ -423,6 +446,12 @@ def schedule(todo: list[str], out: Path, workers: int) -> list[str]:
             cmd += [a for k, f in FAMILIES.items() for a in ("--model", f"{k}={f.model}")]
             running[j] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), time.time())
             print(f"[{time.strftime('%H:%M:%S')}] {j} started", flush=True)
+        if not running and not busy and not ready:
+            waiting = [j for j in todo if j not in failed]
+            if waiting:  # e.g. configurations whose pilot never finished
+                print(f"cannot run (no learning rate): {', '.join(waiting)}", flush=True)
+                failed += waiting
+            break
         time.sleep(2)
     return failed
 
@@ -524,7 +553,7 @@ SEP = "|" + "---|" * (HEADER.count("|") - 1)
 def _pilot_lines(out: Path) -> list[str]:
     lrs = chosen_lrs(out)
     lines = ["| method (pilot healing) | lr | val loss before | val loss after | tokens/s |", "|---|---|---|---|---|"]
-    for k in pilot_keys():
+    for k in pilot_keys(out):
         r = _read(out / "pilot" / k / "done.json")
         g, lr = k.split("@")
         if r is None:
@@ -537,7 +566,7 @@ def _pilot_lines(out: Path) -> list[str]:
 
 
 def _budget(out: Path, fams: list[Family]) -> tuple[float, float]:
-    pilot = sum((_read(out / "pilot" / k / "done.json") or {}).get("train_s") or 0 for k in pilot_keys())
+    pilot = sum((_read(out / "pilot" / k / "done.json") or {}).get("train_s") or 0 for k in pilot_keys(out))
     runs = sum(r.get("wall_s", 0) for f in fams for r in finished(f, out).values())
     for f in fams:
         d = out / f.key / "dense"
@@ -575,7 +604,8 @@ def write_doc(fam: Family, out: Path) -> Path:
           "evaluation text).",
           f"- Healing, the same for every configuration: local Alpaca (`instruct/alpaca_merged.jsonl`, "
           f"{h['val_size']} rows held out for validation), "
-          + (f"{h['max_steps']} steps (a budget cut, the same for every configuration)" if h["max_steps"]
+          + (f"{h['max_steps']} steps (a budget cut, the same for every configuration: see Compute)"
+             if h["max_steps"]
              else f"one epoch ({', '.join(map(str, steps)) or '?'} optimizer steps)")
           + f" of global batch {h['batch_size']} (micro-batch {h['micro_batch_size']}), cutoff {h['cutoff_len']} "
           f"tokens, {h['warmup_steps']} warm-up steps then linear decay, validation every {h['eval_steps']} steps "
@@ -596,7 +626,8 @@ def write_doc(fam: Family, out: Path) -> Path:
           "√(se₁² + se₂²); for perplexity the rule is applied to log-perplexity (mean NLL).",
           f"- Compute: pilot {pilot_s / 3600:.2f} h of training, runs and evaluations {runs_s / 3600:.2f} h summed "
           "over finished jobs of both families (one thread each, two at a time on 2 cores); *wall* below is per "
-          "configuration (its stages' seconds plus its evaluation; work lost to an interruption is not counted).",
+          "configuration (its stages' seconds plus its evaluation; work lost to an interruption is not counted). "
+          + ("" if SETTINGS.get("smoke") else BUDGET_NOTE),
           ""]
     if fam.key == "smollm2":
         L += ["### Learning-rate pilot", "",
@@ -794,14 +825,13 @@ def main() -> int:
             return 1
         return 0
     families = args.family or list(FAMILIES)
-    todo = jobs(families, args.only)
     if args.list:
-        for j in todo:
+        for j in jobs(families, args.only, out):
             print(f"{'done' if job_done(j, out) else 'running' if job_running(j, out) else 'todo'}  {j}")
         return 0
     failed: list[str] = []
     if not args.table_only:
-        failed = schedule(todo, out, max(1, args.workers))
+        failed = schedule(families, args.only, out, max(1, args.workers))
     for key in families:
         print(f"wrote {write_doc(FAMILIES[key], out)}")
     write_plots(out)

@@ -23,7 +23,7 @@ LIST_INT = "list[int]"
 # (docs/recipes.md mirrors it).
 SCHEMA: dict[str, Any] = {
     "name": (str, "recipe"),
-    "model": (str, "default"),  # local folder, Hub id, or "default" (embedded SmolLM2-135M-Instruct)
+    "model": (str, "default"),  # local folder, Hub id, or an embedded name: "default" (SmolLM2-135M-Instruct), "gemma3-270m"
     "seed": (int, 42),
     "dtype": (str, "float32"),  # load dtype for scoring/pruning/evaluation
     "data_dir": (OPT_STR, None),  # offline data folder; default $LAYERPRUNE_DATA, else the Hub
