@@ -428,15 +428,22 @@ def schedule(families: list[str], only: list[str] | None, out: Path, workers: in
         lrs = chosen_lrs(out)
         dead = {j.split(":")[1].split("@")[0] for j in failed if j.startswith("pilot:")}
         ready = []
-        for j in todo:
-            if j in busy:
+        # Walk the configurations in priority order; one whose method has no learning rate yet brings its
+        # method's pilot candidates forward instead, so the first findings' runs start as early as possible.
+        for j in [x for x in todo if x.startswith("dense:")] + [x for x in todo if x.startswith("config:")] + \
+                [x for x in todo if x.startswith("pilot:")]:
+            if j in busy or j in ready:
                 continue
-            heal = _family_of(j.split(":", 1)[1]).configs[j.split(":", 1)[1]].heal if j.startswith("config:") \
-                else "none"
+            if not j.startswith("config:"):
+                ready.append(j)
+                continue
+            heal = _family_of(j.split(":", 1)[1]).configs[j.split(":", 1)[1]].heal
             if heal != "none" and LR_GROUP[heal] in dead:
                 failed.append(j)  # its method has no learning rate
             elif heal == "none" or LR_GROUP[heal] in lrs:
                 ready.append(j)
+            else:
+                ready += [x for x in todo if x.startswith(f"pilot:{LR_GROUP[heal]}@") and x not in busy + ready]
         while ready and len(running) + len(busy) < workers:
             j = ready.pop(0)
             log = open(out / "logs" / f"{j.replace(':', '-')}.log", "a")  # noqa: SIM115 (closed with the child)
@@ -623,7 +630,8 @@ def write_doc(fam: Family, out: Path) -> Path:
           f"- KL / top-1: `compare` — KL(dense ‖ model) per token and the share of tokens where both predict the "
           f"same next token, on the first {e['compare_max_tokens']} tokens of the wikitext-2 test text.",
           "- Noise rule: a difference is *within noise* when smaller than 2 × the combined stderr "
-          "√(se₁² + se₂²); for perplexity the rule is applied to log-perplexity (mean NLL).",
+          "√(se₁² + se₂²); for perplexity it is applied to log-perplexity (mean NLL). Both models see the "
+          "same documents and windows, so the unpaired rule is conservative.",
           f"- Compute: pilot {pilot_s / 3600:.2f} h of training, runs and evaluations {runs_s / 3600:.2f} h summed "
           "over finished jobs of both families (one thread each, two at a time on 2 cores); *wall* below is per "
           "configuration (its stages' seconds plus its evaluation; work lost to an interruption is not counted). "
