@@ -186,10 +186,8 @@ def _write(p: Path, obj: Any) -> None:
 def recipe(fam: Family, name: str, cfg: Config, lr: float | None, heal_over: dict | None = None) -> dict:
     heal = {"method": "none"} if cfg.heal == "none" else {**SETTINGS["heal"], **HEAL[cfg.heal], "lr": lr,
                                                           **(heal_over or {})}
-    models = (["pruned"] if cfg.eval_pruned else []) + (["compensated"] if cfg.compensate and cfg.heal == "none"
-                                                        else [] if cfg.heal == "none" else ["healed"])
-    if cfg.heal == "none" and not cfg.compensate:
-        models = ["pruned"]
+    final = "healed" if cfg.heal != "none" else "compensated" if cfg.compensate else "pruned"
+    models = list(dict.fromkeys((["pruned"] if cfg.eval_pruned else []) + [final]))  # perplexity only
     return {
         "name": name, "model": fam.model, "seed": SETTINGS["seed"], "workers": 1,
         "prune": {**METRICS[cfg.metric], "num_layers": fam.remove, **SETTINGS["calib"], "similarity": False},
@@ -220,8 +218,7 @@ def evaluate_final(model_dir: str, out: Path, dense_dir: str | None) -> dict[str
     e = SETTINGS["evaluate"]
     res: dict[str, Any] = {}
     model = tok = None
-    parts = [("zero_shot", None), ("mmlu", None)] + ([("compare", None)] if dense_dir else [])
-    for part, _ in parts:
+    for part in ["zero_shot", "mmlu"] + (["compare"] if dense_dir else []):
         f = out / f"{part}.json"
         if f.is_file():
             res[part] = _read(f)
@@ -481,11 +478,11 @@ def _avg(res: dict | None) -> tuple[float | None, float | None]:
 
 
 def _final_ppl(res: dict | None) -> dict | None:
+    """The perplexity of a configuration's final model (or the dense reference's one result)."""
     p = (res or {}).get("ppl") or {}
-    if "healed" in p or "compensated" in p:  # the configuration's final model
-        return p.get("healed") or p.get("compensated")
-    return p.get("pruned") if res and res.get("config", {}).get("heal") == "none" else (p.get("dense") or
-                                                                                            (res or {}).get("ppl"))
+    if "card" in p:
+        return p
+    return next((p[w] for w in ("healed", "compensated", "pruned") if p.get(w)), None)
 
 
 def _pct(v: tuple[float | None, float | None]) -> str:
@@ -526,14 +523,14 @@ def _cmp_text(res: dict[str, dict], a: str, b: str, la: str, lb: str) -> str:
         missing = [x for x, r in ((a, ra), (b, rb)) if not r]
         return f"{la} vs {lb}: not run yet ({', '.join(missing)} missing)."
     aa, ab = _avg(ra), _avg(rb)
+    pa, pb = _final_ppl(ra), _final_ppl(rb)
+    if aa[0] is None or ab[0] is None or not pa or not pb:
+        return f"{la} vs {lb}: not evaluated."
     va, _ = verdict(aa, ab)
-    na, nb = _nll(_final_ppl(ra)), _nll(_final_ppl(rb))
-    vp, _ = verdict(na, nb, higher_better=False)
-    d = 100 * (aa[0] - ab[0])
-    se = 100 * math.sqrt(aa[1] ** 2 + ab[1] ** 2)
-    pa, pb = _final_ppl(ra)["ppl"], _final_ppl(rb)["ppl"]
-    return (f"{la} − {lb}: Avg {d:+.1f} points (2σ = {2 * se:.1f}: **{va}**); wikitext-2 PPL "
-            f"{_ppl_cell(_final_ppl(ra))} vs {_ppl_cell(_final_ppl(rb))} (ratio {pa / pb:.2f}: **{vp}**).")
+    vp, _ = verdict(_nll(pa), _nll(pb), higher_better=False)
+    se = 100 * math.sqrt((aa[1] or 0) ** 2 + (ab[1] or 0) ** 2)
+    return (f"{la} − {lb}: Avg {100 * (aa[0] - ab[0]):+.1f} points (2σ = {2 * se:.1f}: **{va}**); wikitext-2 PPL "
+            f"{_ppl_cell(pa)} vs {_ppl_cell(pb)} (ratio {pa['ppl'] / pb['ppl']:.2f}: **{vp}**).")
 
 
 def _row(label: str, r: dict | None, dense: bool = False) -> str:
@@ -687,6 +684,8 @@ def findings(fam: Family, res: dict[str, dict]) -> list[str]:
             by_ppl = sorted(t1, key=lambda m: _final_ppl(t1[m])["ppl"])
             worse = [m for m in t1 if m != "reverse" and verdict(_avg(t1["reverse"]), _avg(t1[m]))[0] == "worse"]
             better = [m for m in t1 if m != "reverse" and verdict(_avg(t1["reverse"]), _avg(t1[m]))[0] == "better"]
+            ppl_worse = [m for m in t1 if m != "reverse" and verdict(
+                _nll(_final_ppl(t1["reverse"])), _nll(_final_ppl(t1[m])), higher_better=False)[0] == "worse"]
             holds = not worse
             out.append(f"1. **Reverse-order competitive with or better than the importance metrics after LoRA "
                        f"healing: {'holds' if holds else 'does not hold'}** ({len(t1)} of {len(METRICS)} metrics "
@@ -694,7 +693,8 @@ def findings(fam: Family, res: dict[str, dict]) -> list[str]:
                        f"significantly worse than {', '.join(worse) or 'none'} and better than "
                        f"{', '.join(better) or 'none'}. By healed perplexity it ranks "
                        f"{by_ppl.index('reverse') + 1} (best: {by_ppl[0]}, "
-                       f"{_ppl_cell(_final_ppl(t1[by_ppl[0]]))}). "
+                       f"{_ppl_cell(_final_ppl(t1[by_ppl[0]]))}) and is significantly worse than "
+                       f"{', '.join(ppl_worse) or 'none'}. "
                        + " ".join(_cmp_text(res, "t1-reverse-lora", f"t1-{m}-lora", "reverse", m)
                                   for m in ("bi", "angular") if f"t1-{m}-lora" in res))
         else:
@@ -796,7 +796,8 @@ def write_plots(out: Path) -> None:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss (held-out Alpaca)")
     ax.set_title("Table 2: reverse-order, 8 of 30 layers removed")
-    ax.legend(fontsize=8)
+    if ax.lines:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(img / "results-val-loss.png", dpi=120)
     plt.close(fig)

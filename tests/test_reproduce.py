@@ -85,3 +85,36 @@ def test_smoke_sweep_end_to_end(tmp_path, smollm2_path, data_dir):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "started" not in r.stdout
     assert json.loads((out / "smollm2" / "t2-reverse-last3" / "done.json").read_text())["wall_s"] == before
+
+
+def _done(acc: float, se: float, ppl: float, ppl_se: float, removed: list[int]) -> dict:
+    tasks = {t: {"acc": acc, "acc_stderr": se * 6 ** 0.5} for t in
+             ["piqa", "arc_easy", "arc_challenge", "hellaswag", "winogrande", "openbookqa"]}
+    return {"removed_layers": removed, "ppl": {"healed": {"ppl": ppl, "ppl_stderr": ppl_se}},
+            "zero_shot": {"tasks": tasks}, "mmlu": {"tasks": {"mmlu": {"acc": 0.25, "acc_stderr": 0.04}}},
+            "compare": {"text": {"kl_teacher_pruned": 1.5, "top1_agreement": 0.4}},
+            "heal": {"steps": 64, "trainable_params": 3e6, "log_history": [{"step": 0, "eval_loss": 9.0},
+                                                                            {"step": 64, "eval_loss": 3.0}]},
+            "wall_s": 600}
+
+
+def test_findings_apply_the_noise_rule(rs, tmp_path, monkeypatch):
+    monkeypatch.setitem(rs.SETTINGS, "smoke", True)  # documents go to OUT, not docs/
+    out = tmp_path
+    fam = rs.FAMILIES["smollm2"]
+    # Avg stderr 0.02 each: reverse − bi = +10 points > 2 × 2.83 (better); last3 − LoRA = −2 (within noise).
+    rows = {"t1-reverse-lora": _done(0.40, 0.02, 300.0, 10.0, [22, 23]),
+            "t1-bi-lora": _done(0.30, 0.02, 200.0, 10.0, [12, 13]),
+            "t2-reverse-last3": _done(0.38, 0.02, 250.0, 10.0, [22, 23])}
+    for name, r in rows.items():
+        (out / "smollm2" / name).mkdir(parents=True)
+        (out / "smollm2" / name / "done.json").write_text(json.dumps(r))
+    doc = rs.write_doc(fam, out).read_text()
+    assert "**Partial results.** 3 of 18 configurations" in doc
+    assert "Reverse-order competitive with or better than the importance metrics after LoRA healing: holds**" in doc
+    assert "better than bi" in doc and "significantly worse than bi" in doc  # higher Avg, but worse perplexity
+    assert "last3 − LoRA: Avg -2.0 points (2σ = 5.7: **within noise**)" in doc
+    assert "By accuracy the claim **holds** here." in doc
+    assert "| bi + LoRA | 12,13 | 3.00M | 64 | 200.0 ± 10.0 |" in doc
+    rs.write_plots(out)
+    assert (out / "img" / "results-val-loss.png").stat().st_size > 0
