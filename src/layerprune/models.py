@@ -1,4 +1,4 @@
-"""Loading models and tokenizers (local path, Hub id, or an embedded name: ``default``, ``gemma3-270m``), saving, manifests."""
+"""Loading models and tokenizers (a local path, Hub id or embedded name), saving, manifests."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import importlib.util
 import json
 import os
 import platform
-from dataclasses import dataclass
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

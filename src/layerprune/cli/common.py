@@ -9,7 +9,8 @@ from ..options import field_default
 
 
 def add_model_arg(p: argparse.ArgumentParser, name: str = "model") -> None:
-    p.add_argument(name, help="local model folder, Hub id (when online), 'default' (embedded SmolLM2-135M) or 'gemma3-270m'")
+    p.add_argument(name, help="local model folder, Hub id (when online), 'default' (embedded SmolLM2-135M) or "
+                   "'gemma3-270m'")
 
 
 def device_arg(text: str) -> str:
