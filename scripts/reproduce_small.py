@@ -813,6 +813,47 @@ def write_plots(out: Path) -> None:
     plt.close(fig)
 
 
+
+README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def readme_summary(out: Path) -> str:
+    """The README's "what works best at small scale" paragraph, from the finished runs (so it cannot drift
+    from the documents)."""
+    parts = []
+    for fam in FAMILIES.values():
+        res = finished(fam, out)
+        dense = _read(out / fam.key / "dense" / "done.json")
+        if not res or not dense:
+            continue
+        best_ppl = min(res, key=lambda n: _final_ppl(res[n])["ppl"])
+        best_acc = max(res, key=lambda n: _avg(res[n])[0] or 0)
+        within = [fam.configs[n].label for n in res
+                  if verdict(_avg(res[n]), _avg(res[best_acc]))[0] == "within noise" and n != best_acc]
+        tag = "" if len(res) == len(fam.configs) else f" (partial: {len(res)} of {len(fam.configs)} configurations)"
+        parts.append(
+            f"On {fam.title} with {fam.remove} of {fam.layers} layers removed{tag}, the best healed perplexity "
+            f"comes from {fam.configs[best_ppl].label} ({_ppl_cell(_final_ppl(res[best_ppl]))}, dense "
+            f"{_ppl_cell(_final_ppl(dense))}) and the best Avg accuracy from {fam.configs[best_acc].label} "
+            f"({_pct(_avg(res[best_acc]))}%, dense {_pct(_avg(dense))}%)"
+            + (f"; {', '.join(within)} are within noise of it" if within else "") + ".")
+    if not parts:
+        return "The comparison sweep has not finished any configuration yet."
+    h = SETTINGS["heal"]
+    setup = (f"Every configuration healed {h['max_steps'] or 'one epoch of'} steps of batch {h['batch_size']} on "
+             "Alpaca at its method's pilot-chosen learning rate. ")
+    return (setup + " ".join(parts) + " Details, stderrs and the findings on the paper's claims: "
+            "[docs/results-smollm2.md](docs/results-smollm2.md), [docs/results-gemma3.md](docs/results-gemma3.md).")
+
+
+def write_readme(out: Path) -> None:
+    path = REPO / "README.md"
+    text = path.read_text()
+    if SETTINGS.get("smoke") or README_START not in text:
+        return
+    a, b = text.index(README_START) + len(README_START), text.index(README_END)
+    path.write_text(text[:a] + "\n" + readme_summary(out) + "\n" + text[b:])
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "runs" / "reproduce-small"))
@@ -854,6 +895,7 @@ def main() -> int:
     for key in families:
         print(f"wrote {write_doc(FAMILIES[key], out)}")
     write_plots(out)
+    write_readme(out)
     if failed:
         print(f"failed (see {out / 'logs'}): {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
