@@ -840,8 +840,9 @@ def readme_summary(out: Path) -> str:
     if not parts:
         return "The comparison sweep has not finished any configuration yet."
     h = SETTINGS["heal"]
-    setup = (f"Every configuration healed {h['max_steps'] or 'one epoch of'} steps of batch {h['batch_size']} on "
-             "Alpaca at its method's pilot-chosen learning rate. ")
+    length = f"{h['max_steps']} steps" if h["max_steps"] else "one epoch"
+    setup = (f"Every configuration healed for {length} of batch {h['batch_size']} on Alpaca at its method's "
+             "pilot-chosen learning rate. ")
     return (setup + " ".join(parts) + " Details, stderrs and the findings on the paper's claims: "
             "[docs/results-smollm2.md](docs/results-smollm2.md), [docs/results-gemma3.md](docs/results-gemma3.md).")
 
