@@ -736,6 +736,12 @@ def findings(fam: Family, res: dict[str, dict]) -> list[str]:
                                                             "bi+LoRA") + _holds(res, "g-reverse-last3", "g-bi-lora"))
         out.append("3. **Compensation** on reverse+last3: "
                    + _cmp_text(res, "g-reverse-lstsq-last3", "g-reverse-last3", "with lstsq", "without"))
+    mmlu = {round(a, 6) for r in res.values() if (a := _task(r, "mmlu", "mmlu")[0]) is not None}
+    if len(res) > 1 and len(mmlu) == 1:
+        share = _mmlu_letter_share()
+        out += ["", f"MMLU: every finished model scores exactly {100 * mmlu.pop():.1f}% — the models pick the same "
+                "answer letter on every question (a letter prior, not knowledge)"
+                + (f"; {share}" if share else "") + ", so MMLU says nothing at this scale."]
     chance = sum(CHANCE[t] for t in MAIN_TASKS) / len(MAIN_TASKS)
     if res:
         accs = [a for r in res.values() if (a := _avg(r)[0]) is not None]
@@ -746,6 +752,24 @@ def findings(fam: Family, res: dict[str, dict]) -> list[str]:
                     "average's about 2), so many accuracy differences are within noise; perplexity and KL separate "
                     "the models more clearly."]
     return out
+
+
+def _mmlu_letter_share() -> str:
+    """How often each gold letter occurs among the MMLU documents scored (the harness's spread: the first
+    documents of each subject), read from the local data."""
+    from collections import Counter
+
+    from layerprune.evaluation.harness import _spread
+
+    d = Path(_data_dir() or "") / "eval" / "mmlu" / "test"
+    files = sorted(d.glob("*.jsonl"))
+    if not files:
+        return ""
+    rows = [[json.loads(line) for line in f.read_text().splitlines() if line.strip()] for f in files]
+    take = _spread(SETTINGS["evaluate"]["mmlu_limit"], [len(r) for r in rows])
+    c = Counter(r["answer"] for rs, k in zip(rows, take, strict=True) for r in rs[:k])
+    n = sum(c.values())
+    return "gold answers among the scored questions: " + ", ".join(f"{'ABCD'[k]} {v}/{n}" for k, v in sorted(c.items()))
 
 
 def _holds(res: dict, a: str, b: str) -> str:
