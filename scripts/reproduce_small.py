@@ -107,8 +107,8 @@ class Config:
 
     @property
     def label(self) -> str:
-        return f"{self.metric}{' + lstsq' if self.compensate else ''}" + \
-            ("" if self.heal == "none" else f" + {self.heal}")
+        heal = {"none": "", "lora": " + LoRA"}.get(self.heal, f" + {self.heal}")
+        return f"{self.metric}{' + lstsq' if self.compensate else ''}{heal}"
 
 
 @dataclass
@@ -856,7 +856,7 @@ def readme_summary(out: Path) -> str:
                   if verdict(_avg(res[n]), _avg(res[best_acc]))[0] == "within noise" and n != best_acc]
         tag = "" if len(res) == len(fam.configs) else f" (partial: {len(res)} of {len(fam.configs)} configurations)"
         parts.append(
-            f"On {fam.title} with {fam.remove} of {fam.layers} layers removed{tag}, the best healed perplexity "
+            f"On {fam.title} with {fam.remove} of {fam.layers} layers removed{tag}, the best final perplexity "
             f"comes from {fam.configs[best_ppl].label} ({_ppl_cell(_final_ppl(res[best_ppl]))}, dense "
             f"{_ppl_cell(_final_ppl(dense))}) and the best Avg accuracy from {fam.configs[best_acc].label} "
             f"({_pct(_avg(res[best_acc]))}%, dense {_pct(_avg(dense))}%)"
