@@ -184,10 +184,10 @@ def _read(p: Path) -> Any:
 
 
 def _write(p: Path, obj: Any) -> None:
+    from layerprune.io import write_json
+
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(p)
+    write_json(p, obj)
 
 
 # ---- recipes -----------------------------------------------------------------------------------------------
@@ -288,15 +288,19 @@ def pilot_job(key: str, out: Path) -> None:
                                    "train_s": h.get("wall_s"), "steps": h.get("steps")})
 
 
+def _pilot_rows(out: Path, group: str, grid: list[float]) -> list[dict] | None:
+    """The finished pilot results of `grid`, or None while any candidate is still to run."""
+    rows = [_read(out / "pilot" / f"{group}@{lr:g}" / "done.json") for lr in grid]
+    return rows if all(r is not None and r["final_val_loss"] is not None for r in rows) else None
+
+
 def pilot_grid(group: str, out: Path | None = None) -> list[float]:
     """A method's pilot candidates: PILOT's grid, continued geometrically (up to `max_candidates`) while the
     best finished candidate is the largest one, so the chosen rate is never an untested edge."""
     grid = list(PILOT["grid"][group])
     while out is not None and len(grid) < PILOT["max_candidates"]:
-        rows = [_read(out / "pilot" / f"{group}@{lr:g}" / "done.json") for lr in grid]
-        if any(r is None or r["final_val_loss"] is None for r in rows):
-            break
-        if min(rows, key=lambda r: r["final_val_loss"])["lr"] != grid[-1]:
+        rows = _pilot_rows(out, group, grid)
+        if rows is None or min(rows, key=lambda r: r["final_val_loss"])["lr"] != grid[-1]:
             break
         grid.append(float(f"{grid[-1] * grid[-1] / grid[-2]:.3g}"))
     return grid
@@ -312,8 +316,8 @@ def chosen_lrs(out: Path) -> dict[str, float]:
     best: dict[str, float] = {}
     for g in PILOT["grid"]:
         grid = pilot_grid(g, out)
-        rows = [_read(out / "pilot" / f"{g}@{lr:g}" / "done.json") for lr in grid]
-        if not all(r is not None and r["final_val_loss"] is not None for r in rows):
+        rows = _pilot_rows(out, g, grid)
+        if rows is None:
             continue
         top = min(rows, key=lambda r: r["final_val_loss"])
         if top["lr"] != grid[-1] or len(grid) >= PILOT["max_candidates"]:
@@ -322,6 +326,8 @@ def chosen_lrs(out: Path) -> dict[str, float]:
 
 
 def config_job(fam: Family, name: str, out: Path) -> None:
+    from layerprune.models import resolve_model
+
     cfg = fam.configs[name]
     run_dir = out / fam.key / name
     if (run_dir / "done.json").is_file():
@@ -332,8 +338,6 @@ def config_job(fam: Family, name: str, out: Path) -> None:
         if lr is None:
             raise RuntimeError(f"the learning-rate pilot for {LR_GROUP[cfg.heal]} has not finished")
     man = run_recipe_dir(recipe(fam, name, cfg, lr), run_dir)
-    from layerprune.models import resolve_model
-
     ev = evaluate_final(str(run_dir / "model"), run_dir / "eval-final", resolve_model(fam.model))
     stage_s = sum(v for k, v in man["timings"].items() if k != "total_s" and isinstance(v, (int, float)))
     eval_s = sum(v.get("seconds", 0) for v in ev.values())
@@ -354,7 +358,7 @@ def jobs(families: list[str], only: list[str] | None, out: Path | None = None) -
     names = [n for n in PRIORITY if any(n in FAMILIES[f].configs for f in families)]
     if only:
         names = [n for n in names if n in only]
-    groups = {LR_GROUP[_family_of(n).configs[n].heal] for n in names if _family_of(n).configs[n].heal != "none"}
+    groups = {LR_GROUP[_config(n).heal] for n in names if _config(n).heal != "none"}
     outdir = out
     out = [f"dense:{f}" for f in families if not only or f"dense:{f}" in only or
            any(n in FAMILIES[f].configs for n in names)]
@@ -365,6 +369,10 @@ def jobs(families: list[str], only: list[str] | None, out: Path | None = None) -
 
 def _family_of(name: str) -> Family:
     return next(f for f in FAMILIES.values() if name in f.configs)
+
+
+def _config(name: str) -> Config:
+    return _family_of(name).configs[name]
 
 
 def job_done(job: str, out: Path) -> bool:
@@ -442,7 +450,7 @@ def schedule(families: list[str], only: list[str] | None, out: Path, workers: in
             if not j.startswith("config:"):
                 ready.append(j)
                 continue
-            heal = _family_of(j.split(":", 1)[1]).configs[j.split(":", 1)[1]].heal
+            heal = _config(j.split(":", 1)[1]).heal
             if heal != "none" and LR_GROUP[heal] in dead:
                 failed.append(j)  # its method has no learning rate
             elif heal == "none" or LR_GROUP[heal] in lrs:
@@ -512,17 +520,15 @@ def _nll(p: dict | None) -> tuple[float | None, float | None]:
     return math.log(p["ppl"]), (se / p["ppl"] if se is not None else None)
 
 
-def verdict(a: tuple, b: tuple, higher_better: bool = True) -> tuple[str, str]:
-    """(verdict, text) under the noise rule: a difference is real when larger than 2 x the combined stderr."""
+def verdict(a: tuple, b: tuple, higher_better: bool = True) -> str:
+    """The noise rule: a difference is real when larger than 2 x the combined stderr."""
     if a[0] is None or b[0] is None:
-        return "n/a", "not available"
+        return "n/a"
     diff = a[0] - b[0]
     se = math.sqrt((a[1] or 0) ** 2 + (b[1] or 0) ** 2)
     if abs(diff) < 2 * se:
-        v = "within noise"
-    else:
-        v = "better" if (diff > 0) == higher_better else "worse"
-    return v, v
+        return "within noise"
+    return "better" if (diff > 0) == higher_better else "worse"
 
 
 def _cmp_text(res: dict[str, dict], a: str, b: str, la: str, lb: str) -> str:
@@ -534,8 +540,8 @@ def _cmp_text(res: dict[str, dict], a: str, b: str, la: str, lb: str) -> str:
     pa, pb = _final_ppl(ra), _final_ppl(rb)
     if aa[0] is None or ab[0] is None or not pa or not pb:
         return f"{la} vs {lb}: not evaluated."
-    va, _ = verdict(aa, ab)
-    vp, _ = verdict(_nll(pa), _nll(pb), higher_better=False)
+    va = verdict(aa, ab)
+    vp = verdict(_nll(pa), _nll(pb), higher_better=False)
     se = 100 * math.sqrt((aa[1] or 0) ** 2 + (ab[1] or 0) ** 2)
     return (f"{la} − {lb}: Avg {100 * (aa[0] - ab[0]):+.1f} points (2σ = {2 * se:.1f}: **{va}**); wikitext-2 PPL "
             f"{_ppl_cell(pa)} vs {_ppl_cell(pb)} (ratio {pa['ppl'] / pb['ppl']:.2f}: **{vp}**).")
@@ -653,8 +659,7 @@ def write_doc(fam: Family, out: Path) -> Path:
     L += ["## Dense reference", "", HEADER, SEP, _row(f"dense ({fam.layers} layers)", dense, dense=True), ""]
 
     def table(title: str, rows: list[tuple[str, str]]) -> None:
-        nonlocal L
-        L += [f"## {title}", "", HEADER, SEP] + [_row(lbl, res.get(n)) for lbl, n in rows] + [""]
+        L.extend([f"## {title}", "", HEADER, SEP] + [_row(lbl, res.get(n)) for lbl, n in rows] + [""])
 
     if fam.key == "smollm2":
         t1 = [(f"{m} + LoRA", f"t1-{m}-lora") for m in METRICS]
@@ -692,10 +697,10 @@ def findings(fam: Family, res: dict[str, dict]) -> list[str]:
         if "reverse" in t1 and len(t1) > 1:
             by_acc = sorted(t1, key=lambda m: -(_avg(t1[m])[0] or 0))
             by_ppl = sorted(t1, key=lambda m: _final_ppl(t1[m])["ppl"])
-            worse = [m for m in t1 if m != "reverse" and verdict(_avg(t1["reverse"]), _avg(t1[m]))[0] == "worse"]
-            better = [m for m in t1 if m != "reverse" and verdict(_avg(t1["reverse"]), _avg(t1[m]))[0] == "better"]
+            worse = [m for m in t1 if m != "reverse" and verdict(_avg(t1["reverse"]), _avg(t1[m])) == "worse"]
+            better = [m for m in t1 if m != "reverse" and verdict(_avg(t1["reverse"]), _avg(t1[m])) == "better"]
             ppl_worse = [m for m in t1 if m != "reverse" and verdict(
-                _nll(_final_ppl(t1["reverse"])), _nll(_final_ppl(t1[m])), higher_better=False)[0] == "worse"]
+                _nll(_final_ppl(t1["reverse"])), _nll(_final_ppl(t1[m])), higher_better=False) == "worse"]
             holds = not worse
             out.append(f"1. **Reverse-order competitive with or better than the importance metrics after LoRA "
                        f"healing: {'holds' if holds else 'does not hold'}** ({len(t1)} of {len(METRICS)} metrics "
@@ -775,7 +780,7 @@ def _mmlu_letter_share() -> str:
 def _holds(res: dict, a: str, b: str) -> str:
     if a not in res or b not in res:
         return ""
-    v, _ = verdict(_avg(res[a]), _avg(res[b]))
+    v = verdict(_avg(res[a]), _avg(res[b]))
     return f" By accuracy the claim **{'holds' if v in ('better', 'within noise') else 'does not hold'}** here."
 
 
@@ -853,7 +858,7 @@ def readme_summary(out: Path) -> str:
         best_ppl = min(res, key=lambda n: _final_ppl(res[n])["ppl"])
         best_acc = max(res, key=lambda n: _avg(res[n])[0] or 0)
         within = [fam.configs[n].label for n in res
-                  if verdict(_avg(res[n]), _avg(res[best_acc]))[0] == "within noise" and n != best_acc]
+                  if verdict(_avg(res[n]), _avg(res[best_acc])) == "within noise" and n != best_acc]
         tag = "" if len(res) == len(fam.configs) else f" (partial: {len(res)} of {len(fam.configs)} configurations)"
         parts.append(
             f"On {fam.title} with {fam.remove} of {fam.layers} layers removed{tag}, the best final perplexity "

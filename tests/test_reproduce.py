@@ -27,11 +27,11 @@ def rs():
 
 
 def test_noise_rule(rs):
-    assert rs.verdict((0.40, 0.02), (0.35, 0.02))[0] == "within noise"  # 5 points < 2 * 2.83
-    assert rs.verdict((0.45, 0.02), (0.35, 0.02))[0] == "better"
-    assert rs.verdict((0.30, 0.01), (0.40, 0.01))[0] == "worse"
-    assert rs.verdict((3.0, 0.01), (4.0, 0.01), higher_better=False)[0] == "better"  # lower NLL is better
-    assert rs.verdict((None, None), (0.3, 0.01))[0] == "n/a"
+    assert rs.verdict((0.40, 0.02), (0.35, 0.02)) == "within noise"  # 5 points < 2 * 2.83
+    assert rs.verdict((0.45, 0.02), (0.35, 0.02)) == "better"
+    assert rs.verdict((0.30, 0.01), (0.40, 0.01)) == "worse"
+    assert rs.verdict((3.0, 0.01), (4.0, 0.01), higher_better=False) == "better"  # lower NLL is better
+    assert rs.verdict((None, None), (0.3, 0.01)) == "n/a"
 
 
 def test_job_selection_and_settings(rs):

@@ -129,8 +129,9 @@ def prune_by_metric(model: str | os.PathLike, out_dir: str | os.PathLike, *, met
     m = make_metric(metric, **(metric_options or {}))
     spec = calib if isinstance(calib, CalibSpec) else CalibSpec()
     check_out_dir(out_dir, overwrite)
-    sizes = Sizes.of_checkpoint(path, dtype) if tgt is not None else None
-    if tgt is not None and sizes is not None:
+    sizes = None
+    if tgt is not None:
+        sizes = Sizes.of_checkpoint(path, dtype)
         check_reachable(tgt, sizes, k)  # before any scoring
     params: dict[str, Any] = {"metric": m.label, "metric_params": m.params(), "k": k, "ratio": ratio,
                               "iterative": iterative, "step": step if iterative else None,
