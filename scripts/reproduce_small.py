@@ -729,7 +729,15 @@ def findings(fam: Family, res: dict[str, dict]) -> list[str]:
                    + " (c) what compensation does to last3 itself: "
                    + _cmp_text(res, "t3-reverse-lstsq-last3", "t2-reverse-last3", "with lstsq", "without")
                    + " Distillation instead of plain last3: "
-                   + _cmp_text(res, "t3-reverse-lstsq-distill", "t3-reverse-lstsq-last3", "distill", "last3"))
+                   + _cmp_text(res, "t3-reverse-lstsq-distill", "t3-reverse-lstsq-last3", "distill", "last3")
+                   + " **Answers without → with compensation** (the verdict of the first configuration "
+                   "against the second): "
+                   + _changes(res, "answer 1, reverse vs angular (LoRA → lstsq + last3)",
+                              ("t1-reverse-lora", "t1-angular-lora"),
+                              ("t3-reverse-lstsq-last3", "t3-angular-lstsq-last3")) + " "
+                   + _changes(res, "answer 2, last3 vs LoRA (last3 → lstsq + last3; LoRA uncompensated)",
+                              ("t2-reverse-last3", "t1-reverse-lora"),
+                              ("t3-reverse-lstsq-last3", "t1-reverse-lora")))
     else:
         out.append("1. **Reverse-order vs importance metrics** — the clean comparison (same compensation and "
                    "healing): " + _cmp_text(res, "g-reverse-lstsq-last3", "g-angular-lstsq-last3",
@@ -740,7 +748,11 @@ def findings(fam: Family, res: dict[str, dict]) -> list[str]:
                    "confounded by the metric: " + _cmp_text(res, "g-reverse-last3", "g-bi-lora", "reverse+last3",
                                                             "bi+LoRA") + _holds(res, "g-reverse-last3", "g-bi-lora"))
         out.append("3. **Compensation** on reverse+last3: "
-                   + _cmp_text(res, "g-reverse-lstsq-last3", "g-reverse-last3", "with lstsq", "without"))
+                   + _cmp_text(res, "g-reverse-lstsq-last3", "g-reverse-last3", "with lstsq", "without")
+                   + " **Answer 1 without → with compensation** (reverse against the metric): "
+                   + _changes(res, "reverse+last3 vs bi+LoRA → reverse+lstsq+last3 vs angular+lstsq+last3",
+                              ("g-reverse-last3", "g-bi-lora"),
+                              ("g-reverse-lstsq-last3", "g-angular-lstsq-last3")))
     mmlu = {round(a, 6) for r in res.values() if (a := _task(r, "mmlu", "mmlu")[0]) is not None}
     if len(res) > 1 and len(mmlu) == 1:
         share = _mmlu_letter_share()
@@ -775,6 +787,27 @@ def _mmlu_letter_share() -> str:
     c = Counter(r["answer"] for rs, k in zip(rows, take, strict=True) for r in rs[:k])
     n = sum(c.values())
     return "gold answers among the scored questions: " + ", ".join(f"{'ABCD'[k]} {v}/{n}" for k, v in sorted(c.items()))
+
+
+def _verdicts(res: dict, a: str, b: str) -> tuple[str, str] | None:
+    """(accuracy verdict, perplexity verdict) of a against b, or None while either is missing."""
+    ra, rb = res.get(a), res.get(b)
+    if not ra or not rb or _avg(ra)[0] is None or _avg(rb)[0] is None:
+        return None
+    return (verdict(_avg(ra), _avg(rb)),
+            verdict(_nll(_final_ppl(ra)), _nll(_final_ppl(rb)), higher_better=False))
+
+
+def _changes(res: dict, question: str, plain: tuple[str, str], comp: tuple[str, str]) -> str:
+    """Whether compensation changes one answer: the verdict of the uncompensated pair against the
+    compensated pair, by accuracy and by perplexity."""
+    v0, v1 = _verdicts(res, *plain), _verdicts(res, *comp)
+    if v0 is None or v1 is None:
+        missing = [n for n in (*plain, *comp) if n not in res]
+        return f"{question}: not decided yet ({', '.join(missing)} missing)."
+    parts = [f"by {what} {a} → {b} (**{'changes' if a != b else 'unchanged'}**)"
+             for what, a, b in (("accuracy", v0[0], v1[0]), ("perplexity", v0[1], v1[1]))]
+    return f"{question}: " + "; ".join(parts) + "."
 
 
 def _holds(res: dict, a: str, b: str) -> str:

@@ -116,5 +116,22 @@ def test_findings_apply_the_noise_rule(rs, tmp_path, monkeypatch):
     assert "last3 − LoRA: Avg -2.0 points (2σ = 5.7: **within noise**)" in doc
     assert "By accuracy the claim **holds** here." in doc
     assert "| bi + LoRA | 12,13 | 3.00M | 64 | 200.0 ± 10.0 |" in doc
+    assert "answer 1, reverse vs angular (LoRA → lstsq + last3): not decided yet (t1-angular-lora, " in doc
+
+
+def test_findings_say_whether_compensation_changes_an_answer(rs, tmp_path, monkeypatch):
+    monkeypatch.setitem(rs.SETTINGS, "smoke", True)
+    out = tmp_path
+    # last3 vs LoRA: within noise by accuracy before (−2 points) and after (+10 points: better) compensation;
+    # by perplexity worse (300 vs 200, log-ratio 0.41 ≫ 2σ) → better (100 vs 200).
+    rows = {"t1-reverse-lora": _done(0.30, 0.02, 200.0, 10.0, [22, 23]),
+            "t2-reverse-last3": _done(0.28, 0.02, 300.0, 10.0, [22, 23]),
+            "t3-reverse-lstsq-last3": _done(0.40, 0.02, 100.0, 5.0, [22, 23])}
+    for name, r in rows.items():
+        (out / "smollm2" / name).mkdir(parents=True)
+        (out / "smollm2" / name / "done.json").write_text(json.dumps(r))
+    doc = rs.write_doc(rs.FAMILIES["smollm2"], out).read_text()
+    assert ("answer 2, last3 vs LoRA (last3 → lstsq + last3; LoRA uncompensated): by accuracy within noise → "
+            "better (**changes**); by perplexity worse → better (**changes**).") in doc
     rs.write_plots(out)
     assert (out / "img" / "results-val-loss.png").stat().st_size > 0
