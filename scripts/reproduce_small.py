@@ -701,9 +701,10 @@ def findings(fam: Family, res: dict[str, dict]) -> list[str]:
             better = [m for m in t1 if m != "reverse" and verdict(_avg(t1["reverse"]), _avg(t1[m])) == "better"]
             ppl_worse = [m for m in t1 if m != "reverse" and verdict(
                 _nll(_final_ppl(t1["reverse"])), _nll(_final_ppl(t1[m])), higher_better=False) == "worse"]
-            holds = not worse
+            word = {True: "holds", False: "does not hold"}
             out.append(f"1. **Reverse-order competitive with or better than the importance metrics after LoRA "
-                       f"healing: {'holds' if holds else 'does not hold'}** ({len(t1)} of {len(METRICS)} metrics "
+                       f"healing: by accuracy {word[not worse]}; by perplexity {word[not ppl_worse]}** "
+                       f"({len(t1)} of {len(METRICS)} metrics "
                        f"finished). By Avg accuracy reverse ranks {by_acc.index('reverse') + 1} of {len(t1)}; it is "
                        f"significantly worse than {', '.join(worse) or 'none'} and better than "
                        f"{', '.join(better) or 'none'}. By healed perplexity it ranks "

@@ -111,7 +111,8 @@ def test_findings_apply_the_noise_rule(rs, tmp_path, monkeypatch):
         (out / "smollm2" / name / "done.json").write_text(json.dumps(r))
     doc = rs.write_doc(fam, out).read_text()
     assert "**Partial results.** 3 of 18 configurations" in doc
-    assert "Reverse-order competitive with or better than the importance metrics after LoRA healing: holds**" in doc
+    assert ("Reverse-order competitive with or better than the importance metrics after LoRA healing: by accuracy "
+            "holds; by perplexity does not hold**") in doc
     assert "better than bi" in doc and "significantly worse than bi" in doc  # higher Avg, but worse perplexity
     assert "last3 − LoRA: Avg -2.0 points (2σ = 5.7: **within noise**)" in doc
     assert "By accuracy the claim **holds** here." in doc
