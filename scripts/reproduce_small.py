@@ -899,7 +899,8 @@ def readme_summary(out: Path) -> str:
             f"comes from {fam.configs[best_ppl].label} ({_ppl_cell(_final_ppl(res[best_ppl]))}, dense "
             f"{_ppl_cell(_final_ppl(dense))}) and the best Avg accuracy from {fam.configs[best_acc].label} "
             f"({_pct(_avg(res[best_acc]))}%, dense {_pct(_avg(dense))}%)"
-            + (f"; {', '.join(within)} are within noise of it" if within else "") + ".")
+            + (f"; {', '.join(within)} {'is' if len(within) == 1 else 'are'} within noise of it" if within else "")
+            + ".")
     if not parts:
         return "The comparison sweep has not finished any configuration yet."
     h = SETTINGS["heal"]
