@@ -531,6 +531,15 @@ def verdict(a: tuple, b: tuple, higher_better: bool = True) -> str:
     return "better" if (diff > 0) == higher_better else "worse"
 
 
+def _verdicts(res: dict, a: str, b: str) -> tuple[str, str] | None:
+    """(accuracy verdict, perplexity verdict) of a against b, or None while either is missing."""
+    ra, rb = res.get(a), res.get(b)
+    if not ra or not rb or _avg(ra)[0] is None or _avg(rb)[0] is None:
+        return None
+    return (verdict(_avg(ra), _avg(rb)),
+            verdict(_nll(_final_ppl(ra)), _nll(_final_ppl(rb)), higher_better=False))
+
+
 def _cmp_text(res: dict[str, dict], a: str, b: str, la: str, lb: str) -> str:
     ra, rb = res.get(a), res.get(b)
     if not ra or not rb:
@@ -540,8 +549,7 @@ def _cmp_text(res: dict[str, dict], a: str, b: str, la: str, lb: str) -> str:
     pa, pb = _final_ppl(ra), _final_ppl(rb)
     if aa[0] is None or ab[0] is None or not pa or not pb:
         return f"{la} vs {lb}: not evaluated."
-    va = verdict(aa, ab)
-    vp = verdict(_nll(pa), _nll(pb), higher_better=False)
+    va, vp = _verdicts(res, a, b) or ("n/a", "n/a")
     se = 100 * math.sqrt((aa[1] or 0) ** 2 + (ab[1] or 0) ** 2)
     return (f"{la} − {lb}: Avg {100 * (aa[0] - ab[0]):+.1f} points (2σ = {2 * se:.1f}: **{va}**); wikitext-2 PPL "
             f"{_ppl_cell(pa)} vs {_ppl_cell(pb)} (ratio {pa['ppl'] / pb['ppl']:.2f}: **{vp}**).")
@@ -790,32 +798,23 @@ def _mmlu_letter_share() -> str:
     return "gold answers among the scored questions: " + ", ".join(f"{'ABCD'[k]} {v}/{n}" for k, v in sorted(c.items()))
 
 
-def _verdicts(res: dict, a: str, b: str) -> tuple[str, str] | None:
-    """(accuracy verdict, perplexity verdict) of a against b, or None while either is missing."""
-    ra, rb = res.get(a), res.get(b)
-    if not ra or not rb or _avg(ra)[0] is None or _avg(rb)[0] is None:
-        return None
-    return (verdict(_avg(ra), _avg(rb)),
-            verdict(_nll(_final_ppl(ra)), _nll(_final_ppl(rb)), higher_better=False))
-
-
 def _changes(res: dict, question: str, plain: tuple[str, str], comp: tuple[str, str]) -> str:
     """Whether compensation changes one answer: the verdict of the uncompensated pair against the
     compensated pair, by accuracy and by perplexity."""
     v0, v1 = _verdicts(res, *plain), _verdicts(res, *comp)
     if v0 is None or v1 is None:
         missing = [n for n in (*plain, *comp) if n not in res]
-        return f"{question}: not decided yet ({', '.join(missing)} missing)."
+        return f"{question}: not decided yet ({', '.join(missing) + ' missing' if missing else 'not evaluated'})."
     parts = [f"by {what} {a} → {b} (**{'changes' if a != b else 'unchanged'}**)"
              for what, a, b in (("accuracy", v0[0], v1[0]), ("perplexity", v0[1], v1[1]))]
     return f"{question}: " + "; ".join(parts) + "."
 
 
 def _holds(res: dict, a: str, b: str) -> str:
-    if a not in res or b not in res:
+    v = _verdicts(res, a, b)
+    if v is None:
         return ""
-    v = verdict(_avg(res[a]), _avg(res[b]))
-    return f" By accuracy the claim **{'holds' if v in ('better', 'within noise') else 'does not hold'}** here."
+    return f" By accuracy the claim **{'holds' if v[0] in ('better', 'within noise') else 'does not hold'}** here."
 
 
 def write_plots(out: Path) -> None:

@@ -98,6 +98,12 @@ def _done(acc: float, se: float, ppl: float, ppl_se: float, removed: list[int]) 
             "wall_s": 600}
 
 
+def _write_results(out, rows: dict) -> None:
+    for name, r in rows.items():
+        (out / "smollm2" / name).mkdir(parents=True)
+        (out / "smollm2" / name / "done.json").write_text(json.dumps(r))
+
+
 def test_findings_apply_the_noise_rule(rs, tmp_path, monkeypatch):
     monkeypatch.setitem(rs.SETTINGS, "smoke", True)  # documents go to OUT, not docs/
     out = tmp_path
@@ -106,9 +112,7 @@ def test_findings_apply_the_noise_rule(rs, tmp_path, monkeypatch):
     rows = {"t1-reverse-lora": _done(0.40, 0.02, 300.0, 10.0, [22, 23]),
             "t1-bi-lora": _done(0.30, 0.02, 200.0, 10.0, [12, 13]),
             "t2-reverse-last3": _done(0.38, 0.02, 250.0, 10.0, [22, 23])}
-    for name, r in rows.items():
-        (out / "smollm2" / name).mkdir(parents=True)
-        (out / "smollm2" / name / "done.json").write_text(json.dumps(r))
+    _write_results(out, rows)
     doc = rs.write_doc(fam, out).read_text()
     assert "**Partial results.** 3 of 18 configurations" in doc
     assert ("Reverse-order competitive with or better than the importance metrics after LoRA healing: by accuracy "
@@ -118,21 +122,19 @@ def test_findings_apply_the_noise_rule(rs, tmp_path, monkeypatch):
     assert "By accuracy the claim **holds** here." in doc
     assert "| bi + LoRA | 12,13 | 3.00M | 64 | 200.0 ± 10.0 |" in doc
     assert "answer 1, reverse vs angular (LoRA → lstsq + last3): not decided yet (t1-angular-lora, " in doc
+    rs.write_plots(out)
+    assert (out / "img" / "results-val-loss.png").stat().st_size > 0
 
 
 def test_findings_say_whether_compensation_changes_an_answer(rs, tmp_path, monkeypatch):
     monkeypatch.setitem(rs.SETTINGS, "smoke", True)
     out = tmp_path
-    # last3 vs LoRA: within noise by accuracy before (−2 points) and after (+10 points: better) compensation;
-    # by perplexity worse (300 vs 200, log-ratio 0.41 ≫ 2σ) → better (100 vs 200).
+    # last3 vs LoRA, Avg stderr 0.02 each (2σ = 5.7 points): −2 points (within noise) without compensation,
+    # +10 (better) with it; perplexity 300 vs 200 (log-ratio 0.41 ≫ 2σ: worse) → 100 vs 200 (better).
     rows = {"t1-reverse-lora": _done(0.30, 0.02, 200.0, 10.0, [22, 23]),
             "t2-reverse-last3": _done(0.28, 0.02, 300.0, 10.0, [22, 23]),
             "t3-reverse-lstsq-last3": _done(0.40, 0.02, 100.0, 5.0, [22, 23])}
-    for name, r in rows.items():
-        (out / "smollm2" / name).mkdir(parents=True)
-        (out / "smollm2" / name / "done.json").write_text(json.dumps(r))
+    _write_results(out, rows)
     doc = rs.write_doc(rs.FAMILIES["smollm2"], out).read_text()
     assert ("answer 2, last3 vs LoRA (last3 → lstsq + last3; LoRA uncompensated): by accuracy within noise → "
             "better (**changes**); by perplexity worse → better (**changes**).") in doc
-    rs.write_plots(out)
-    assert (out / "img" / "results-val-loss.png").stat().st_size > 0
