@@ -190,6 +190,28 @@ def _write(p: Path, obj: Any) -> None:
     write_json(p, obj)
 
 
+# ---- the results store -------------------------------------------------------------------------------------
+# A finished job's record (a few kB of JSON: its numbers, curves and timings) lives in a committed folder, apart
+# from the run folder's models and checkpoints: the documents are generated from the records alone, and a sweep
+# spread over several sittings on different machines resumes from them (a lost run folder costs only the job in
+# flight). `--results` points it elsewhere (the smoke run uses OUT/results).
+RESULTS = REPO / "docs" / "data" / "reproduce-small"
+
+
+def record_path(job: str) -> Path:
+    """Where the record of a job ('dense:FAMILY', 'pilot:GROUP@LR', 'config:NAME') is kept."""
+    kind, name = job.split(":", 1)
+    if kind == "pilot":
+        return RESULTS / "pilot" / f"{name}.json"
+    if kind == "dense":
+        return RESULTS / name / "dense.json"
+    return RESULTS / _family_of(name).key / f"{name}.json"
+
+
+def record(job: str) -> Any:
+    return _read(record_path(job))
+
+
 # ---- recipes -----------------------------------------------------------------------------------------------
 def recipe(fam: Family, name: str, cfg: Config, lr: float | None, heal_over: dict | None = None) -> dict:
     heal = {"method": "none"} if cfg.heal == "none" else {**SETTINGS["heal"], **HEAL[cfg.heal], "lr": lr,
@@ -266,7 +288,8 @@ def dense_job(fam: Family, out: Path) -> None:
         _write(f, r)
         del m
     evaluate_final(src, d, None)
-    _write(d / "done.json", {"ppl": _read(f), **{k: _read(d / f"{k}.json") for k in ("zero_shot", "mmlu")}})
+    _write(record_path(f"dense:{fam.key}"), {"ppl": _read(f), **{k: _read(d / f"{k}.json")
+                                                                   for k in ("zero_shot", "mmlu")}})
 
 
 def pilot_job(key: str, out: Path) -> None:
@@ -276,21 +299,21 @@ def pilot_job(key: str, out: Path) -> None:
     heal = PILOT["heal"][group]
     cfg = Config("reverse", heal, compensate=group == "distill")
     run_dir = out / "pilot" / key
-    if (run_dir / "done.json").is_file():
+    if record_path(f"pilot:{key}").is_file():
         return
     rec = recipe(fam, f"pilot-{key}", cfg, float(lr), {"max_steps": PILOT["steps"], "eval_steps": PILOT["eval_steps"],
                                                       "warmup_steps": PILOT["warmup_steps"]})
     rec["evaluate"]["models"] = []
     man = run_recipe_dir(rec, run_dir)
     h = man["heal"]
-    _write(run_dir / "done.json", {"group": group, "lr": float(lr), "final_val_loss": h["final_val_loss"],
+    _write(record_path(f"pilot:{key}"), {"group": group, "lr": float(lr), "final_val_loss": h["final_val_loss"],
                                    "val_loss_before": h.get("val_loss_before"), "tokens_per_s": h.get("tokens_per_s"),
                                    "train_s": h.get("wall_s"), "steps": h.get("steps")})
 
 
 def _pilot_rows(out: Path, group: str, grid: list[float]) -> list[dict] | None:
     """The finished pilot results of `grid`, or None while any candidate is still to run."""
-    rows = [_read(out / "pilot" / f"{group}@{lr:g}" / "done.json") for lr in grid]
+    rows = [record(f"pilot:{group}@{lr:g}") for lr in grid]
     return rows if all(r is not None and r["final_val_loss"] is not None for r in rows) else None
 
 
@@ -330,7 +353,7 @@ def config_job(fam: Family, name: str, out: Path) -> None:
 
     cfg = fam.configs[name]
     run_dir = out / fam.key / name
-    if (run_dir / "done.json").is_file():
+    if record_path(f"config:{name}").is_file():
         return
     lr = None
     if cfg.heal != "none":
@@ -342,7 +365,7 @@ def config_job(fam: Family, name: str, out: Path) -> None:
     stage_s = sum(v for k, v in man["timings"].items() if k != "total_s" and isinstance(v, (int, float)))
     eval_s = sum(v.get("seconds", 0) for v in ev.values())
     heal = man.get("heal") or {}
-    _write(run_dir / "done.json", {
+    _write(record_path(f"config:{name}"), {
         "config": cfg.__dict__, "lr": lr, "removed_layers": man["removed_layers"],
         "ppl": {w: r["ppl"].get("wikitext2") for w, r in man["results"].items()},
         "heal": {k: heal.get(k) for k in ("method", "steps", "trainable_params", "val_loss_before", "final_val_loss",
@@ -375,13 +398,8 @@ def _config(name: str) -> Config:
     return _family_of(name).configs[name]
 
 
-def job_done(job: str, out: Path) -> bool:
-    kind, name = job.split(":", 1)
-    if kind == "pilot":
-        return (out / "pilot" / name / "done.json").is_file()
-    if kind == "dense":
-        return (out / name / "dense" / "done.json").is_file()
-    return (out / _family_of(name).key / name / "done.json").is_file()
+def job_done(job: str) -> bool:
+    return record_path(job).is_file()
 
 
 def _lock(job: str, out: Path) -> Path:
@@ -436,7 +454,7 @@ def schedule(families: list[str], only: list[str] | None, out: Path, workers: in
                       f"({(time.time() - t0) / 60:.1f} min)", flush=True)
                 if p.returncode != 0:
                     failed.append(j)
-        todo = [j for j in jobs(families, only, out) if j not in running and j not in failed and not job_done(j, out)]
+        todo = [j for j in jobs(families, only, out) if j not in running and j not in failed and not job_done(j)]
         busy = [j for j in todo if job_running(j, out)]
         lrs = chosen_lrs(out)
         dead = {j.split(":")[1].split("@")[0] for j in failed if j.startswith("pilot:")}
@@ -460,7 +478,8 @@ def schedule(families: list[str], only: list[str] | None, out: Path, workers: in
         while ready and len(running) + len(busy) < workers:
             j = ready.pop(0)
             log = open(out / "logs" / f"{j.replace(':', '-')}.log", "a")  # noqa: SIM115 (closed with the child)
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--job", j, "--out", str(out)]
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--job", j, "--out", str(out), "--results",
+                   str(RESULTS)]
             if SETTINGS.get("smoke"):
                 cmd.append("--smoke")
             cmd += [a for k, f in FAMILIES.items() for a in ("--model", f"{k}={f.model}")]
@@ -479,7 +498,7 @@ def schedule(families: list[str], only: list[str] | None, out: Path, workers: in
 
 # ---- the documents ---------------------------------------------------------------------------------------
 def finished(fam: Family, out: Path) -> dict[str, dict]:
-    return {n: r for n in fam.configs if (r := _read(out / fam.key / n / "done.json"))}
+    return {n: r for n in fam.configs if (r := record(f"config:{n}"))}
 
 
 def _task(res: dict | None, task: str, part: str = "zero_shot") -> tuple[float | None, float | None]:
@@ -580,7 +599,7 @@ def _pilot_lines(out: Path) -> list[str]:
     lrs = chosen_lrs(out)
     lines = ["| method (pilot healing) | lr | val loss before | val loss after | tokens/s |", "|---|---|---|---|---|"]
     for k in pilot_keys(out):
-        r = _read(out / "pilot" / k / "done.json")
+        r = record(f"pilot:{k}")
         g, lr = k.split("@")
         if r is None:
             lines.append(f"| {g} ({PILOT['heal'][g]}) | {lr} | not run yet | – | – |")
@@ -592,19 +611,60 @@ def _pilot_lines(out: Path) -> list[str]:
 
 
 def _budget(out: Path, fams: list[Family]) -> tuple[float, float]:
-    pilot = sum((_read(out / "pilot" / k / "done.json") or {}).get("train_s") or 0 for k in pilot_keys(out))
+    pilot = sum((record(f"pilot:{k}") or {}).get("train_s") or 0 for k in pilot_keys(out))
     runs = sum(r.get("wall_s", 0) for f in fams for r in finished(f, out).values())
     for f in fams:
-        d = out / f.key / "dense"
-        runs += sum((_read(d / f"{p}.json") or {}).get("seconds", 0) for p in ("ppl", "zero_shot", "mmlu"))
+        d = record(f"dense:{f.key}") or {}
+        runs += sum((d.get(p) or {}).get("seconds", 0) for p in ("ppl", "zero_shot", "mmlu"))
     return pilot, runs
+
+
+RECOVERED_NOTE = (
+    "were recovered from the documents this script wrote at commit e515021, after that run's folder was lost with "
+    "its machine: their numbers are those printed there (accuracies exact; stderrs, perplexities, KL and "
+    "agreement rounded as printed; wall times in whole minutes; each pilot candidate's training time an even "
+    "share of the printed total), without protocol cards or validation curves, and that run's two dense "
+    "evaluations (0.68 h by its printed total) are missing from the Compute sum above.")
+
+
+def _provenance(out: Path) -> list[str]:
+    """Where the records come from: which were recovered from an earlier document, and whether re-running
+    some of those from scratch printed the same table rows (RESULTS/recovered keeps the recovered copies)."""
+    names = [f"dense:{f}" for f in FAMILIES] + [f"pilot:{k}" for k in pilot_keys(out)] + \
+        [f"config:{n}" for n in PRIORITY]
+    rec = [j.split(":", 1)[1] if j.startswith("config:") else j.replace(":", " ") for j in names
+           if (record(j) or {}).get("recovered")]
+    lines = [f"- Records: every finished job's record is committed under `{_rel(RESULTS)}/`; the tables are "
+             "generated from them alone."]
+    if rec:
+        lines[0] += f" {len(rec)} of them ({', '.join(f'`{n}`' for n in rec)}) " + RECOVERED_NOTE
+    checks = []
+    for f in sorted((RESULTS / "recovered").glob("*.json")):
+        fresh = record(f"config:{f.stem}")
+        if fresh is None:
+            continue
+        old, new = (_row(f.stem, r).split(" | ")[:-1] for r in (_read(f), fresh))  # all but wall time
+        diff = [f"{HEADER.split(' | ')[i]} {o} → {n}" for i, (o, n) in enumerate(zip(old, new, strict=True))
+                if o != n]
+        checks.append(f"`{f.stem}`: " + ("every printed number identical" if not diff else "; ".join(diff)))
+    if checks:
+        lines.append("- Recovery check: re-run from scratch with the same code and settings, recovered "
+                     "configurations print (recovered → re-run) " + "; ".join(checks) + ".")
+    return lines
+
+
+def _rel(p: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(REPO))
+    except ValueError:
+        return str(p)
 
 
 def write_doc(fam: Family, out: Path) -> Path:
     from layerprune.models import resolve_model
 
     res = finished(fam, out)
-    dense = _read(out / fam.key / "dense" / "done.json")
+    dense = record(f"dense:{fam.key}")
     missing = [n for n in fam.configs if n not in res]
     h, e = SETTINGS["heal"], SETTINGS["evaluate"]
     lrs = chosen_lrs(out)
@@ -654,8 +714,7 @@ def write_doc(fam: Family, out: Path) -> Path:
           f"- Compute: pilot {pilot_s / 3600:.2f} h of training, runs and evaluations {runs_s / 3600:.2f} h summed "
           "over finished jobs of both families (one thread each, two at a time on 2 cores); *wall* below is per "
           "configuration (its stages' seconds plus its evaluation; work lost to an interruption is not counted). "
-          + ("" if SETTINGS.get("smoke") else BUDGET_NOTE),
-          ""]
+          + ("" if SETTINGS.get("smoke") else BUDGET_NOTE)] + _provenance(out) + [""]
     if fam.note:
         L += [f"**Note.** {fam.note}", ""]
     if fam.key == "smollm2":
@@ -691,7 +750,7 @@ def write_doc(fam: Family, out: Path) -> Path:
     L += ["![healed Avg accuracy against healed perplexity](img/results-avg-vs-ppl.png)", "",
           "## Findings", ""] + findings(fam, res) + [""]
     if dense and dense.get("ppl"):
-        L += ["## Perplexity protocol card (dense; every model's card is in its run folder)", "", "```json",
+        L += ["## Perplexity protocol card (dense; each freshly run configuration's record holds its own)", "", "```json",
               json.dumps(dense["ppl"]["card"], indent=2, default=str), "```", ""]
     path = (out / fam.doc) if SETTINGS.get("smoke") else REPO / "docs" / fam.doc
     path.write_text("\n".join(L) + "\n")
@@ -839,7 +898,7 @@ def write_plots(out: Path) -> None:
             ax.errorbar(p["ppl"], 100 * a, yerr=200 * (se or 0), fmt="o", color=colors.get(c.table, "k"),
                         capsize=2, label=f"Table {c.table}" if c.table != "g" else None)
             ax.annotate(c.label, (p["ppl"], 100 * a), fontsize=6, xytext=(3, 2), textcoords="offset points")
-        dense = _read(out / fam.key / "dense" / "done.json")
+        dense = record(f"dense:{fam.key}")
         if dense:
             ax.scatter([dense["ppl"]["ppl"]], [100 * (_avg(dense)[0] or 0)], marker="*", s=120, color="k",
                        label="dense")
@@ -885,7 +944,7 @@ def readme_summary(out: Path) -> str:
     parts = []
     for fam in FAMILIES.values():
         res = finished(fam, out)
-        dense = _read(out / fam.key / "dense" / "done.json")
+        dense = record(f"dense:{fam.key}")
         if not res or not dense:
             continue
         best_ppl = min(res, key=lambda n: _final_ppl(res[n])["ppl"])
@@ -919,6 +978,7 @@ def write_readme(out: Path) -> None:
     path.write_text(text[:a] + "\n" + readme_summary(out) + "\n" + text[b:])
 
 def main() -> int:
+    global RESULTS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "runs" / "reproduce-small"))
     ap.add_argument("--family", action="append", choices=list(FAMILIES), help="only these families (repeatable)")
@@ -926,6 +986,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1, help="configurations run at a time (child processes)")
     ap.add_argument("--model", action="append", default=[], metavar="FAMILY=PATH",
                     help="use a local checkpoint for a family (e.g. a converted copy)")
+    ap.add_argument("--results", help=f"the records folder (default {_rel(RESULTS)}; smoke: OUT/results)")
     ap.add_argument("--table-only", action="store_true", help="only rewrite the documents from finished runs")
     ap.add_argument("--list", action="store_true", help="print the jobs and whether each has finished")
     ap.add_argument("--job", help=argparse.SUPPRESS)  # one job, in a child process
@@ -941,6 +1002,7 @@ def main() -> int:
         FAMILIES[key].model = path
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    RESULTS = Path(args.results) if args.results else out / "results" if args.smoke else RESULTS
     if args.job:
         try:
             run_job(args.job, out)
@@ -951,7 +1013,7 @@ def main() -> int:
     families = args.family or list(FAMILIES)
     if args.list:
         for j in jobs(families, args.only, out):
-            print(f"{'done' if job_done(j, out) else 'running' if job_running(j, out) else 'todo'}  {j}")
+            print(f"{'done' if job_done(j) else 'running' if job_running(j, out) else 'todo'}  {j}")
         return 0
     failed: list[str] = []
     if not args.table_only:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -65,13 +66,14 @@ def test_smoke_sweep_end_to_end(tmp_path, smollm2_path, data_dir):
            "--only", "t3-reverse-lstsq-none", "t2-reverse-last3", "g-reverse-lstsq-last3"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    done = json.loads((out / "smollm2" / "t2-reverse-last3" / "done.json").read_text())
-    pilots = [json.loads((out / "pilot" / f"partial@{lr:g}" / "done.json").read_text()) for lr in (3e-4, 1e-3)]
+    rec = out / "results"  # the smoke run's records (a real sweep's are committed under docs/data)
+    done = json.loads((rec / "smollm2" / "t2-reverse-last3.json").read_text())
+    pilots = [json.loads((rec / "pilot" / f"partial@{lr:g}.json").read_text()) for lr in (3e-4, 1e-3)]
     assert done["lr"] == min(pilots, key=lambda p: p["final_val_loss"])["lr"]  # the pilot's choice, recorded
     assert done["removed_layers"] == [4, 5, 6, 7, 8, 9, 10, 11]  # reverse: the last 8 of 12
     assert done["zero_shot"]["tasks"]["piqa"]["acc"] is not None and done["compare"]["text"]["kl_teacher_pruned"] > 0
     assert done["ppl"]["healed"]["ppl_stderr"] > 0 and done["wall_s"] > 0
-    g = json.loads((out / "gemma3" / "g-reverse-lstsq-last3" / "done.json").read_text())
+    g = json.loads((rec / "gemma3" / "g-reverse-lstsq-last3.json").read_text())
     assert g["compensation"] is not None and g["removed_layers"] == [4, 5, 6, 7]
     doc = (out / "results-smollm2.md").read_text()
     assert "**Partial results.** 2 of 18 configurations" in doc and "t1-bi-lora" in doc
@@ -84,7 +86,13 @@ def test_smoke_sweep_end_to_end(tmp_path, smollm2_path, data_dir):
     before = done["wall_s"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "started" not in r.stdout
-    assert json.loads((out / "smollm2" / "t2-reverse-last3" / "done.json").read_text())["wall_s"] == before
+    assert json.loads((rec / "smollm2" / "t2-reverse-last3.json").read_text())["wall_s"] == before
+    # The records alone make the documents: without the run folder, --table-only writes the same tables.
+    first = (out / "results-smollm2.md").read_text()
+    for d in ("smollm2", "gemma3", "pilot"):
+        shutil.rmtree(out / d)
+    r = subprocess.run(cmd + ["--table-only"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and (out / "results-smollm2.md").read_text() == first
 
 
 def _done(acc: float, se: float, ppl: float, ppl_se: float, removed: list[int]) -> dict:
@@ -98,10 +106,11 @@ def _done(acc: float, se: float, ppl: float, ppl_se: float, removed: list[int]) 
             "wall_s": 600}
 
 
-def _write_results(out, rows: dict) -> None:
+def _write_results(rs, out, rows: dict, monkeypatch) -> None:
+    monkeypatch.setattr(rs, "RESULTS", out / "results")
     for name, r in rows.items():
-        (out / "smollm2" / name).mkdir(parents=True)
-        (out / "smollm2" / name / "done.json").write_text(json.dumps(r))
+        rs.record_path(f"config:{name}").parent.mkdir(parents=True, exist_ok=True)
+        rs.record_path(f"config:{name}").write_text(json.dumps(r))
 
 
 def test_findings_apply_the_noise_rule(rs, tmp_path, monkeypatch):
@@ -112,7 +121,7 @@ def test_findings_apply_the_noise_rule(rs, tmp_path, monkeypatch):
     rows = {"t1-reverse-lora": _done(0.40, 0.02, 300.0, 10.0, [22, 23]),
             "t1-bi-lora": _done(0.30, 0.02, 200.0, 10.0, [12, 13]),
             "t2-reverse-last3": _done(0.38, 0.02, 250.0, 10.0, [22, 23])}
-    _write_results(out, rows)
+    _write_results(rs, out, rows, monkeypatch)
     doc = rs.write_doc(fam, out).read_text()
     assert "**Partial results.** 3 of 18 configurations" in doc
     assert ("Reverse-order competitive with or better than the importance metrics after LoRA healing: by accuracy "
@@ -134,7 +143,7 @@ def test_findings_say_whether_compensation_changes_an_answer(rs, tmp_path, monke
     rows = {"t1-reverse-lora": _done(0.30, 0.02, 200.0, 10.0, [22, 23]),
             "t2-reverse-last3": _done(0.28, 0.02, 300.0, 10.0, [22, 23]),
             "t3-reverse-lstsq-last3": _done(0.40, 0.02, 100.0, 5.0, [22, 23])}
-    _write_results(out, rows)
+    _write_results(rs, out, rows, monkeypatch)
     doc = rs.write_doc(rs.FAMILIES["smollm2"], out).read_text()
     assert ("answer 2, last3 vs LoRA (last3 → lstsq + last3; LoRA uncompensated): by accuracy within noise → "
             "better (**changes**); by perplexity worse → better (**changes**).") in doc
