@@ -646,7 +646,11 @@ def _provenance(out: Path) -> list[str]:
         old, new = (_row(f.stem, r).split(" | ")[:-1] for r in (_read(f), fresh))  # all but wall time
         diff = [f"{HEADER.split(' | ')[i]} {o} → {n}" for i, (o, n) in enumerate(zip(old, new, strict=True))
                 if o != n]
-        checks.append(f"`{f.stem}`: " + ("every printed number identical" if not diff else "; ".join(diff)))
+        if not diff:
+            checks.append(f"`{f.stem}`: every printed number identical")
+            continue
+        v = _verdicts({"new": fresh, "old": _read(f)}, "new", "old") or ("n/a", "n/a")
+        checks.append(f"`{f.stem}`: " + "; ".join(diff) + f" (by the noise rule: Avg {v[0]}, perplexity {v[1]})")
     if checks:
         lines.append("- Recovery check: re-run from scratch with the same code and settings, recovered "
                      "configurations print (recovered → re-run) " + "; ".join(checks) + ".")
