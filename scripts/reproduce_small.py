@@ -570,8 +570,16 @@ def _cmp_text(res: dict[str, dict], a: str, b: str, la: str, lb: str) -> str:
         return f"{la} vs {lb}: not evaluated."
     va, vp = _verdicts(res, a, b) or ("n/a", "n/a")
     se = 100 * math.sqrt((aa[1] or 0) ** 2 + (ab[1] or 0) ** 2)
-    return (f"{la} − {lb}: Avg {100 * (aa[0] - ab[0]):+.1f} points (2σ = {2 * se:.1f}: **{va}**); wikitext-2 PPL "
+    text = (f"{la} − {lb}: Avg {100 * (aa[0] - ab[0]):+.1f} points (2σ = {2 * se:.1f}: **{va}**); wikitext-2 PPL "
             f"{_ppl_cell(pa)} vs {_ppl_cell(pb)} (ratio {pa['ppl'] / pb['ppl']:.2f}: **{vp}**).")
+    ca, cb = _config(a), _config(b)
+    if ra.get("removed_layers") == rb.get("removed_layers") and (ca.compensate, ca.heal) == (cb.compensate, cb.heal):
+        # Different metrics that pick the same layers build the same pruned model: the pair compares a
+        # recipe with itself, so its difference is run-to-run variation, not an effect of the metric.
+        text += (f" Both remove the same layers ({','.join(map(str, ra['removed_layers']))}) and compensate and "
+                 "heal alike: this is one pruned model compensated and healed in two separate runs, so the difference is "
+                 "run-to-run variation, not a metric effect.")
+    return text
 
 
 def _row(label: str, r: dict | None, dense: bool = False) -> str:
@@ -777,11 +785,11 @@ def findings(fam: Family, res: dict[str, dict]) -> list[str]:
                        f"healing: by accuracy {word[not worse]}; by perplexity {word[not ppl_worse]}** "
                        f"({len(t1)} of {len(METRICS)} metrics "
                        f"finished). By Avg accuracy reverse ranks {by_acc.index('reverse') + 1} of {len(t1)}; it is "
-                       f"significantly worse than {', '.join(worse) or 'none'} and better than "
-                       f"{', '.join(better) or 'none'}. By healed perplexity it ranks "
+                       f"significantly worse than {', '.join(worse) or 'no other metric'} and significantly better than "
+                       f"{', '.join(better) or 'no other metric'}. By healed perplexity it ranks "
                        f"{by_ppl.index('reverse') + 1} (best: {by_ppl[0]}, "
                        f"{_ppl_cell(_final_ppl(t1[by_ppl[0]]))}) and is significantly worse than "
-                       f"{', '.join(ppl_worse) or 'none'}. "
+                       f"{', '.join(ppl_worse) or 'no other metric'}. "
                        + " ".join(_cmp_text(res, "t1-reverse-lora", f"t1-{m}-lora", "reverse", m)
                                   for m in ("bi", "angular") if f"t1-{m}-lora" in res))
         else:

@@ -147,3 +147,17 @@ def test_findings_say_whether_compensation_changes_an_answer(rs, tmp_path, monke
     doc = rs.write_doc(rs.FAMILIES["smollm2"], out).read_text()
     assert ("answer 2, last3 vs LoRA (last3 → lstsq + last3; LoRA uncompensated): by accuracy within noise → "
             "better (**changes**); by perplexity worse → better (**changes**).") in doc
+
+
+def test_a_pair_with_the_same_layers_is_called_run_to_run_variation(rs, tmp_path, monkeypatch):
+    monkeypatch.setitem(rs.SETTINGS, "smoke", True)
+    # Angular picking reverse's layers builds the same model: the comparison must not read as a metric effect.
+    rows = {"g-reverse-lstsq-last3": _done(0.33, 0.02, 3400.0, 170.0, [14, 15, 16, 17]),
+            "g-angular-lstsq-last3": _done(0.33, 0.02, 3200.0, 150.0, [14, 15, 16, 17]),
+            "g-reverse-last3": _done(0.32, 0.02, 3000.0, 140.0, [14, 15, 16, 17]),
+            "g-bi-lora": _done(0.31, 0.02, 4200.0, 120.0, [2, 8, 9, 14])}
+    _write_results(rs, tmp_path, rows, monkeypatch)
+    doc = rs.write_doc(rs.FAMILIES["gemma3"], tmp_path).read_text()
+    finding1 = next(line for line in doc.splitlines() if line.startswith("1. "))
+    assert finding1.count("run-to-run variation") == 1  # reverse vs angular only, not reverse vs bi
+    assert "Both remove the same layers (14,15,16,17)" in finding1
