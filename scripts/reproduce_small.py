@@ -10,7 +10,9 @@ Gemma-3-270m (18 layers, 4 removed): reverse + last3, reverse + lstsq + last3, b
 Every configuration heals on the same data for the same steps (one epoch over the local Alpaca training rows,
 global batch 16, cutoff 128, seed 42) at its method's learning rate, chosen once by a recorded pilot (PILOT).
 Each configuration is a recipe run in OUT/<family>/<name>, resumable stage by stage, plus its own evaluation
-files; re-running the script continues where it stopped (several sittings are fine). `--workers 2` runs two
+files; its record (numbers, curves, timings) goes to docs/data/reproduce-small, committed, which is what the
+documents are built from and what resuming checks; re-running the script continues where it stopped (several
+sittings, even on different machines, are fine). `--workers 2` runs two
 configurations at a time in child processes (one thread each). The script ends by writing
 docs/results-smollm2.md, docs/results-gemma3.md and their plots from whatever has finished; a document with
 missing configurations says it is partial.
