@@ -308,9 +308,10 @@ def pilot_job(key: str, out: Path) -> None:
     rec["evaluate"]["models"] = []
     man = run_recipe_dir(rec, run_dir)
     h = man["heal"]
-    _write(record_path(f"pilot:{key}"), {"group": group, "lr": float(lr), "final_val_loss": h["final_val_loss"],
-                                   "val_loss_before": h.get("val_loss_before"), "tokens_per_s": h.get("tokens_per_s"),
-                                   "train_s": h.get("wall_s"), "steps": h.get("steps")})
+    _write(record_path(f"pilot:{key}"), {
+        "group": group, "lr": float(lr), "final_val_loss": h["final_val_loss"],
+        "val_loss_before": h.get("val_loss_before"), "tokens_per_s": h.get("tokens_per_s"),
+        "train_s": h.get("wall_s"), "steps": h.get("steps")})
 
 
 def _pilot_rows(out: Path, group: str, grid: list[float]) -> list[dict] | None:
@@ -499,7 +500,7 @@ def schedule(families: list[str], only: list[str] | None, out: Path, workers: in
 
 
 # ---- the documents ---------------------------------------------------------------------------------------
-def finished(fam: Family, out: Path) -> dict[str, dict]:
+def finished(fam: Family) -> dict[str, dict]:
     return {n: r for n in fam.configs if (r := record(f"config:{n}"))}
 
 
@@ -622,7 +623,7 @@ def _pilot_lines(out: Path) -> list[str]:
 
 def _budget(out: Path, fams: list[Family]) -> tuple[float, float]:
     pilot = sum((record(f"pilot:{k}") or {}).get("train_s") or 0 for k in pilot_keys(out))
-    runs = sum(r.get("wall_s", 0) for f in fams for r in finished(f, out).values())
+    runs = sum(r.get("wall_s", 0) for f in fams for r in finished(f).values())
     for f in fams:
         d = record(f"dense:{f.key}") or {}
         runs += sum((d.get(p) or {}).get("seconds", 0) for p in ("ppl", "zero_shot", "mmlu"))
@@ -640,10 +641,8 @@ RECOVERED_NOTE = (
 def _provenance(out: Path) -> list[str]:
     """Where the records come from: which were recovered from an earlier document, and whether re-running
     some of those from scratch printed the same table rows (RESULTS/recovered keeps the recovered copies)."""
-    names = [f"dense:{f}" for f in FAMILIES] + [f"pilot:{k}" for k in pilot_keys(out)] + \
-        [f"config:{n}" for n in PRIORITY]
-    rec = [j.split(":", 1)[1] if j.startswith("config:") else j.replace(":", " ") for j in names
-           if (record(j) or {}).get("recovered")]
+    rec = [j.split(":", 1)[1] if j.startswith("config:") else j.replace(":", " ")
+           for j in jobs(list(FAMILIES), None, out) if (record(j) or {}).get("recovered")]
     lines = [f"- Records: every finished job's record is committed under `{_rel(RESULTS)}/`; the tables are "
              "generated from them alone."]
     if rec:
@@ -653,13 +652,14 @@ def _provenance(out: Path) -> list[str]:
         fresh = record(f"config:{f.stem}")
         if fresh is None:
             continue
-        old, new = (_row(f.stem, r).split(" | ")[:-1] for r in (_read(f), fresh))  # all but wall time
+        recovered = _read(f)
+        old, new = (_row(f.stem, r).split(" | ")[:-1] for r in (recovered, fresh))  # all but wall time
         diff = [f"{HEADER.split(' | ')[i]} {o} → {n}" for i, (o, n) in enumerate(zip(old, new, strict=True))
                 if o != n]
         if not diff:
             checks.append(f"`{f.stem}`: every printed number identical")
             continue
-        v = _verdicts({"new": fresh, "old": _read(f)}, "new", "old") or ("n/a", "n/a")
+        v = _verdicts({"new": fresh, "old": recovered}, "new", "old") or ("n/a", "n/a")
         checks.append(f"`{f.stem}`: " + "; ".join(diff) + f" (by the noise rule: Avg {v[0]}, perplexity {v[1]})")
     if checks:
         lines.append("- Recovery check: re-run from scratch with the same code and settings, recovered "
@@ -677,7 +677,7 @@ def _rel(p: Path) -> str:
 def write_doc(fam: Family, out: Path) -> Path:
     from layerprune.models import resolve_model
 
-    res = finished(fam, out)
+    res = finished(fam)
     dense = record(f"dense:{fam.key}")
     missing = [n for n in fam.configs if n not in res]
     h, e = SETTINGS["heal"], SETTINGS["evaluate"]
@@ -901,7 +901,7 @@ def write_plots(out: Path) -> None:
     fams = list(FAMILIES.values())
     fig, axes = plt.subplots(1, len(fams), figsize=(6.5 * len(fams), 4.8), squeeze=False)
     for ax, fam in zip(axes[0], fams, strict=True):
-        res = finished(fam, out)
+        res = finished(fam)
         colors = {"1": "tab:blue", "2": "tab:orange", "3": "tab:green", "g": "tab:purple"}
         for n, r in res.items():
             a, se = _avg(r)
@@ -930,7 +930,7 @@ def write_plots(out: Path) -> None:
     plt.close(fig)
 
     fam = FAMILIES["smollm2"]
-    res = finished(fam, out)
+    res = finished(fam)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, label in [(f"t2-reverse-{h}", h) for h in ("lm_head", "last1", "last2", "last3")] + \
             [("t1-reverse-lora", "LoRA")]:
@@ -957,7 +957,7 @@ def readme_summary(out: Path) -> str:
     from the documents)."""
     parts = []
     for fam in FAMILIES.values():
-        res = finished(fam, out)
+        res = finished(fam)
         dense = record(f"dense:{fam.key}")
         if not res or not dense:
             continue
