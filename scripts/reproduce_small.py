@@ -786,9 +786,11 @@ def findings(fam: Family, res: dict[str, dict]) -> list[str]:
             out.append(f"1. **Reverse-order competitive with or better than the importance metrics after LoRA "
                        f"healing: by accuracy {word[not worse]}; by perplexity {word[not ppl_worse]}** "
                        f"({len(t1)} of {len(METRICS)} metrics "
-                       f"finished). By Avg accuracy reverse ranks {by_acc.index('reverse') + 1} of {len(t1)}; it is "
-                       f"significantly worse than {', '.join(worse) or 'no other metric'} and significantly better than "
-                       f"{', '.join(better) or 'no other metric'}. By healed perplexity it ranks "
+                       f"finished). By Avg accuracy reverse ranks {by_acc.index('reverse') + 1} of {len(t1)}; "
+                       + (f"it is significantly worse than {', '.join(worse) or 'no other metric'} and significantly "
+                          f"better than {', '.join(better) or 'no other metric'}" if worse or better else
+                          "no metric's accuracy differs from it beyond noise")
+                       + f". By healed perplexity it ranks "
                        f"{by_ppl.index('reverse') + 1} (best: {by_ppl[0]}, "
                        f"{_ppl_cell(_final_ppl(t1[by_ppl[0]]))}) and is significantly worse than "
                        f"{', '.join(ppl_worse) or 'no other metric'}. "
