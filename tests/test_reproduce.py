@@ -135,6 +135,16 @@ def test_findings_apply_the_noise_rule(rs, tmp_path, monkeypatch):
     assert (out / "img" / "results-val-loss.png").stat().st_size > 0
 
 
+def test_findings_say_when_no_accuracy_difference_is_significant(rs, tmp_path, monkeypatch):
+    monkeypatch.setitem(rs.SETTINGS, "smoke", True)
+    # reverse − bi = +1 point < 2 × 2.83: neither "significantly worse" nor "significantly better" applies.
+    _write_results(rs, tmp_path, {"t1-reverse-lora": _done(0.36, 0.02, 300.0, 10.0, [22, 23]),
+                                  "t1-bi-lora": _done(0.35, 0.02, 200.0, 10.0, [12, 13])}, monkeypatch)
+    doc = rs.write_doc(rs.FAMILIES["smollm2"], tmp_path).read_text()
+    assert "reverse ranks 1 of 2; no metric's accuracy differs from it beyond noise. By healed perplexity" in doc
+    assert "significantly better than no other metric" not in doc
+
+
 def test_findings_say_whether_compensation_changes_an_answer(rs, tmp_path, monkeypatch):
     monkeypatch.setitem(rs.SETTINGS, "smoke", True)
     out = tmp_path
