@@ -7,8 +7,9 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,21 +205,83 @@ def _tensor_problems(info: dict[str, Any], where: str) -> None:
     raise LayerpruneError(f"checkpoint {where} does not match its config: {'; '.join(parts)}")
 
 
-def check_checkpoint_tensors(folder: str | os.PathLike) -> None:
-    """Compare a local checkpoint's tensor names with what its config builds, without reading any weights
-    (a meta-device load); raises a one-line LayerpruneError naming missing or unexpected tensors."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
+def checkpoint_tensor_names(folder: str | os.PathLike) -> list[str]:
+    """The tensor names a local checkpoint stores, read from the safetensors headers (or the shard index);
+    no weight is read. ``.bin`` checkpoints are opened memory-mapped onto the meta device."""
+    from safetensors import safe_open
 
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the load report table: our own error names the tensors
+    folder = Path(folder)
+    for index in (folder / "model.safetensors.index.json", folder / "pytorch_model.bin.index.json"):
+        if index.is_file():
+            try:
+                return sorted(json.loads(index.read_text(encoding="utf-8"))["weight_map"])
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                raise LayerpruneError(f"corrupt shard index: {index}") from None
+    names: set[str] = set()
+    files = sorted(folder.glob("*.safetensors"))
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            names.update(h.keys())
+    if not files:
+        for f in sorted(folder.glob("*.bin")):
+            names.update(torch.load(f, map_location="meta", mmap=True, weights_only=True))
+    if not names:
+        raise LayerpruneError(f"no weights (*.safetensors or *.bin) in {folder}")
+    return sorted(names)
+
+
+def _renamer(model: Any) -> Callable[[str, dict[str, Any]], str]:
+    """transformers' own checkpoint-key renames for ``model`` (legacy names, fused experts, base-model prefix),
+    so the comparison sees the names ``from_pretrained`` would load; the prefix rule alone where this
+    transformers has no conversion mapping."""
+    prefix = getattr(model, "base_model_prefix", "") or None
     try:
-        with _load_errors(folder):
-            loaded: Any = AutoModelForCausalLM.from_pretrained(folder, device_map="meta", output_loading_info=True)
-            info: dict[str, Any] = loaded[1]
-    finally:
-        hf_logging.set_verbosity(level)
-    _tensor_problems(info, str(folder))
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:  # before transformers 5
+        def rename_prefix(key: str, expected: dict[str, Any]) -> str:
+            if prefix and key not in expected:
+                if f"{prefix}.{key}" in expected:
+                    return f"{prefix}.{key}"
+                if key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
+                    return key[len(prefix) + 1:]
+            return key
+        return rename_prefix
+    transforms = get_model_conversion_mapping(model)
+    converters: list[Any] = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings: list[Any] = [t for t in transforms if not isinstance(t, WeightConverter)]
+
+    def rename(key: str, expected: dict[str, Any]) -> str:
+        return rename_source_key(key, renamings, converters, prefix, expected)[0]
+    return rename
+
+
+def check_checkpoint_tensors(folder: str | os.PathLike) -> None:
+    """Compare a local checkpoint's tensor names with what its config builds, without reading any weights:
+    the model is built on the meta device (no ``from_pretrained``, whose load hooks differ between
+    transformers releases), the stored names come from the safetensors headers, and transformers' own key
+    renames and tie rules are applied. Raises a one-line LayerpruneError naming missing or unexpected tensors."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with _load_errors(folder):
+        config = AutoConfig.from_pretrained(folder)
+        with torch.device("meta"):
+            model: Any = AutoModelForCausalLM.from_config(config)
+        stored = checkpoint_tensor_names(folder)
+    expected = model.state_dict()  # meta tensors; transformers' prefix rule looks values up
+    rename = _renamer(model)
+    loaded = {rename(k, expected) for k in stored}
+    # Tied targets (a tied lm_head) need not be stored; transformers 5 resolves the tie rule from the config.
+    tied = set(getattr(model, "all_tied_weights_keys", None) or (
+        getattr(model, "_tied_weights_keys", None) or () if getattr(model.config, "tie_word_embeddings", False) else ()))
+
+    def ignored(key: str, attr: str) -> bool:
+        return any(re.search(p, key) for p in getattr(model, attr, None) or ())
+
+    missing = [k for k in expected if k not in loaded and k not in tied
+               and not ignored(k, "_keys_to_ignore_on_load_missing")]
+    unexpected = [k for k in loaded if k not in expected and not ignored(k, "_keys_to_ignore_on_load_unexpected")]
+    _tensor_problems({"missing_keys": missing, "unexpected_keys": unexpected}, str(folder))
 
 
 @contextlib.contextmanager

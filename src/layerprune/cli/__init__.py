@@ -7,7 +7,10 @@ The modules parse flags, call the Python API and print; they hold no logic of th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
+import os
 import pkgutil
 import signal
 import sys
@@ -64,26 +67,47 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def _quiet_libraries() -> None:
+    """Keep library chatter off stderr, so a user mistake is exactly one line: transformers' load reports and
+    bars, and warnings that libraries log without a handler of their own (Python would print them through
+    ``logging.lastResort``; e.g. ``kernels`` skipping a publisher check offline when bitsandbytes is imported)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.NullHandler())
+
+
+def is_main_rank() -> bool:
+    """Rank 0, or not launched by torchrun / accelerate launch (both set RANK)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if not getattr(args, "verbose", False):
-        # Loading bars of transformers are noise for a 1-second load; our own long-running bars stay.
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
+    verbose = getattr(args, "verbose", False)
+    if not verbose:
+        _quiet_libraries()
+    main_rank = is_main_rank()
     try:
-        with warnings.catch_warnings():
-            if not getattr(args, "verbose", False):
+        # Under torchrun every rank runs the command; only rank 0 reports (its lines, its error).
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(warnings.catch_warnings())
+            if not main_rank:
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(open(os.devnull, "w"))))
+            if not verbose:
                 warnings.simplefilter("ignore")
             rc = args.func(args)
         return int(rc or 0)
     except LayerpruneError as e:
         one_line = " ".join(str(e).split())  # the contract: exactly one line
-        print(f"layerprune: error: {one_line}", file=sys.stderr)
+        if main_rank:
+            print(f"layerprune: error: {one_line}", file=sys.stderr)
         return 2
     except Terminated:
         print("layerprune: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)

@@ -33,11 +33,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..healing import heal
+    from ..models import resolve_model
 
     if args.method != "distill" and args.teacher is None and args.distill_base != "partial":
         raise LayerpruneError("--distill-base applies to --method distill only")
     cfg = config_from_args(HealConfig, args, overwrite=args.overwrite)
+    resolve_model(args.model)  # a wrong path is one line before the training engine (seconds of imports) loads
+    from ..healing import heal
+
     try:
         r = heal(args.model, args.out, **cfg.to_dict())
     except KeyboardInterrupt:

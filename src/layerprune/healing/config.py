@@ -137,6 +137,18 @@ class HealConfig:
             self.tie_mode = "untie" if self.untie else "both"
         if self.overflow not in ("truncate", "drop"):
             raise LayerpruneError(f"overflow must be 'truncate' or 'drop', not '{self.overflow}'")
+        self._check_trainer_names()
+        if self.device is not None:
+            from ..models import resolve_device
+
+            resolve_device(self.device)
+
+    def _check_trainer_names(self) -> None:
+        """Scheduler and optimizer names against transformers' lists; only when not the default, because
+        importing the Trainer's modules imports peft and bitsandbytes (seconds, and their import-time lines)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if (self.lr_scheduler, self.optim) == (defaults["lr_scheduler"], defaults["optim"]):
+            return
         from transformers.trainer_utils import SchedulerType
         from transformers.training_args import OptimizerNames
 
@@ -146,10 +158,6 @@ class HealConfig:
             if value is not None and value not in allowed:
                 shown = ", ".join(allowed[:8]) + (", ..." if len(allowed) > 8 else "")
                 raise LayerpruneError(f"unknown {name} '{value}' (a transformers name: {shown})")
-        if self.device is not None:
-            from ..models import resolve_device
-
-            resolve_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -406,11 +406,20 @@ class RecipeRun:
         shutil.rmtree(self.dir / BACKGROUND, ignore_errors=True)  # a killed run's leftovers
         if self.r["workers"] > 1:
             self._pool = _start_pool(self.r["workers"] - 1)
+        done = False
         try:
-            return self._execute()
+            manifest = self._execute()
+            done = True
+            return manifest
         finally:
             if self._pool is not None:
-                self._pool.terminate()  # nothing is left running after a failure or Ctrl-C
+                # After success the workers exit on their own, running their finalizers (a terminated worker
+                # leaves its semaphores to the resource tracker, which warns about them at exit); after a
+                # failure or Ctrl-C nothing is left running.
+                if done:
+                    self._pool.close()
+                else:
+                    self._pool.terminate()
                 self._pool.join()
                 self._pool = None
             shutil.rmtree(self.dir / BACKGROUND, ignore_errors=True)
