@@ -213,6 +213,51 @@ def plot_frontier(result: dict[str, Any], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def plot_search(rec: dict[str, Any], path: Path) -> Path | None:
+    """Left: every candidate's size against its proxy KL to dense (hollow: with compensation), the seed's
+    reverse cut in red, the winner as a star. Right: proxy KL against KL after the probe's short heal."""
+    rows = rec.get("candidates") or []
+    if not rows:
+        return None
+    probes = rec.get("probes") or []
+    fig = _figure(11 if probes else 7, 4.5)
+    axes = fig.subplots(1, 2 if probes else 1)
+    ax = axes[0] if probes else axes
+    x = [r["params"] / 1e6 for r in rows]
+    ax.scatter(x, [r["plain"]["kl"] for r in rows], s=18, color="tab:blue", label="candidate (no compensation)")
+    comp = [r for r in rows if r.get("compensated")]
+    if comp:
+        ax.scatter([r["params"] / 1e6 for r in comp], [r["compensated"]["kl"] for r in comp], s=30,
+                   facecolors="none", edgecolors="tab:blue", label=f"with {rec['config']['compensation']}")
+    rev = rec.get("reverse")
+    if rev:
+        ax.scatter([rev["params"] / 1e6], [rev["best"]["kl"]], s=60, color="tab:red", marker="s",
+                   label="reverse (the seed's cut)")
+    w = rec["winner"]
+    wr = next(r for r in rows if r["removed"] == w["removed"])
+    ax.scatter([wr["params"] / 1e6], [wr["best"]["kl"]], s=200, color="gold", edgecolors="black", marker="*",
+               zorder=5, label="winner: " + ", ".join(w["sources"][:2]))
+    ax.set_yscale("log")
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel("held-out KL(dense ‖ cut), per token")
+    ax.set_title(f"candidates for {rec['target']} (k = {rec['k']})")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    if probes:
+        bx = axes[1]
+        for p in probes:
+            r = next(r for r in rows if r["removed"] == p["removed"])
+            bx.scatter([r["best"]["kl"]], [p["kl"]], s=40, color="gold" if p["removed"] == w["removed"] else "tab:blue",
+                       edgecolors="black")
+            bx.annotate(f"{p['sources'][0]} (proxy {p['proxy_rank']}, probe {p['probe_rank']})",
+                        (r["best"]["kl"], p["kl"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        bx.set_xlabel("proxy KL (no training)")
+        bx.set_ylabel(f"KL after {probes[0]['steps']} probe steps")
+        bx.set_title("probe: does the proxy's order hold after healing?")
+        bx.grid(True, alpha=0.3)
+    return _save(fig, path)
+
+
 def plot_stability(st: dict[str, Any], path: Path) -> Path | None:
     """Per metric: each layer's mean rank with its 90% bootstrap interval (0 = removed first), the stable set
     in red; then Kendall's tau between metrics (and between calibration sources of the first metric)."""
