@@ -83,7 +83,7 @@ gguf: $(STAMP)
 	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q -e '.[gguf]'
 
 demo: $(STAMP)
-	$(BIN)/layerprune run recipes/best-practice.yaml --model default $(DEMO_SET) --out runs/demo --overwrite
+	$(BIN)/layerprune run recipes/search.yaml --model default $(DEMO_SET) --out runs/demo --overwrite
 
 # pytest exit code 5 means "no tests collected": treat it as a failure, never as a pass.
 test: $(STAMP)

@@ -28,7 +28,7 @@ from ..errors import LayerpruneError
 from ..io import check_out_dir, read_json, write_json
 from ..models import MANIFEST, library_versions, resolve_model
 from ..run_manifest import COMPENSATED, DENSE, HEALED, PRUNED, STAGES, RunManifest
-from .schema import load_recipe
+from .schema import SEARCH, load_recipe
 from .state import RunState, folder_fingerprint
 
 FINAL = "model"
@@ -276,6 +276,34 @@ class RecipeRun:
 
         return self.state.run(name, inputs, fn)
 
+    def _search(self, inputs: dict) -> dict[str, Any]:
+        """The search stage (prune.metric: search): candidates, proxy and probe on the loaded source model; the
+        winner's cut and whether to compensate it go on to the prune, compensate and heal stages."""
+        h = {k: v for k, v in self.r["heal"].items() if v is not None}
+
+        def fn(tmp: Path) -> dict[str, Any]:
+            from ..models import load
+            from ..search import SearchConfig, search_cut
+            from ..search.core import write_report
+
+            cfg = SearchConfig.from_kwargs(**{**self.r["search"], "seed": self.r["seed"]})
+            model, tok = load(self.source, dtype=self.r["dtype"])
+            heal_cfg = None
+            if h["method"] != NO_HEAL:
+                heal_cfg = {**h, **({"teacher": self.source} if h["method"] == "distill" and not h.get("teacher")
+                                    else {})}
+            rec = search_cut(model, tok, self.source, self.r["prune"]["target"], cfg,
+                             self.dir / ".search-work", heal_cfg=heal_cfg, data_dir=self.data_dir)
+            rec.pop("_fits")
+            write_report(rec, tmp)
+            shutil.rmtree(self.dir / ".search-work", ignore_errors=True)
+            w = rec["winner"]
+            return {"metric": SEARCH, "removed": sorted(w["removed"]), "compensate": w["compensated"],
+                    "scores": {"winner": w, "candidates": len(rec["candidates"])}, "target": {"target":
+                    rec["target"], "k": rec["k"]}, "stability": None, "similarity": None}
+
+        return self.state.run("search", inputs, fn)
+
     def _prune(self, model_path: str, remove_positions: list[int], name: str, inputs: dict) -> dict[str, Any]:
         def fn(tmp: Path) -> dict[str, Any]:
             from ..prune import prune_checkpoint
@@ -288,7 +316,9 @@ class RecipeRun:
         return self.state.run(name, inputs, fn)
 
     def _compensate(self, removed: list[int], inputs: dict) -> dict[str, Any]:
-        c = self.r["compensate"]
+        c = dict(self.r["compensate"])
+        if self.r["prune"]["metric"] == SEARCH:  # the search chose to compensate this cut, with its method
+            c["method"] = self.r["search"]["compensation"]
 
         def fn(tmp: Path) -> dict[str, Any]:
             from ..compensation import CompensationConfig, compensate_checkpoint
@@ -439,7 +469,11 @@ class RecipeRun:
         if not p["iterative"]:
             base = {"model": self.source_fp, "prune": p, "seed": self.r["seed"], "dtype": self.r["dtype"],
                     "k": self.k, "data_dir": self.data_dir}
-            sc = self._score(self.source, "score", self.k, base)
+            searching = p["metric"] == SEARCH
+            sc = self._search({**base, "search": self.r["search"], "heal": h}) if searching else \
+                self._score(self.source, "score", self.k, base)
+            if searching:
+                comp_on = sc["compensate"]
             removed = sc["removed"]
             target_info = sc.get("target")
             stability = sc.get("stability")

@@ -12,6 +12,8 @@ import yaml
 from ..errors import LayerpruneError
 from ..options import field_default
 
+SEARCH = "search"  # prune.metric value that runs the search stage instead of one metric
+
 # Marker types for the schema table.
 OPT_STR = (str, type(None))
 OPT_INT = (int, type(None))
@@ -124,8 +126,16 @@ def _heal_section() -> dict[str, Any]:
     return _section_from_config(HealConfig)
 
 
+def _search_section() -> dict[str, Any]:
+    from ..search.config import SearchConfig
+
+    return _section_from_config(SearchConfig)
+
+
 SCHEMA["compensate"] = _compensation_section()
 SCHEMA["heal"] = _heal_section()
+# Read when prune.metric is "search" (the search chooses the cut and whether to compensate it).
+SCHEMA["search"] = _search_section()
 
 
 def _type_name(types: Any) -> str:
@@ -202,12 +212,15 @@ def validate(data: Any) -> dict[str, Any]:
         raise LayerpruneError("recipe: 'prune.ratio' must be in (0, 1) when prune.num_layers is not set")
     if p["step"] < 1:
         raise LayerpruneError("recipe: 'prune.step' must be >= 1")
-    from ..metrics.base import make_metric
+    if p["metric"] == SEARCH:
+        _validate_search(rec)
+    else:
+        from ..metrics.base import make_metric
 
-    try:
-        make_metric(p["metric"], **p["metric_params"])
-    except LayerpruneError as e:
-        raise LayerpruneError(f"recipe: prune.metric: {e}") from None
+        try:
+            make_metric(p["metric"], **p["metric_params"])
+        except LayerpruneError as e:
+            raise LayerpruneError(f"recipe: prune.metric: {e}") from None
     bad = set(rec["evaluate"]["models"]) - {"dense", "pruned", "compensated", "healed"}
     if bad:
         raise LayerpruneError(f"recipe: 'evaluate.models' has unknown entries {sorted(bad)}; use dense, pruned, "
@@ -233,6 +246,25 @@ def validate(data: Any) -> dict[str, Any]:
         raise LayerpruneError("recipe: compensation after iterative pruning is not supported (set "
                               "compensate.method: none or prune.iterative: false)")
     return rec
+
+
+def _validate_search(rec: dict[str, Any]) -> None:
+    """``prune.metric: search`` needs a budget (prune.target), one-shot pruning, and a valid search section; the
+    search decides compensation itself with ``search.compensation``."""
+    from ..search.config import SearchConfig
+
+    p = rec["prune"]
+    if p["target"] is None:
+        raise LayerpruneError("recipe: prune.metric: search needs prune.target (e.g. params=0.8)")
+    if p["iterative"]:
+        raise LayerpruneError("recipe: prune.metric: search is one-shot (set prune.iterative: false)")
+    if rec["compensate"]["method"] != "none":
+        raise LayerpruneError("recipe: prune.metric: search decides compensation per candidate; set "
+                              "search.compensation instead of compensate.method")
+    try:
+        SearchConfig.from_kwargs(**rec["search"])
+    except LayerpruneError as e:
+        raise LayerpruneError(f"recipe: {e}") from None
 
 
 def _parse_scalar(text: str) -> Any:

@@ -227,9 +227,39 @@ def _section_exports(m: dict, run_dir: Path) -> list[Block]:
             Bullets([f"`exports/{f}`" for f in files])]
 
 
+def _section_search(m: dict, run_dir: Path) -> list[Block]:
+    """The search stage: every candidate's proxy (and probe) numbers, the winner and why, the seed's cut."""
+    f = run_dir / "search" / "search.json"
+    if not f.is_file():
+        return []
+    rec = json.loads(f.read_text(encoding="utf-8"))
+    probes = {tuple(p["removed"]): p for p in rec.get("probes") or []}
+    shown = [r for r in rec["candidates"] if r["proxy_rank"] <= 10 or "reverse" in r["sources"]]
+    rows = []
+    for r in shown:
+        p = probes.get(tuple(r["removed"]))
+        comp = r.get("compensated")
+        rows.append([str(r["proxy_rank"]), ", ".join(r["sources"]), _layer_list(r["removed"]),
+                     f"{r['plain']['kl']:.4f}", f"{r['plain']['ppl']:.1f}", f"{comp['kl']:.4f}" if comp else "–",
+                     str(p["probe_rank"]) if p else "–", f"{p['kl']:.4f}" if p else "–",
+                     f"{p['agreement']['rouge_l']:.3f}" if p and p.get("agreement") else "–"])
+    w = rec["winner"]
+    blocks: list[Block] = [
+        Heading(2, "Search"),
+        Para(f"Target `{rec['target']}`: {rec['k']} of {rec['num_layers']} layers, {len(rec['candidates'])} "
+             f"candidates. Winner: {', '.join(w['sources'])} (layers {_layer_list(w['removed'])}"
+             f"{', with ' + str(w['compensation']) if w['compensated'] else ''}) — {w['why']}."),
+        Table(["proxy rank", "candidate", "removed", "KL", "PPL", "+ comp. KL", "probe rank", "probe KL",
+               "probe ROUGE-L"], rows)]
+    img = run_dir / "search" / "search.png"
+    if img.is_file():
+        blocks.append(Image("search/search.png", img, "candidates: size against proxy KL; probe"))
+    return blocks
+
+
 SECTIONS: list[tuple[str, Callable[[dict, Path], list[Block]]]] = [
     ("overview", _section_overview), ("summary", _section_summary), ("perplexity", lambda m, d: ppl_blocks(m)),
-    ("zero-shot", _section_zero_shot), ("generative", _section_generative), ("scores", _section_scores), ("selection", _section_selection),
+    ("zero-shot", _section_zero_shot), ("generative", _section_generative), ("search", _section_search), ("scores", _section_scores), ("selection", _section_selection),
     ("similarity", _section_similarity),
     ("compensation", _section_compensation), ("healing", _section_heal), ("rounds", _section_rounds), ("timings", _section_timings),
     ("environment", _section_environment), ("recipe", _section_recipe), ("exports", _section_exports),

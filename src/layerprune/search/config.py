@@ -19,21 +19,21 @@ class SearchConfig:
 
     # Candidates.
     metrics: list[str] = opt(DEFAULT_METRICS, "metrics whose cut is a candidate (comma-separated)", "search")
-    iterative: list[str] = opt(["bi", "taylor"], "calibration metrics also re-scored after each removal (SLEB-style; "
-                                                 "one-shot scores pick scattered layers)", "search")
+    iterative: list[str] = opt(["bi"], "calibration metrics also re-scored after each removal (SLEB-style; "
+                                       "one-shot scores pick scattered layers)", "search")
     blocks: bool = opt(True, "every contiguous block of the needed length is a candidate", "search")
     random: int = opt(1, "random cuts as a control", "search")
     protect_first: int = opt(0, "never remove the first N layers", "search")
     protect_last: int = opt(0, "never remove the last N layers", "search")
     # Calibration and the proxy (no training).
     calib: str = opt("c4", "calibration text for scoring, fitting and the proxy (never evaluation text)", "search")
-    nsamples: int = opt(16, "scoring windows", "search")
+    nsamples: int = opt(8, "scoring windows", "search")
     heldout: int = opt(16, "held-out windows for the proxy, disjoint from every scoring and fitting window",
                        "search")
     seqlen: int = opt(128, "tokens per scoring / held-out window", "search")
     batch_size: int = opt(8, "windows per forward pass", "search")
     compensation: str = opt("lstsq", "training-free compensation tried per candidate (none: off)", "search")
-    compensate_top: int = opt(3, "best candidates (by uncompensated KL) also tried compensated; the seed's "
+    compensate_top: int = opt(2, "best candidates (by uncompensated KL) also tried compensated; the seed's "
                                  "reverse cut always is", "search")
     fit_nsamples: int = opt(32, "windows the compensation map is fitted on (disjoint from the held-out ones)",
                             "search")

@@ -196,9 +196,12 @@ def search_cut(model: Any, tok: Any, source: str, target: str | Target, cfg: Sea
     stages = _Stages(work, {"model": source, "target": tgt.describe(), "search": cfg.to_dict(), "n": n})
     k = stages.run("k", {}, lambda: needed_k(model, tgt, sizes, max_k, measure_opts))
     scoring, held, fit = split_windows(tok, cfg, data_dir)
-    cands_raw = stages.run("candidates", {"k": k, "scoring": scoring.fingerprint}, lambda: (lambda c, d: {
-        "candidates": [x.to_dict() for x in c], "dropped": d})(*collect(model, tok, k, scoring, cfg, tgt, sizes,
-                                                                       progress)))
+
+    def propose() -> dict[str, Any]:
+        found, dropped = collect(model, tok, k, scoring, cfg, tgt, sizes, progress)
+        return {"candidates": [c.to_dict() for c in found], "dropped": dropped}
+
+    cands_raw = stages.run("candidates", {"k": k, "scoring": scoring.fingerprint}, propose)
     cands = [Candidate(tuple(c["removed"]), c["sources"]) for c in cands_raw["candidates"]]
     if not cands:
         raise LayerpruneError(f"no candidate cut meets {tgt.describe()}")

@@ -64,9 +64,11 @@ class Proxy:
         return iter(self._dense[b]) if self._dense is not None else self._chunks(self.cap.final[b], b)
 
     @torch.no_grad()
-    def _score(self, final: Any) -> dict[str, float]:
+    def _score(self, final: Any, upto: int | None = None) -> dict[str, float]:
         nll = kl = 0.0
-        for b in range(len(self.batches)):
+        count = 0
+        for b in range(upto or len(self.batches)):
+            count += int(self.valid[b].sum())
             t = self.targets[b]
             i = 0
             for lp, dense in zip(self._chunks(final(b), b), self._dense_chunks(b)):
@@ -74,11 +76,13 @@ class Proxy:
                 i += lp.shape[0]
                 nll += float(-lp.gather(-1, y.unsqueeze(-1)).sum())
                 kl += float(F.kl_div(lp, dense, log_target=True, reduction="sum"))
-        return {"kl": kl / self.tokens, "ppl": math.exp(nll / self.tokens), "tokens": self.tokens}
+        return {"kl": kl / count, "ppl": math.exp(nll / count), "tokens": count}
 
     @torch.no_grad()
-    def cut(self, removed: list[int] | tuple[int, ...], maps: list[Any] | None = None) -> dict[str, float]:
-        """KL and perplexity of the dense model without ``removed`` (maps: compensation applied by hooks)."""
+    def cut(self, removed: list[int] | tuple[int, ...], maps: list[Any] | None = None, upto: int | None = None
+            ) -> dict[str, float]:
+        """KL and perplexity of the dense model without ``removed`` (maps: compensation applied by hooks), on
+        all held-out batches or the first ``upto``."""
         rem = set(removed)
         folds = [int(block.fold_layer) for block, _, _ in maps or [] if block.fold_layer is not None]
         start = min([*rem, *folds])
@@ -92,7 +96,7 @@ class Proxy:
             return h
 
         with map_hooks(self.model, self.layers, list(maps or [])):
-            return self._score(final)
+            return self._score(final, upto)
 
     @torch.no_grad()
     def other(self, model: Any) -> dict[str, float]:
@@ -132,18 +136,30 @@ def fit_maps(model: Any, removed: list[int], fit: Calibration, method: Any, batc
 
 def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows sorted by their best proxy KL (compensated or not), each given ``proxy_rank`` (1 = best)."""
-    ordered = sorted(rows, key=lambda r: r["best"]["kl"])
+    full = max(r["best"]["tokens"] for r in rows)
+    # Candidates the successive halving dropped early rank after every fully evaluated one.
+    ordered = sorted(rows, key=lambda r: (r["best"]["tokens"] < full, r["best"]["kl"]))
     for i, r in enumerate(ordered):
         r["proxy_rank"] = i + 1
     return ordered
 
 
-def evaluate_all(proxy: Proxy, cands: list[Any], progress: bool) -> list[dict[str, Any]]:
-    """The uncompensated proxy of every candidate."""
+def evaluate_all(proxy: Proxy, cands: list[Any], progress: bool, keep: int = 8) -> list[dict[str, Any]]:
+    """The uncompensated proxy of every candidate, by successive halving: all of them on the first quarter of
+    the held-out batches, then the best ``keep`` (and at least a third) on all of them; the rest keep their
+    partial numbers (``plain.tokens`` says on how many tokens)."""
+    nb = len(proxy.batches)
+    first = max(1, nb // 4)
     rows = []
     for c in tqdm(cands, desc="search: proxy", disable=not progress, leave=False):
-        q = proxy.cut(c.removed)
-        rows.append({**c.to_dict(), "plain": q, "compensated": None, "best": {**q, "compensated": False}})
+        rows.append({**c.to_dict(), "plain": proxy.cut(c.removed, upto=first), "compensated": None})
+    if first < nb:
+        top = sorted(rows, key=lambda r: r["plain"]["kl"])[:max(keep, len(rows) // 3)]
+        top += [r for r in rows if "reverse" in r["sources"] and r not in top]  # the baseline, always in full
+        for r in tqdm(top, desc="search: proxy (all held-out)", disable=not progress, leave=False):
+            r["plain"] = proxy.cut(r["removed"])
+    for r in rows:
+        r["best"] = {**r["plain"], "compensated": False}
     return rows
 
 
