@@ -36,7 +36,6 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(BIN)/pip install -q $(TORCH)
 	$(BIN)/pip install -q -r $(LOCK)
 	$(BIN)/pip install -q --no-deps -e '.[$(EXTRAS)]'
-	$(BIN)/pip check
 	$(MAKE) --no-print-directory post-install BIN=$(BIN)
 	touch $(STAMP)
 

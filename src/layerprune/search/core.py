@@ -223,9 +223,10 @@ def search_cut(model: Any, tok: Any, source: str, target: str | Target, cfg: Sea
     row, why = _winner(rows, probes)
     key = ",".join(map(str, row["removed"]))
     sizes_after = sizes.after(row["removed"])
+    rows = [{**r, **sizes.after(r["removed"])} for r in rows]
     return {
         "target": tgt.describe(), "k": k, "num_layers": n, "dense": {**proxy.dense, **sizes.after([])},
-        "candidates": [{**r, **sizes.after(r["removed"])} for r in rows], "dropped": cands_raw["dropped"],
+        "candidates": rows, "dropped": cands_raw["dropped"],
         "probes": probes,
         "winner": {"removed": row["removed"], "sources": row["sources"], "compensated": key in fits,
                    "compensation": cfg.compensation if key in fits else None, "why": why, **sizes_after,
