@@ -206,7 +206,8 @@ def search_cut(model: Any, tok: Any, source: str, target: str | Target, cfg: Sea
     if not cands:
         raise LayerpruneError(f"no candidate cut meets {tgt.describe()}")
     t_cand = time.perf_counter() - t0
-    proxy = Proxy(model, held, cfg.batch_size)
+    # Batches of at most a quarter of the held-out windows, so the successive halving's first round is one.
+    proxy = Proxy(model, held, min(cfg.batch_size, max(1, cfg.heldout // 4)))
     rows, fits = _proxy_stage(model, proxy, cands, fit, cfg, progress)
     t_proxy = time.perf_counter() - t0 - t_cand
     probes: list[dict[str, Any]] = []
