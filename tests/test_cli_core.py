@@ -84,3 +84,22 @@ def test_console_script_has_no_traceback(tmp_path):
     r = subprocess.run(exe + ["prune", str(tmp_path / "missing"), "--remove", "1", "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("args", [["prune", "{m}", "--remove", "1"], ["prune", "{m}", "--remove", "1", "--streaming"],
+                                  ["compensate", "{m}", "--tail", "1"], ["prune", "{m}", "--metric", "magnitude",
+                                                                         "--num", "1"]])
+@pytest.mark.parametrize("where", ["{m}", "{m}/sub", "{root}"])
+def test_output_that_is_or_holds_the_input_is_refused(tmp_path, capsys, args, where):
+    """--out equal to the input, inside it or around it would replace the model being read: refused in one
+    line even with --overwrite, and the model is untouched."""
+    from conftest import save_tiny
+
+    m = save_tiny(tmp_path / "m")
+    before = {f.name: f.read_bytes() for f in m.iterdir() if f.is_file()}
+    capsys.readouterr()
+    out = where.format(m=m, root=tmp_path)
+    assert main([a.format(m=m) for a in args] + ["--out", out, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is the input" in err, err
+    assert {f.name: f.read_bytes() for f in m.iterdir() if f.is_file()} == before

@@ -27,9 +27,15 @@ def _existing_parent(path: Path) -> Path:
     return p
 
 
-def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an existing non-empty output folder unless ``overwrite``, and a place that cannot be written."""
+def check_out_dir(out_dir: str | os.PathLike, overwrite: bool, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Refuse an existing non-empty output folder unless ``overwrite``, and a place that cannot be written.
+
+    ``inputs``: folders the command reads (the model); an output that is one of them, inside one, or holds one
+    is refused, ``--overwrite`` or not — replacing it would destroy what is being read."""
     out = Path(out_dir)
+    for src in inputs:
+        if Path(src).exists() and _overlaps(out, Path(src)):
+            raise LayerpruneError(f"output {out} is the input {src}, inside it or around it: choose another --out")
     if out.exists() and not out.is_dir():
         raise LayerpruneError(f"output path exists and is not a folder: {out}")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -38,6 +44,11 @@ def check_out_dir(out_dir: str | os.PathLike, overwrite: bool) -> Path:
     if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
         raise LayerpruneError(f"cannot write to {base} (read-only file system or no permission)")
     return out
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    ra, rb = a.resolve(), b.resolve()
+    return ra == rb or rb in ra.parents or ra in rb.parents
 
 
 def tmp_prefix(out: Path) -> str:

@@ -136,7 +136,7 @@ def plan_prune(model: str | os.PathLike, out_dir: str | os.PathLike, *, metric: 
     if k < 1:
         raise LayerpruneError("the protected layers leave nothing to remove")
     m = make_metric(metric, **(metric_options or {}))
-    check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite, (path,))
     sizes = None
     if tgt is not None:
         sizes = Sizes.of_checkpoint(path, load["dtype"])

@@ -134,7 +134,7 @@ def compensate_checkpoint(model: str | os.PathLike, out_dir: str | os.PathLike, 
     hidden = mcfg.get("hidden_size") or mcfg.get("n_embd")
     if isinstance(hidden, int):
         comp.check_tokens(cfg.nsamples * cfg.seqlen, hidden, "diag" if adapter.mlp_post_norm else "matrix")
-    check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite, (path,))
     spec = CalibSpec(source=cfg.calib, nsamples=cfg.nsamples, seqlen=cfg.seqlen, seed=seed, data_dir=calib_data_dir)
     method_name = method_name or ("reverse" if tail is not None else "manual")
     params = dict(method_params or ({"k": tail} if tail is not None else {}))

@@ -142,7 +142,7 @@ class _Run:
     def _execute(self) -> dict[str, Any]:
         t_start = time.perf_counter()
         cfg = self.cfg
-        check_out_dir(self.out, cfg.overwrite)
+        check_out_dir(self.out, cfg.overwrite, (resolve_model(self.model_dir),))
         if world_size() > 1:
             # Join the process group now (the Trainer would later) so checkpoint-folder checks and writes are
             # ordered across processes.

@@ -55,7 +55,7 @@ def prune_checkpoint(model: str | os.PathLike, out_dir: str | os.PathLike, *, re
                                           method_params=method_params, scores=scores, source=str(model))
     from ..io import check_out_dir
 
-    check_out_dir(out_dir, overwrite)  # fail before the (slow) load
+    check_out_dir(out_dir, overwrite, (path,))  # fail before the (slow) load
     m = load_model(path, dtype=dtype)
     before = count_parameters(m)
     record = prune_layers(m, remove)

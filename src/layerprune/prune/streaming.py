@@ -235,7 +235,7 @@ def prune_checkpoint_streaming(model_dir: str | os.PathLike, remove: list[int], 
     src = Path(model_dir)
     cfg = read_config(src)
     adapter = adapter_for_config(cfg)
-    check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite, (src,))
     shards, meta, record = _plan(src, remove, cfg, adapter)  # corrupt shards: its own precise errors
     check_checkpoint_tensors(src)  # a missing tensor must stop the cut, not vanish from it
     new_cfg = {**cfg, **sliced_config(cfg, record.kept_layers, adapter)}

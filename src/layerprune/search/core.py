@@ -256,9 +256,7 @@ def search(model: str, out_dir: str | Path, target: str, *, config: SearchConfig
                                                                    "resume", "progress", "extra")}
     path = resolve_model(model)
     out = Path(out_dir)
-    if out.resolve() == Path(path).resolve() or Path(path).resolve() in out.resolve().parents:
-        raise LayerpruneError(f"the output {out} is the input model or inside it")
-    check_out_dir(out, overwrite)
+    check_out_dir(out, overwrite, (path,))
     work = out.resolve().with_name(out.resolve().name + ".search")
     mdl, tok = load(path, dtype=dtype, device=device)
     rec = search_cut(mdl, tok, model, tgt, cfg, work, heal_cfg=heal_cfg, data_dir=data_dir, progress=progress)
