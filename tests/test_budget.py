@@ -99,3 +99,16 @@ def test_measured_target_on_the_loaded_model(tmp_path):
                  "--out", str(out)]) == 0
     t = json.loads((out / "layerprune.json").read_text())["method_params"]["target"]
     assert t["value"] >= 1.05 and t["measurement"]["dense"]["prefill_seconds"]["median"] > 0
+
+
+def test_target_met_by_dense_is_refused_before_scoring(tmp_path, capsys):
+    """params=1.0 is met by removing nothing: refused in one line, never a silent removal of one layer."""
+    from conftest import save_tiny
+    from layerprune.cli import main
+
+    m = save_tiny(tmp_path / "m")
+    capsys.readouterr()
+    assert main(["prune", str(m), "--metric", "magnitude", "--target", "params=1.0", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "already met by the dense model" in err
+    assert not (tmp_path / "o").exists()

@@ -160,10 +160,19 @@ def speedup_value(kind: str, dense: dict[str, Any], cand: dict[str, Any]) -> flo
     return cand["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
 
 
+def _refuse_met_by_dense(target: Target, sizes: Sizes) -> None:
+    dense = sizes.after([])[target.kind]
+    if target_met(target, dense, dense):
+        raise LayerpruneError(f"target {target.describe()} is already met by the dense model: nothing needs to be "
+                              "removed")
+
+
 def check_reachable(target: Target, sizes: Sizes, max_k: int) -> None:
-    """Before any scoring: refuse an analytic target that even the largest allowed removal cannot meet."""
+    """Before any scoring: refuse an analytic target that the dense model already meets (removing a layer would
+    be a silent reinterpretation) or that even the largest allowed removal cannot meet."""
     if target.kind not in ANALYTIC:
         return
+    _refuse_met_by_dense(target, sizes)
     biggest = sorted(range(len(sizes.layer_params)), key=lambda i: -sizes.layer_params[i])[:max_k]
     v, dense = sizes.after(biggest)[target.kind], sizes.after([])[target.kind]
     if not target_met(target, v, dense):
@@ -183,6 +192,7 @@ def choose(target: Target, candidates: Callable[[int], list[int]], max_k: int, *
     if target.kind in ANALYTIC:
         sz = sizes or Sizes.of(model)
         dense = sz.after([])[target.kind]
+        _refuse_met_by_dense(target, sz)
         best: tuple[float, list[int]] | None = None
         for k in range(1, max_k + 1):
             rem = candidates(k)

@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 from ..arch import parts
 from ..budget import Sizes, Target, choose, target_met
 from ..data.calibration import Calibration
-from ..errors import LayerpruneError
 from ..metrics import make_metric
 from ..prune import skipped, tail_layers
 from ..scoring import score
@@ -48,11 +47,6 @@ def needed_k(model: Any, target: Target, sizes: Sizes, max_k: int, measure_opts:
     """How many layers the budget asks for (the seed's reverse order decides; with uniform layers every cut of
     that size meets the same analytic budget, and each candidate is checked again)."""
     n = parts(model).num_layers
-    if target.kind in ("params", "non_embedding_params", "macs", "kv_cache"):
-        dense = sizes.after([])[target.kind]
-        if target_met(target, dense, dense):
-            raise LayerpruneError(f"target {target.describe()} is already met by the dense model: there is "
-                                  "nothing to search for")
     return len(choose(target, lambda k: tail_layers(n, k), max_k, model=model, sizes=sizes,
                       measure_opts=measure_opts).removed)
 
