@@ -103,8 +103,9 @@ def test_measured_target_on_the_loaded_model(tmp_path):
 
 def test_target_met_by_dense_is_refused_before_scoring(tmp_path, capsys):
     """params=1.0 is met by removing nothing: refused in one line, never a silent removal of one layer."""
-    from conftest import save_tiny
     from layerprune.cli import main
+
+    from conftest import save_tiny
 
     m = save_tiny(tmp_path / "m")
     capsys.readouterr()
