@@ -231,3 +231,21 @@ def test_recipe_stability_in_scores_and_report(tiny_smol, tmp_path, data_dir, mo
     assert json.loads((tmp_path / "run" / "score" / "scores.json").read_text())["stability"]["k"] == 2
     assert "## Ranking stability" in (tmp_path / "run" / "report.md").read_text()
     assert (tmp_path / "run" / "score" / "stability.png").is_file()
+
+
+@pytest.mark.parametrize("key,value", [("evaluate.generative.agreement", -1), ("evaluate.generative.new_tokens", 0),
+                                       ("evaluate.limit", -1), ("evaluate.generative.limit", 0),
+                                       ("evaluate.batch_size", 0), ("measure.repeats", 0), ("prune.nsamples", 0),
+                                       ("measure.batch", [1, 0])])
+def test_numeric_minimums_are_checked_before_any_stage(key, value):
+    from layerprune.errors import LayerpruneError
+    from layerprune.recipe.schema import validate
+
+    data: dict = {}
+    *parents, leaf = key.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+    with pytest.raises(LayerpruneError, match=f"'{key}' must be >= "):
+        validate(data)

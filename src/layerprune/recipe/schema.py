@@ -184,9 +184,35 @@ def _validate(data: Any, schema: dict[str, Any], prefix: str) -> dict[str, Any]:
     return out
 
 
+# Smallest value of numeric keys (None, where allowed, means "off" or "all"): checked before the first stage,
+# so a bad value never surfaces after score, prune and heal.
+MINIMUM: dict[str, int] = {
+    "prune.nsamples": 1, "prune.seqlen": 2, "prune.protect_first": 0, "prune.protect_last": 0,
+    "evaluate.limit": 1, "evaluate.num_fewshot": 0, "evaluate.batch_size": 1, "evaluate.ppl_seqlen": 2,
+    "evaluate.ppl_max_tokens": 2, "evaluate.generative.limit": 1, "evaluate.generative.agreement": 0,
+    "evaluate.generative.new_tokens": 1, "measure.seqlen": 1, "measure.new_tokens": 1, "measure.repeats": 1,
+}
+
+
+def _get(rec: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        rec = rec[part]
+    return rec
+
+
+def _check_minimums(rec: dict[str, Any]) -> None:
+    for key, low in MINIMUM.items():
+        v = _get(rec, key)
+        if v is not None and v < low:
+            raise LayerpruneError(f"recipe: '{key}' must be >= {low}, got {v}")
+    if any(b < 1 for b in rec["measure"]["batch"]):
+        raise LayerpruneError(f"recipe: 'measure.batch' must be >= 1 in every entry, got {rec['measure']['batch']}")
+
+
 def validate(data: Any) -> dict[str, Any]:
     """Fill defaults and check every key and type; raises a one-line LayerpruneError naming the key."""
     rec = _validate(data if data is not None else {}, SCHEMA, "")
+    _check_minimums(rec)
     if rec["prune"]["stability"] == 1 or rec["prune"]["stability"] < 0:
         raise LayerpruneError("recipe: 'prune.stability' is a number of resamples: 0 (off) or at least 2")
     if rec["export"]["gguf"] is not None:

@@ -34,6 +34,7 @@ from .config import SearchConfig
 from .proxy import Proxy, evaluate_all, fit_maps, rank
 
 SEARCH_FILE = "search.json"
+PROBE_VAL_SIZE = 16  # validation rows of a probe's heal (reported, not ranked on)
 
 
 class _Stages:
@@ -137,9 +138,12 @@ def _probe_stage(model: Any, tok: Any, source: str, proxy: Proxy, rows: list[dic
         cut = materialize(model, tok, source, r["removed"], fits.get(key), work / f"cut-{tag}",
                           {"search": "probe start", "candidate": r["sources"]})
         t0 = time.perf_counter()
+        # The probe is ranked by held-out KL, not by its validation loss: a small validation set keeps the
+        # end-of-run evaluation from costing as much as the probe's training.
         res = heal(str(cut), work / f"probe-{tag}", data_dir=data_dir, overwrite=True, progress=progress,
                    checkpoint_dir=str(work / f".probe-{tag}.checkpoints"),
-                   **{**heal_cfg, "max_steps": steps, "eval_steps": steps, "save_steps": None, "eval_before": False})
+                   **{**heal_cfg, "max_steps": steps, "eval_steps": steps, "save_steps": None, "eval_before": False,
+                      "val_size": PROBE_VAL_SIZE})
         secs = time.perf_counter() - t0
         healed = load_model(work / f"probe-{tag}", dtype="float32")
         q = proxy.other(healed)
@@ -206,8 +210,8 @@ def search_cut(model: Any, tok: Any, source: str, target: str | Target, cfg: Sea
     if not cands:
         raise LayerpruneError(f"no candidate cut meets {tgt.describe()}")
     t_cand = time.perf_counter() - t0
-    # Batches of at most a quarter of the held-out windows, so the successive halving's first round is one.
-    proxy = Proxy(model, held, min(cfg.batch_size, max(1, cfg.heldout // 4)))
+    # Batches of an eighth of the held-out windows: the successive halving's first round reads one of them.
+    proxy = Proxy(model, held, min(cfg.batch_size, max(1, cfg.heldout // 8)))
     rows, fits = _proxy_stage(model, proxy, cands, fit, cfg, progress)
     t_proxy = time.perf_counter() - t0 - t_cand
     probes: list[dict[str, Any]] = []

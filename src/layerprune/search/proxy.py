@@ -145,11 +145,11 @@ def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def evaluate_all(proxy: Proxy, cands: list[Any], progress: bool, keep: int = 8) -> list[dict[str, Any]]:
-    """The uncompensated proxy of every candidate, by successive halving: all of them on the first quarter of
-    the held-out batches, then the best ``keep`` (and at least a third) on all of them; the rest keep their
-    partial numbers (``plain.tokens`` says on how many tokens)."""
+    """The uncompensated proxy of every candidate, by successive halving: all of them on the first held-out
+    batch, then the best ``keep`` (and at least a third) on all of them; the rest keep their partial numbers
+    (``plain.tokens`` says on how many tokens)."""
     nb = len(proxy.batches)
-    first = max(1, nb // 4)
+    first = 1
     rows = []
     for c in tqdm(cands, desc="search: proxy", disable=not progress, leave=False):
         rows.append({**c.to_dict(), "plain": proxy.cut(c.removed, upto=first), "compensated": None})
