@@ -103,3 +103,36 @@ def test_output_that_is_or_holds_the_input_is_refused(tmp_path, capsys, args, wh
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is the input" in err, err
     assert {f.name: f.read_bytes() for f in m.iterdir() if f.is_file()} == before
+
+
+def test_chat_port_refusals_come_before_the_load(tmp_path, capsys):
+    """An impossible or taken port is one line at once (gradio's OSError/OverflowError came after the load)."""
+    import socket
+
+    pytest.importorskip("gradio")
+    from conftest import save_tiny
+
+    m = save_tiny(tmp_path / "m")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["chat", str(m), "--port", "99999"])
+    assert e.value.code == 2 and "at most 65535" in capsys.readouterr().err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert main(["chat", str(m), "--port", str(port)]) == 2
+        err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot listen on 127.0.0.1:{port}" in err
+
+
+def test_compare_generate_with_empty_prompts_is_one_line(tmp_path, capsys):
+    from conftest import save_tiny
+
+    m = save_tiny(tmp_path / "m")
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    capsys.readouterr()
+    assert main(["compare", str(m), "--teacher", str(m), "--generate", "2", "--prompts", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no rows in" in err, err

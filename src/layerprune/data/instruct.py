@@ -435,6 +435,8 @@ def heldout_prompts(data: str = "alpaca", n: int = 16, *, data_dir: str | os.Pat
     splits them (same seed and default size), so they are never trained on."""
     kind, fmt, where = resolve_source(data, data_dir)
     rows = read_rows(where) if kind == "file" else _hub_rows(where)
+    if not rows:
+        raise LayerpruneError(f"no rows in {where}: no held-out prompts to generate from")
     fmt = fmt or detect_format(rows[0].keys())
     examples = [to_example(r, FORMATS[fmt]) for r in rows]
     kept = [e for e in examples if e.instruction.strip() and e.output.strip()]
@@ -443,6 +445,8 @@ def heldout_prompts(data: str = "alpaca", n: int = 16, *, data_dir: str | os.Pat
     for i in val_idx[:n]:
         e = kept[i]
         out.append(e.instruction.strip() + (f"\n\n{e.input.strip()}" if e.input.strip() else ""))
+    if len(out) < n:
+        raise LayerpruneError(f"{where} has {len(out)} held-out prompts, {n} asked (ask for fewer)")
     return out
 
 
