@@ -33,6 +33,16 @@ CPU_AUTO_BATCH = 8
 METRICS = ("acc", "acc_norm")
 
 
+def _quiet_git_hash() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "describe", "--always"], capture_output=True, text=True, check=True)
+        return out.stdout.strip() or None
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return None
+
+
 @contextlib.contextmanager
 def quiet(verbose: bool = False) -> Iterator[None]:
     """Silence lm-eval's and datasets' INFO/WARNING chatter (not errors) unless ``verbose``."""
@@ -54,13 +64,19 @@ def quiet(verbose: bool = False) -> Iterator[None]:
     import functools
 
     import lm_eval.api.task as lm_task
+    import lm_eval.evaluator as lm_evaluator
 
     old_tqdm = lm_task.tqdm
     lm_task.tqdm = functools.partial(old_tqdm, disable=True)
+    # lm-eval records `git describe` of the working directory; outside a repository git prints "fatal: not a
+    # git repository" on our stderr at every run. The same lookup, with git's stderr discarded.
+    old_hash = lm_evaluator.get_git_commit_hash
+    lm_evaluator.get_git_commit_hash = _quiet_git_hash
     try:
         yield
     finally:
         lm_task.tqdm = old_tqdm
+        lm_evaluator.get_git_commit_hash = old_hash
         for n, lv in old.items():
             logging.getLogger(n).setLevel(lv)
         if was:
