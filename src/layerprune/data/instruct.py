@@ -332,11 +332,13 @@ PRESETS: dict[str, Preset] = {
     "alpaca": Preset("yahma/alpaca-cleaned",
                      ("instruct/alpaca_cleaned.jsonl", "instruct/alpaca_cleaned.json", "instruct/alpaca_data_cleaned.json",
                       "instruct/alpaca-cleaned.jsonl", "instruct/alpaca_merged.jsonl"), "alpaca"),
+    # General text (data/text.py): the local C4 sample, packed into windows, every token trained.
+    "c4": Preset("allenai/c4", ("calibration/c4_demo.jsonl",), "text"),
     "dolly": Preset("databricks/databricks-dolly-15k",
                     ("instruct/databricks-dolly-15k.jsonl", "instruct/dolly-15k.jsonl", "instruct/dolly.jsonl",
                      "instruct/dolly.json"), "dolly"),
 }
-_LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet")
+_LOCAL_SUFFIXES = (".json", ".jsonl", ".parquet", ".txt")
 
 
 def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -349,6 +351,8 @@ def read_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
         return [r for f in files for r in read_rows(f)]
     if not p.is_file():
         raise LayerpruneError(f"data file not found: {p}")
+    if p.suffix == ".txt":  # plain text: a document per non-empty line
+        return [{"text": line} for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     if p.suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -406,6 +410,9 @@ def resolve_source(data: str, data_dir: str | os.PathLike | None = None) -> tupl
         return "hub", pre.format, pre.hub_id
     p = Path(data).expanduser()
     if p.exists():
+        from .text import check_not_eval_text
+
+        check_not_eval_text(p, resolve_data_dir(data_dir))
         return "file", None, str(p)
     if data.count("/") == 1 and not data.startswith((".", "/", "~")):
         return "hub", None, data
@@ -437,6 +444,13 @@ def heldout_prompts(data: str = "alpaca", n: int = 16, *, data_dir: str | os.Pat
     rows = read_rows(where) if kind == "file" else _hub_rows(where)
     if not rows:
         raise LayerpruneError(f"no rows in {where}: no held-out prompts to generate from")
+    from .text import TEXT_FORMAT, is_text_rows, text_prompts
+
+    if fmt == TEXT_FORMAT or (fmt is None and is_text_rows(rows)):
+        out = text_prompts(rows, n, seed)
+        if len(out) < n:
+            raise LayerpruneError(f"{where} has {len(out)} held-out documents to prompt with, {n} asked")
+        return out
     fmt = fmt or detect_format(rows[0].keys())
     examples = [to_example(r, FORMATS[fmt]) for r in rows]
     kept = [e for e in examples if e.instruction.strip() and e.output.strip()]
@@ -496,6 +510,11 @@ def build_instruct_data(tokenizer: Any, data: str = "alpaca", *, data_dir: str |
         rows = read_rows(where) if kind == "file" else _hub_rows(where)
     if not rows:
         raise LayerpruneError(f"no rows in {where}")
+    from .text import TEXT_FORMAT, build_text_data, is_text_rows
+
+    if fields is None and (fmt == TEXT_FORMAT or (fmt is None and is_text_rows(rows))):
+        return build_text_data(tokenizer, rows, where, kind, cutoff_len=cutoff_len, val_size=val_size,
+                               max_train_samples=max_train_samples, seed=seed)
     mapping = parse_fields(fields)
     if mapping is not None:
         fmt = "custom"

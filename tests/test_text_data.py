@@ -1,0 +1,52 @@
+"""General-text healing data: documents split whole into train and validation, packed into full windows with
+every token trained; evaluation text refused; a heal runs on it."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import FAST, save_tiny, tiny_tokenizer
+from layerprune.data.instruct import build_instruct_data, heldout_prompts
+from layerprune.errors import LayerpruneError
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text("\n".join(" ".join(f"w{(i * 13 + j) % 100}" for j in range(30 + i % 7)) for i in range(40)))
+    return p
+
+
+def test_text_source_is_packed_and_split_by_document(text_file):
+    tok = tiny_tokenizer()
+    d = build_instruct_data(tok, str(text_file), cutoff_len=16, val_size=4)
+    assert d.info["format"] == "text" and d.info["val_rows"] == 4 and d.info["val_documents"] >= 1
+    assert d.info["train_documents"] + d.info["val_documents"] == 40
+    assert all(len(r["input_ids"]) == 16 and r["labels"] == r["input_ids"] for r in d.train + d.val)
+    windows_all = build_instruct_data(tok, str(text_file), cutoff_len=16, val_size=4).train
+    assert windows_all == d.train  # deterministic
+    # The prompts come from validation documents: none of their tokens open a training window.
+    prompts = heldout_prompts(str(text_file), 1, data_dir=None)
+    first = tok(prompts[0])["input_ids"][1:6]
+    assert not any(r["input_ids"][1:6] == first for r in d.train)
+
+
+def test_evaluation_text_is_refused(tmp_path):
+    data = tmp_path / "data"
+    f = data / "ppl" / "wikitext2" / "test.jsonl"
+    f.parent.mkdir(parents=True)
+    f.write_text('{"text": "a b c"}\n')
+    with pytest.raises(LayerpruneError, match="evaluation text"):
+        build_instruct_data(tiny_tokenizer(), str(f), data_dir=str(data))
+    named = tmp_path / "test.jsonl"
+    named.write_text('{"text": "a b c"}\n')
+    with pytest.raises(LayerpruneError, match="evaluation split"):
+        build_instruct_data(tiny_tokenizer(), str(named))
+
+
+def test_heal_on_general_text(tmp_path, text_file):
+    from layerprune.healing import heal
+
+    src = save_tiny(tmp_path / "m")
+    r = heal(str(src), tmp_path / "h", data=str(text_file), **{**FAST, "cutoff_len": 16})
+    assert r["steps"] == FAST["max_steps"] and r["data"]["format"] == "text"
