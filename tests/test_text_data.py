@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import FAST, save_tiny, tiny_tokenizer
 from layerprune.data.instruct import build_instruct_data, heldout_prompts
 from layerprune.errors import LayerpruneError
+
+from conftest import FAST, save_tiny, tiny_tokenizer
 
 
 @pytest.fixture
