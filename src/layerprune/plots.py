@@ -223,22 +223,28 @@ def plot_search(rec: dict[str, Any], path: Path) -> Path | None:
     fig = _figure(11 if probes else 7, 4.5)
     axes = fig.subplots(1, 2 if probes else 1)
     ax = axes[0] if probes else axes
-    x = [r["params"] / 1e6 for r in rows]
-    ax.scatter(x, [r["plain"]["kl"] for r in rows], s=18, color="tab:blue", label="candidate (no compensation)")
+    # Equal-size candidates (uniform layers) would stack on one vertical line: spread them by proxy rank.
+    by_size = len({r["params"] for r in rows}) > 1
+
+    def x(r: dict) -> float:
+        return r["params"] / 1e6 if by_size else r["proxy_rank"]
+
+    ax.scatter([x(r) for r in rows], [r["plain"]["kl"] for r in rows], s=18, color="tab:blue",
+               label="candidate (no compensation)")
     comp = [r for r in rows if r.get("compensated")]
     if comp:
-        ax.scatter([r["params"] / 1e6 for r in comp], [r["compensated"]["kl"] for r in comp], s=30,
+        ax.scatter([x(r) for r in comp], [r["compensated"]["kl"] for r in comp], s=30,
                    facecolors="none", edgecolors="tab:blue", label=f"with {rec['config']['compensation']}")
     rev = rec.get("reverse")
     if rev:
-        ax.scatter([rev["params"] / 1e6], [rev["best"]["kl"]], s=60, color="tab:red", marker="s",
-                   label="reverse (the seed's cut)")
+        ax.scatter([x(rev)], [rev["best"]["kl"]], s=60, color="tab:red", marker="s", label="reverse (the seed's cut)")
     w = rec["winner"]
     wr = next(r for r in rows if r["removed"] == w["removed"])
-    ax.scatter([wr["params"] / 1e6], [wr["best"]["kl"]], s=200, color="gold", edgecolors="black", marker="*",
+    ax.scatter([x(wr)], [wr["best"]["kl"]], s=200, color="gold", edgecolors="black", marker="*",
                zorder=5, label="winner: " + ", ".join(w["sources"][:2]))
     ax.set_yscale("log")
-    ax.set_xlabel("parameters (M)")
+    ax.set_xlabel("parameters (M)" if by_size else
+                  f"candidate, by proxy rank (all {rows[0]['params'] / 1e6:.2f}M parameters)")
     ax.set_ylabel("held-out KL(dense ‖ cut), per token")
     ax.set_title(f"candidates for {rec['target']} (k = {rec['k']})")
     ax.grid(True, alpha=0.3)
@@ -246,7 +252,7 @@ def plot_search(rec: dict[str, Any], path: Path) -> Path | None:
     if probes:
         bx = axes[1]
         for p in probes:
-            r = next(r for r in rows if r["removed"] == p["removed"])
+            r = next(c for c in rows if c["removed"] == p["removed"])
             bx.scatter([r["best"]["kl"]], [p["kl"]], s=40, color="gold" if p["removed"] == w["removed"] else "tab:blue",
                        edgecolors="black")
             bx.annotate(f"{p['sources'][0]} (proxy {p['proxy_rank']}, probe {p['probe_rank']})",
