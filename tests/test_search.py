@@ -154,3 +154,21 @@ def test_recipe_search_section_is_checked():
                        "search.compensation")):
         with pytest.raises(LayerpruneError, match=msg):
             validate(data)
+
+
+@pytest.mark.parametrize("extra", [{"final": "continue"}, {"budget_minutes": 0.5}])
+def test_final_heal_continue_and_time_budget(tmp_path, text_file, data_file, extra):
+    """``final: continue`` heals on from the probe for the steps the final budget has left; a time budget turns
+    the time left after the search into steps at the probe's measured seconds per step."""
+    src = save_tiny(tmp_path / "m")
+    heal = {**{k: v for k, v in FAST.items() if k != "progress"}, "data": str(data_file), "max_steps": 6}
+    cfg = SearchConfig(calib=str(text_file), probe_top=1, probe_steps=2, **{**SMALL, "probe_prompts": 1}, **extra)
+    rec = search(str(src), tmp_path / "o", "params=0.8", config=cfg, heal=heal, progress=False)
+    healed = json.loads((tmp_path / "o" / "heal.json").read_text())
+    if "final" in extra:
+        assert rec["final"]["mode"] == "continue" and rec["final"]["steps"] == 4 and healed["steps"] == 4
+        assert rec["final"]["from"].endswith(rec["probes"][0]["healed"].rsplit("/", 1)[-1])
+    else:
+        b = rec["budget"]
+        assert b["final_steps"] >= 1 and healed["steps"] == b["final_steps"] == rec["final"]["steps"]
+        assert b["final_steps"] == max(1, int((30 - rec["seconds"]["total"]) / b["seconds_per_step"]))
