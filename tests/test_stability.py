@@ -98,3 +98,23 @@ def test_cli_stability(tmp_path, text_file, capsys):
     assert main(["prune", str(src), "--metric", "bi", "--num", "1", "--out", str(tmp_path / "p"), "--calib",
                  str(text_file), "--calib", str(other)]) == 2
     assert "several times" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra,msg", [(["--stability", "100000000"], "2 to 1000 resamples"),
+                                       (["--stability", "3", "--calib", "{empty}"], "has no text"),
+                                       (["--stability", "3"], "needs the removal count")])
+def test_cli_stability_refusals_before_scoring(tmp_path, text_file, capsys, extra, msg):
+    """Refused in one line before any scoring, and nothing written (was: a scores.json without stability)."""
+    src = save_tiny(tmp_path / "m")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    out = tmp_path / "s"
+    args = ["score", str(src), "--metric", "bi", "--calib", str(text_file), "--nsamples", "2", "--seqlen", "16",
+            "--out", str(out)] + [a.format(empty=empty) for a in extra]
+    if "needs the removal count" not in msg:
+        args += ["--num", "2"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and msg in err, err
+    assert not out.exists()

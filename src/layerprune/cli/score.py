@@ -6,6 +6,8 @@ Also home of the calibration and metric flags that ``layerprune prune --metric``
 from __future__ import annotations
 
 import argparse
+import shutil
+from pathlib import Path
 from typing import Any
 
 from ..data.calibration import DEFAULT_SOURCE, CalibSpec
@@ -143,7 +145,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _stability(args: argparse.Namespace, metrics: list[Any], k: int) -> None:
+MAX_RESAMPLES = 1000  # bootstrap resamples: beyond this the interval estimates no longer move
+
+
+def _stability(args: argparse.Namespace, metrics: list[Any], k: int | None) -> None:
     from pathlib import Path
 
     from ..io import read_json, write_json
@@ -151,6 +156,7 @@ def _stability(args: argparse.Namespace, metrics: list[Any], k: int) -> None:
     from ..plots import plot_stability
     from ..stability import ranking_stability
 
+    assert k is not None
     model, tok = load(args.model, dtype=args.dtype, device=args.device)
     st = ranking_stability(model, tok, metrics, k, calib=calib_specs_from_args(args), resamples=args.stability,
                            seed=args.seed, protect_first=args.protect_first, protect_last=args.protect_last,
@@ -172,12 +178,17 @@ def run(args: argparse.Namespace) -> int:
 
     metrics = parse_metric_list(args.metric)
     if args.stability is not None:
-        if args.stability < 2:
-            raise LayerpruneError("--stability needs at least 2 resamples")
+        if not 2 <= args.stability <= MAX_RESAMPLES:
+            raise LayerpruneError(f"--stability takes 2 to {MAX_RESAMPLES} resamples, got {args.stability}")
+        if args.num is None and args.ratio is None:
+            raise LayerpruneError("--stability needs the removal count: give --num K or --ratio")
         from ..data.calibration import load_texts
 
         for spec in calib_specs_from_args(args)[1:]:
-            load_texts(spec)  # every source readable before any scoring
+            texts, _ = load_texts(spec)  # every source readable, and not empty, before any scoring
+            if not any(t and t.strip() for t in texts):
+                raise LayerpruneError(f"calibration source {spec.source} has no text")
+    fresh = not Path(args.out).exists()
     res, k = score_and_write(args.model, metrics, args.out, calib=calib_spec_from_args(args), k=args.num,
                              ratio=args.ratio, protect_first=args.protect_first,
                              protect_last=args.protect_last, overwrite=args.overwrite, mode=args.score_mode,
@@ -187,9 +198,12 @@ def run(args: argparse.Namespace) -> int:
                              metric_options=metric_options_from_args(args))
     sel = res.selections(k, args.protect_first, args.protect_last)
     if args.stability is not None:
-        if k is None:
-            raise LayerpruneError("--stability needs the removal count: give --num K or --ratio")
-        _stability(args, metrics, k)
+        try:
+            _stability(args, metrics, k)
+        except (LayerpruneError, KeyboardInterrupt):
+            if fresh:  # written whole or not at all: no scores.json without the stability asked for
+                shutil.rmtree(args.out, ignore_errors=True)
+            raise
     for name, r in res.results.items():
         tag = " (cached)" if r.cached else f" ({r.elapsed_s:.1f}s)"
         print(f"{name}{tag}: removal order {r.removal_order()[:12]}{' ...' if r.num_layers > 12 else ''}; "
