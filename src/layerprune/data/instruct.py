@@ -513,8 +513,8 @@ def build_instruct_data(tokenizer: Any, data: str = "alpaca", *, data_dir: str |
     from .text import TEXT_FORMAT, build_text_data, is_text_rows
 
     if fields is None and (fmt == TEXT_FORMAT or (fmt is None and is_text_rows(rows))):
-        return build_text_data(tokenizer, rows, where, kind, cutoff_len=cutoff_len, val_size=val_size,
-                               max_train_samples=max_train_samples, seed=seed)
+        return InstructData(*build_text_data(tokenizer, rows, where, kind, cutoff_len=cutoff_len,
+                                             val_size=val_size, max_train_samples=max_train_samples, seed=seed))
     mapping = parse_fields(fields)
     if mapping is not None:
         fmt = "custom"

@@ -87,10 +87,9 @@ def split_and_pack(tokenizer: Any, texts: list[str], cutoff_len: int, val_size: 
 
 
 def build_text_data(tokenizer: Any, rows: list[dict[str, Any]], where: str, kind: str, *, cutoff_len: int,
-                    val_size: int | float | None, max_train_samples: int | None, seed: int) -> Any:
-    """The InstructData of a general-text source (see the module docstring)."""
-    from .instruct import InstructData
-
+                    val_size: int | float | None, max_train_samples: int | None, seed: int
+                    ) -> tuple[list[dict[str, list[int]]], list[dict[str, list[int]]], dict[str, Any]]:
+    """(train windows, validation windows, description) of a general-text source (see the module docstring)."""
     texts = _texts(rows)
     train, val, val_docs = split_and_pack(tokenizer, texts, cutoff_len, val_size, seed)
     if max_train_samples is not None:
@@ -101,12 +100,12 @@ def build_text_data(tokenizer: Any, rows: list[dict[str, Any]], where: str, kind
     for part in (train, val):
         h.update(json.dumps([r["input_ids"] for r in part], separators=(",", ":")).encode())
     tokens = sum(len(r["input_ids"]) for r in train)
-    return InstructData(train, val, {
+    return train, val, {
         "source": where, "source_kind": kind, "format": TEXT_FORMAT, "rows": len(rows), "documents": len(texts),
         "train_documents": len(texts) - val_docs, "val_documents": val_docs, "train_rows": len(train),
         "val_rows": len(val), "cutoff_len": cutoff_len, "packing": "documents joined, full windows",
         "split_seed": seed, "train_tokens": tokens, "trained_tokens": tokens - len(train),
-        "fingerprint": h.hexdigest()[:16]})
+        "fingerprint": h.hexdigest()[:16]}
 
 
 def _texts(rows: list[dict[str, Any]]) -> list[str]:
