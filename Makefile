@@ -10,10 +10,11 @@ export TOKENIZERS_PARALLELISM ?= false
 # elsewhere. Without it the demo uses the Hub, or stops at once saying how to point it at local data.
 export LAYERPRUNE_DATA ?= $(wildcard $(abspath ../shared/data))
 
-# The demo: the paper's best-practice recipe (reverse order, lm_head + last three layers) with least-squares
-# compensation first, at CPU-sized settings chosen from measured pilots (docs/healing.md, "CPU settings"):
-# 100 steps of batch 8, lr 2e-3 (tied head frozen), a limited evaluation; about 16 minutes on 2 cores (workers=2:
-# the dense, pruned and compensated models are evaluated in a second process while compensation and healing run).
+# The demo: `layerprune search` at the size of the paper's cut (recipes/search.yaml: candidates, proxy, probe,
+# then the winner compensated and healed on C4 text), at CPU-sized settings chosen from measured pilots
+# (docs/healing.md, "CPU settings"): 100 steps of batch 8, lr 2e-3 (tied head frozen), a limited evaluation
+# (workers=2: the dense, pruned and compensated models are evaluated in a second process meanwhile).
+# The paper's own recipe stays runnable: layerprune run recipes/best-practice.yaml --model default $(DEMO_SET).
 DEMO_SET ?= --set heal.max_steps=100 --set heal.batch_size=8 --set heal.micro_batch_size=4 \
 	--set heal.cutoff_len=128 --set heal.lr=2e-3 --set heal.warmup_steps=10 --set heal.eval_steps=50 \
 	--set heal.val_size=100 --set 'evaluate.tasks=[piqa,arc_easy,arc_challenge,hellaswag,winogrande,openbookqa]' \
