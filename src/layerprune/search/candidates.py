@@ -24,6 +24,11 @@ from ..select import protected_layers, select_one_shot
 from .config import SearchConfig
 
 
+def cut_key(removed: Any) -> str:
+    """The one text key of a cut (its removed layers), used for fits, probes and stage records."""
+    return ",".join(map(str, removed))
+
+
 @dataclass
 class Candidate:
     """One cut: the removed layers (original 0-based indices) and every way it was proposed."""
@@ -33,7 +38,7 @@ class Candidate:
 
     @property
     def key(self) -> str:
-        return ",".join(map(str, self.removed))
+        return cut_key(self.removed)
 
     @property
     def name(self) -> str:
@@ -111,4 +116,4 @@ def collect(model: Any, tokenizer: Any, k: int, calib: Calibration, cfg: SearchC
     return list(by_key.values()), dropped
 
 
-__all__ = ["Candidate", "block_cuts", "collect", "metric_cut", "needed_k", "random_cuts"]
+__all__ = ["Candidate", "block_cuts", "cut_key", "collect", "metric_cut", "needed_k", "random_cuts"]

@@ -29,7 +29,7 @@ from ..errors import LayerpruneError
 from ..io import atomic_dir, check_out_dir, read_json, write_json
 from ..models import build_manifest, count_parameters, load, resolve_model
 from ..prune import prune_layers
-from .candidates import Candidate, collect, needed_k
+from .candidates import Candidate, collect, cut_key, needed_k
 from .config import SearchConfig
 from .proxy import Proxy, evaluate_all, fit_maps, rank
 
@@ -101,7 +101,7 @@ def _proxy_stage(model: Any, proxy: Proxy, cands: list[Candidate], fit: Calibrat
         r["compensated"] = {**q, "fit": [f.describe(parts(model).adapter) for f in got]}
         if q["kl"] < r["plain"]["kl"]:
             r["best"] = {**q, "compensated": True}
-            fits[",".join(map(str, r["removed"]))] = got
+            fits[cut_key(r["removed"])] = got
     return rank(rows), fits
 
 
@@ -133,7 +133,7 @@ def _probe_stage(model: Any, tok: Any, source: str, proxy: Proxy, rows: list[dic
 
     out = []
     for r in rows[:cfg.probe_top]:
-        key = ",".join(map(str, r["removed"]))
+        key = cut_key(r["removed"])
         tag = hashlib.sha256(key.encode()).hexdigest()[:8]
         cut = materialize(model, tok, source, r["removed"], fits.get(key), work / f"cut-{tag}",
                           {"search": "probe start", "candidate": r["sources"]})
@@ -226,7 +226,7 @@ def search_cut(model: Any, tok: Any, source: str, target: str | Target, cfg: Sea
                             lambda: _probe_stage(model, tok, source, proxy, rows, fits, heal_cfg, steps, cfg, work,
                                                  data_dir, prompts, progress))
     row, why = _winner(rows, probes)
-    key = ",".join(map(str, row["removed"]))
+    key = cut_key(row["removed"])
     sizes_after = sizes.after(row["removed"])
     rows = [{**r, **sizes.after(r["removed"])} for r in rows]
     return {
@@ -269,7 +269,7 @@ def search(model: str, out_dir: str | Path, target: str, *, config: SearchConfig
     t0 = time.perf_counter()
     with atomic_dir(out, overwrite=overwrite) as tmp:
         if heal_cfg is None:
-            materialize(mdl, tok, model, w["removed"], fits.get(",".join(map(str, w["removed"]))), tmp / "m",
+            materialize(mdl, tok, model, w["removed"], fits.get(cut_key(w["removed"])), tmp / "m",
                         {"search": "winner"})
         else:
             final_heal(mdl, tok, model, rec, fits, heal_cfg, cfg, work, tmp / "m", data_dir, progress)
@@ -304,7 +304,7 @@ def final_heal(mdl: Any, tok: Any, source: str, rec: dict[str, Any], fits: dict,
     elif probe:
         start = probe["cut"]
     else:
-        key = ",".join(map(str, w["removed"]))
+        key = cut_key(w["removed"])
         start = str(materialize(mdl, tok, source, w["removed"], fits.get(key), work / "cut-winner",
                                 {"search": "winner"}))
     opts = {**heal_cfg, **({"max_steps": steps} if steps else {})}
