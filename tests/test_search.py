@@ -172,3 +172,20 @@ def test_final_heal_continue_and_time_budget(tmp_path, text_file, data_file, ext
         b = rec["budget"]
         assert b["final_steps"] >= 1 and healed["steps"] == b["final_steps"] == rec["final"]["steps"]
         assert b["final_steps"] == max(1, int((30 - rec["seconds"]["total"]) / b["seconds_per_step"]))
+
+
+def test_proxy_reference_stays_dense_without_the_log_prob_cache(text_file, monkeypatch):
+    """With the dense log-probs recomputed (large vocabularies), a probed model's own final norm must never be
+    applied to the dense reference: the KL equals the cached path's."""
+    import layerprune.search.proxy as px
+
+    model, tok = make_tiny("llama"), tiny_tokenizer()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        parts(other).norm.weight.mul_(1.5)
+    _, held, _ = split_windows(tok, SearchConfig(calib=str(text_file), **SMALL), None)
+    cached = Proxy(model, held, 2).other(other)
+    monkeypatch.setattr(px, "DENSE_CACHE_BYTES", 0)
+    recomputed = Proxy(model, held, 2).other(other)
+    assert cached["kl"] > 1e-4
+    assert recomputed["kl"] == pytest.approx(cached["kl"], rel=1e-5)

@@ -54,24 +54,27 @@ class Proxy:
             self._dense = [list(self._chunks(self.cap.final[b], b)) for b in range(len(self.batches))]
         self.dense = self._score(lambda b: self.cap.final[b])
 
-    def _chunks(self, hidden: torch.Tensor, b: int) -> Any:
-        """Log-probs at the valid positions of batch ``b``, HEAD_CHUNK tokens at a time."""
+    def _chunks(self, hidden: torch.Tensor, b: int, finish: Any = None) -> Any:
+        """Log-probs at the valid positions of batch ``b``, HEAD_CHUNK tokens at a time (``finish``: the head
+        of the model ``hidden`` came from; default the dense model's)."""
+        finish = finish or self.finish
         h = hidden[:, :-1][self.valid[b].to(hidden.device)]
         for i in range(0, h.shape[0], HEAD_CHUNK):
-            yield torch.log_softmax(self.finish(h[i:i + HEAD_CHUNK]).float(), -1).cpu()
+            yield torch.log_softmax(finish(h[i:i + HEAD_CHUNK]).float(), -1).cpu()
 
     def _dense_chunks(self, b: int) -> Any:
+        # Always the dense model's own head: a probed model's trained norm/head never touches the reference.
         return iter(self._dense[b]) if self._dense is not None else self._chunks(self.cap.final[b], b)
 
     @torch.no_grad()
-    def _score(self, final: Any, upto: int | None = None) -> dict[str, float]:
+    def _score(self, final: Any, upto: int | None = None, finish: Any = None) -> dict[str, float]:
         nll = kl = 0.0
         count = 0
         for b in range(upto or len(self.batches)):
             count += int(self.valid[b].sum())
             t = self.targets[b]
             i = 0
-            for lp, dense in zip(self._chunks(final(b), b), self._dense_chunks(b)):
+            for lp, dense in zip(self._chunks(final(b), b, finish), self._dense_chunks(b)):
                 y = t[i:i + lp.shape[0]]
                 i += lp.shape[0]
                 nll += float(-lp.gather(-1, y.unsqueeze(-1)).sum())
@@ -114,11 +117,7 @@ class Proxy:
         with layer_hooks(layers, hook):
             for ids, mask in self.batches:
                 run_until_layers_done(model, ids, mask)
-        saved, self.finish = self.finish, finish_fn(model)
-        try:
-            return self._score(lambda b: last[b])
-        finally:
-            self.finish = saved
+        return self._score(lambda b: last[b], finish=finish_fn(model))
 
 
 def fit_maps(model: Any, removed: list[int], fit: Calibration, method: Any, batch_size: int
