@@ -110,6 +110,12 @@ def frontier(model: nn.Module, tokenizer: Any, metrics: list[str], ks: list[int]
     max_k = parts(model).num_layers - 1 - protect_first - protect_last
     if not ks or any(not 1 <= k <= max_k for k in ks):
         raise LayerpruneError(f"--ks must be between 1 and {max_k} for this model (got {ks})")
+    if compensation is not None:
+        from .compensation.methods import make_method
+
+        if make_method(compensation).trains:
+            raise LayerpruneError(f"frontier applies training-free maps through hooks; '{compensation}' trains "
+                                  "weights: use lstsq (layerprune search trains its best candidates)")
     spec = calib or CalibSpec()
     full = build_calibration(tokenizer, CalibSpec(**{**spec.to_dict(), "nsamples": spec.nsamples + heldout}))
     scoring, held = split_calibration(full, heldout)

@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heldout", type=positive_int, default=8,
                    help="held-out calibration windows for the quality proxy (default: %(default)s)")
     p.add_argument("--measure", action="store_true", help="also time prefill and decode of every k")
-    p.add_argument("--compensate", default=None, choices=tuple(COMP_METHODS),
+    p.add_argument("--compensate", default=None, choices=tuple(k for k, c in COMP_METHODS.items() if not c.trains),
                    help="also evaluate every cut with this training-free compensation (fitted per cut on the "
                         "scoring windows, applied through hooks)")
     p.add_argument("--out", required=True, help="folder for frontier.json/.md/.png")

@@ -4,7 +4,8 @@
 folds it into the weights (see :mod:`.plan` for where) and removes the layers — the result is a vanilla
 checkpoint. ``compensate_checkpoint`` does the same from a folder, in memory or layer by layer from
 safetensors (``mode="layerwise"``: one decoder layer in memory at a time, output written by the streaming
-pruner). Methods live in a registry (:mod:`.methods`): ``lstsq``, ``cosine``, ``scale``, ``none``.
+pruner). Methods live in a registry (:mod:`.methods`): ``lstsq``, ``cosine``, ``scale``, ``none``, and
+``reconstruct`` (lstsq, then the kept layer beside each block trained to the dense state: :mod:`.reconstruct`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from .. import options
 from ..errors import LayerpruneError
 from ..options import opt
-from .methods import METHODS, CompMethod, make_method
+from .methods import METHODS, RECON_LAYERS, RECON_LOSSES, CompMethod, ReconSpec, make_method
 from .plan import supported_fold_types
 
 MODES = ("memory", "layerwise")
@@ -41,6 +42,13 @@ class CompensationConfig:
     steps: int = opt(100, "cosine: Adam steps", "compensation")
     lr: float = opt(1e-3, "cosine: Adam learning rate", "compensation")
     max_tokens: int = opt(16384, "cosine: activations kept for the fit", "compensation")
+    recon_steps: int = opt(ReconSpec.steps, "reconstruct: Adam steps per removed block", "compensation")
+    recon_lr: float = opt(ReconSpec.lr, "reconstruct: Adam learning rate (cosine decay)", "compensation")
+    recon_layers: str = opt(ReconSpec.layers, "reconstruct: which kept layers are trained: the one before the "
+                                              "block, the one after, or both", "compensation", RECON_LAYERS)
+    recon_loss: str = opt(ReconSpec.loss, "reconstruct: mse or cosine distance to the dense hidden state (after "
+                                          "the final norm for a tail block)", "compensation", RECON_LOSSES)
+    recon_batch: int = opt(ReconSpec.batch, "reconstruct: calibration windows per training step", "compensation")
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -53,10 +61,15 @@ class CompensationConfig:
             raise LayerpruneError("cosine needs steps >= 0, lr > 0 and max_tokens >= 1")
         if self.ridge < 0:
             raise LayerpruneError("--ridge must be >= 0")
+        self.recon_spec().validate()
+
+    def recon_spec(self) -> ReconSpec:
+        return ReconSpec(self.recon_steps, self.recon_lr, self.recon_layers, self.recon_loss, self.recon_batch)
 
     def make_method(self) -> CompMethod:
         self.validate()
-        return make_method(self.method, ridge=self.ridge, steps=self.steps, lr=self.lr, max_tokens=self.max_tokens)
+        return make_method(self.method, ridge=self.ridge, steps=self.steps, lr=self.lr, max_tokens=self.max_tokens,
+                           recon=self.recon_spec())
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> CompensationConfig:
@@ -71,17 +84,30 @@ def compensate(model: Any, remove: list[int], calib: Any, *, method: str | CompM
     """
     from ..arch import parts
     from ..prune.surgery import prune_layers, validate_removal
-    from .core import fit_in_memory, fit_summary, fold_in_memory
+    from .core import fit_in_memory, fit_summary
 
     t0 = time.perf_counter()
     m = method if isinstance(method, CompMethod) else make_method(method, **params)
-    removed = validate_removal(remove, parts(model).num_layers)
+    p = parts(model)
+    removed = validate_removal(remove, p.num_layers)
     fits = fit_in_memory(model, removed, calib, m, batch_size=batch_size, progress=progress)
-    adapter = parts(model).adapter
-    fold_in_memory(model, fits, removed)
+    trained = fold_and_train(model, removed, fits, m, calib, progress)
     record = prune_layers(model, removed)
-    return {"record": record, "compensation": fit_summary(fits, adapter, m, calib, "in-memory",
-                                                          time.perf_counter() - t0)}
+    summary = fit_summary(fits, p.adapter, m, calib, "in-memory", time.perf_counter() - t0, trained)
+    return {"record": record, "compensation": summary}
+
+
+def fold_and_train(model: Any, removed: list[int], fits: list[Any], method: CompMethod, calib: Any,
+                   progress: bool = True) -> list[dict[str, Any]] | None:
+    """Fold ``fits`` into the (not yet pruned) model; a training method (``reconstruct``) then trains the kept
+    layers beside each block, on targets taken from the dense weights before the fold. Returns its reports."""
+    from ..arch import parts
+    from .core import fold_in_memory
+    from .reconstruct import InMemoryLayers, Reconstruction
+
+    rec = Reconstruction.in_memory(model, calib, removed, method.recon, progress) if method.trains else None
+    fold_in_memory(model, fits, removed)
+    return rec.run(InMemoryLayers(parts(model).layers)) if rec is not None else None
 
 
 def compensate_checkpoint(model: str | os.PathLike, out_dir: str | os.PathLike, *, remove: list[int] | None = None,
@@ -142,13 +168,18 @@ def compensate_checkpoint(model: str | os.PathLike, out_dir: str | os.PathLike, 
     if cfg.mode == "layerwise":
         from ..metrics.layerwise import LayerwiseModel
         from ..prune.streaming import prune_checkpoint_streaming
+        from .reconstruct import DiskLayers, Reconstruction
 
         tok = load_tokenizer(path)
         cal = build_calibration(tok, spec)
         lw = LayerwiseModel(path, dtype=dtype, device=device)
         fits = fit_layerwise(lw, removed, cal, comp, batch_size=cfg.batch_size, progress=progress)
         overrides = fold_overrides(lw, fits, removed)
-        summary = fit_summary(fits, lw.adapter, comp, cal, "layerwise", time.perf_counter() - t0)
+        trained = None
+        if comp.trains:  # trained layers join the overrides
+            rec = Reconstruction.layerwise(lw, cal, removed, comp.recon, progress)
+            trained = rec.run(DiskLayers(lw, overrides))
+        summary = fit_summary(fits, lw.adapter, comp, cal, "layerwise", time.perf_counter() - t0, trained)
         del lw
         prune_checkpoint_streaming(path, removed, out_dir, overwrite=overwrite, method=method_name,
                                    method_params=params, scores=scores, source=str(model), overrides=overrides,
@@ -166,4 +197,5 @@ def compensate_checkpoint(model: str | os.PathLike, out_dir: str | os.PathLike, 
     return manifest
 
 
-__all__ = ["METHODS", "MODES", "CompensationConfig", "compensate", "compensate_checkpoint", "make_method"]
+__all__ = ["METHODS", "MODES", "CompensationConfig", "ReconSpec", "compensate", "compensate_checkpoint",
+           "fold_and_train", "make_method"]

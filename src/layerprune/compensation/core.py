@@ -306,12 +306,15 @@ def fold_overrides(lw: Any, fits: list[BlockFit], removed: list[int]) -> dict[st
 
 
 def fit_summary(fits: list[BlockFit], adapter: Any, method: CompMethod, calib: Any, mode: str,
-                seconds: float) -> dict[str, Any]:
-    """The ``compensation`` section of layerprune.json."""
-    return {"method": method.name, "params": method.params(), "mode": mode,
-            "calibration": calib.describe() if hasattr(calib, "describe") else None,
-            "blocks": [f.describe(adapter) for f in fits], "seconds": round(seconds, 2),
-            "order": "blocks in order on the progressively compensated model, targets from the dense model"}
+                seconds: float, trained: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The ``compensation`` section of layerprune.json (``trained``: the reconstruct reports, per span)."""
+    out = {"method": method.name, "params": method.params(), "mode": mode,
+           "calibration": calib.describe() if hasattr(calib, "describe") else None,
+           "blocks": [f.describe(adapter) for f in fits], "seconds": round(seconds, 2),
+           "order": "blocks in order on the progressively compensated model, targets from the dense model"}
+    if trained is not None:
+        out["reconstruct"] = trained
+    return out
 
 
 __all__ = ["BlockFit", "fit_in_memory", "fit_layerwise", "fit_summary", "fold_in_memory", "fold_overrides"]

@@ -11,6 +11,9 @@ model hands on ``h + M·(T − I)``; the methods choose ``T``:
   from the ``lstsq`` solution on the stored activations (``max_tokens`` of them).
 * ``scale`` — magnitude compensation (Prune&Comp): the residual after the block is rescaled by
   ``α = mean‖y‖ / mean‖h‖``.
+* ``reconstruct`` — the ``lstsq`` map, then the kept layer(s) beside the block trained to the dense hidden state
+  (:mod:`.reconstruct`); ``trains = True``: it changes weights, so hook-based users (frontier, the search
+  proxy) get its ``lstsq`` part.
 * ``none`` — nothing.
 
 Adding a method: a subclass of :class:`CompMethod` and one :func:`register` line.
@@ -106,17 +109,45 @@ def _fit_report(stats: Stats, err_after: float, cos_after: float | None = None) 
     return rep
 
 
+RECON_LAYERS = ("before", "after", "both")
+RECON_LOSSES = ("mse", "cosine")
+
+
+@dataclass(frozen=True)
+class ReconSpec:
+    """Training of ``reconstruct``: Adam steps and learning rate, which kept layers, which loss."""
+
+    steps: int = 200
+    lr: float = 2e-4
+    layers: str = "before"
+    loss: str = "mse"
+    batch: int = 2  # calibration windows per step (only the trained layers run: small steps, many of them)
+
+    def validate(self) -> None:
+        if self.steps < 0 or not self.lr > 0 or self.batch < 1:
+            raise LayerpruneError("reconstruct needs --recon-steps >= 0, --recon-lr > 0 and --recon-batch >= 1")
+        if self.layers not in RECON_LAYERS:
+            raise LayerpruneError(f"unknown --recon-layers '{self.layers}'; choose one of {', '.join(RECON_LAYERS)}")
+        if self.loss not in RECON_LOSSES:
+            raise LayerpruneError(f"unknown --recon-loss '{self.loss}'; choose one of {', '.join(RECON_LOSSES)}")
+
+
 class CompMethod:
-    """Base class: ``map_shape`` says what the method fits (matrix, or a scalar on the residual)."""
+    """Base class: ``map_shape`` says what the method fits (matrix, or a scalar on the residual); ``trains``:
+    the method also trains weights after the fold (see :mod:`.reconstruct`)."""
 
     name = "base"
     map_shape = "matrix"
+    trains = False
     doc = ""
 
-    def __init__(self, ridge: float = 0.0, steps: int = 100, lr: float = 1e-3, max_tokens: int = 16384):
+    def __init__(self, ridge: float = 0.0, steps: int = 100, lr: float = 1e-3, max_tokens: int = 16384,
+                 recon: ReconSpec | None = None):
         if ridge < 0:
             raise LayerpruneError("--ridge must be >= 0")
         self.ridge, self.steps, self.lr, self.max_tokens = ridge, steps, lr, max_tokens
+        self.recon = recon or ReconSpec()
+        self.recon.validate()
 
     def keep_activations(self) -> int:
         return 0
@@ -237,6 +268,16 @@ class ScaleMethod(CompMethod):
         return Fit("scalar", alpha=alpha, report=rep)
 
 
+class ReconstructMethod(LstsqMethod):
+    name = "reconstruct"
+    trains = True
+    doc = "block-local reconstruction: lstsq, then the kept layer beside each block trained to the dense state"
+
+    def params(self) -> dict[str, Any]:
+        return {"ridge": self.ridge, "steps": self.recon.steps, "lr": self.recon.lr, "layers": self.recon.layers,
+                "loss": self.recon.loss, "batch": self.recon.batch}
+
+
 METHODS: dict[str, type[CompMethod]] = {}
 
 
@@ -245,7 +286,7 @@ def register(cls: type[CompMethod]) -> type[CompMethod]:
     return cls
 
 
-for _cls in (NoneMethod, LstsqMethod, CosineMethod, ScaleMethod):
+for _cls in (NoneMethod, LstsqMethod, CosineMethod, ScaleMethod, ReconstructMethod):
     register(_cls)
 
 
@@ -258,4 +299,4 @@ def make_method(name: str, **params: Any) -> CompMethod:
     return cls(**params)
 
 
-__all__ = ["METHODS", "CompMethod", "Fit", "Stats", "make_method", "register"]
+__all__ = ["METHODS", "CompMethod", "Fit", "ReconSpec", "Stats", "make_method", "register"]

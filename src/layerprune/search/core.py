@@ -19,6 +19,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,19 +102,31 @@ def _proxy_stage(model: Any, proxy: Proxy, cands: list[Candidate], fit: Calibrat
         r["compensated"] = {**q, "fit": [f.describe(parts(model).adapter) for f in got]}
         if q["kl"] < r["plain"]["kl"]:
             r["best"] = {**q, "compensated": True}
-            fits[cut_key(r["removed"])] = got
+            fits[cut_key(r["removed"])] = Folded(got, method, fit)
     return rank(rows), fits
 
 
-def materialize(model: Any, tok: Any, source: str, removed: list[int], fits: Any, out_dir: Path,
+@dataclass
+class Folded:
+    """A candidate's compensation as it is written: the fitted maps, the method (``reconstruct`` also trains
+    the kept layers beside each block when the cut is written; the proxy ranked it by its lstsq maps) and the
+    windows it was fitted on."""
+
+    fits: list[Any]
+    method: Any
+    calib: Calibration
+
+
+def materialize(model: Any, tok: Any, source: str, removed: list[int], comp: Folded | None, out_dir: Path,
                 info: dict[str, Any]) -> Path:
     """Write the cut (its compensation folded in) as a vanilla checkpoint, from a copy of the loaded model."""
-    from ..compensation.core import fold_in_memory
+    from ..compensation import fold_and_train
     from ..models import save_pruned
 
     m = copy.deepcopy(model)
-    if fits:
-        fold_in_memory(m, fits, removed)
+    if comp is not None:
+        trained = fold_and_train(m, removed, comp.fits, comp.method, comp.calib, progress=False)
+        info = {**info, "compensation": comp.method.name, **({"reconstruct": trained} if trained else {})}
     before = count_parameters(m)
     record = prune_layers(m, removed)
     manifest = build_manifest(source, record, method="search", params=info, params_before=before,
