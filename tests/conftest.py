@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Teacher caches and weight hashes go to a folder of this session, never to the user's ~/.cache.
+os.environ["LAYERPRUNE_CACHE"] = tempfile.mkdtemp(prefix="layerprune-test-cache-")
 
 import torch  # noqa: E402
 

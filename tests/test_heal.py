@@ -337,6 +337,7 @@ def test_shared_prefix_distill_equals_plain_and_calls_fewer_teacher_layers(tmp_p
         logs[share], snaps[share] = Logs(), Snap()
         res[share] = heal(tmp_path / "pruned", tmp_path / f"out{share}", callbacks=[logs[share], snaps[share]],
                           method="distill", layers="last2", distill_shared_prefix=share, tie_mode=mode,
+                          teacher_cache="off",
                           data=str(data_file), **{**FAST, "max_steps": 3})
     on, off = res[True]["distill_shared_prefix"], res[False]["distill_shared_prefix"]
     assert on["used"] and on["layers"] == 2 and not off["used"]
@@ -352,7 +353,8 @@ def test_shared_prefix_refused_when_the_prefix_differs(tmp_path, data_file):
     from layerprune.prune import prune_checkpoint
 
     prune_checkpoint(str(src), tmp_path / "pruned", remove=[0])  # the student's layer 0 is the teacher's layer 1
-    r = heal(tmp_path / "pruned", tmp_path / "out", method="distill", layers="last2", data=str(data_file), **FAST)
+    r = heal(tmp_path / "pruned", tmp_path / "out", method="distill", layers="last2", data=str(data_file),
+             teacher_cache="off", **FAST)
     assert r["distill_shared_prefix"]["used"] is False and "differ" in r["distill_shared_prefix"]["why"]
 
 

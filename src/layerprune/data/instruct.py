@@ -236,6 +236,9 @@ def _tokenize_with_boundary(tok: Any, r: Rendered) -> tuple[list[int], int]:
     return ids, len(p_ids)
 
 
+SAMPLE_INDEX = "sample_index"  # a batch's dataset indices, one per sample
+
+
 @dataclass
 class PadCollator:
     """Right-pads a list of encoded samples; labels are padded with -100, never with a token id."""
@@ -256,10 +259,11 @@ class PadCollator:
             ids[i, :k] = torch.tensor(f["input_ids"])
             labels[i, :k] = torch.tensor(f["labels"])
             mask[i, :k] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if all("index" in f for f in features):  # the teacher cache is keyed by it
+            out[SAMPLE_INDEX] = torch.tensor([f["index"] for f in features])
+        return out
 
-
-SAMPLE_INDEX = "sample_index"  # a packed batch's dataset indices, one per sample
 
 
 class PackCollator:

@@ -46,6 +46,13 @@ class HealConfig:
     distill_weight: float = opt(0.5, "weight of the KL term (the LM loss gets 1 - w)", "method")
     distill_shared_prefix: bool = opt(True, "the teacher reuses the student's frozen layers when they are its own "
                                             "first layers", "method")
+    teacher_cache: str = opt("auto", "distillation: the teacher's log-probs computed once per (teacher, data) and "
+                                     "read from disk by every later run: auto ($LAYERPRUNE_CACHE or "
+                                     "~/.cache/layerprune), off (live teacher), or a folder", "method")
+    teacher_top_k: int = opt(64, "teacher cache: log-probs kept per position where the vocabulary is larger "
+                                 "than --teacher-full-max (top-K is biased: see docs/healing.md)", "method")
+    teacher_full_max: int = opt(4096, "teacher cache: vocabularies up to this size are kept whole (exact)",
+                                "method")
 
     # Data.
     data: str = opt("alpaca", "preset (alpaca, dolly), local JSON/JSONL/Parquet file or folder, or Hub id", "data")
@@ -125,6 +132,10 @@ class HealConfig:
             raise LayerpruneError("distill_weight must be between 0 and 1")
         if self.distill_temperature <= 0:
             raise LayerpruneError("distill_temperature must be positive")
+        if self.teacher_top_k < 1 or self.teacher_full_max < 0:
+            raise LayerpruneError("teacher_top_k must be at least 1 and teacher_full_max at least 0")
+        if not self.teacher_cache:
+            raise LayerpruneError("teacher_cache must be auto, off or a folder")
         if self.eval_steps < 1 or self.logging_steps < 1:
             raise LayerpruneError("eval_steps and logging_steps must be at least 1")
         if self.save_steps is not None and self.save_steps % self.eval_steps:

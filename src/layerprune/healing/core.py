@@ -41,9 +41,10 @@ from ..models import (
 )
 from .checkpoints import checkpoints, finished_step, last_complete
 from .config import HealConfig
-from .distill import SharedPrefix, check_vocab, load_teacher
+from .distill import SharedPrefix, check_cached_vocab, check_vocab, load_teacher
 from .methods import ExportContext, get_method, resolved, trainable_parameters
 from .prefix_cache import PrefixCache
+from .teacher_cache import TeacherCache, cache_root, weights_fingerprint
 from .train import (
     PACK_AUTO_MAX_TOKENS,
     DivergenceGuard,
@@ -168,9 +169,12 @@ class _Run:
         model = load_model(src, dtype=load_dtype, **self.behaviour.load_kwargs(cfg, self.device))
         total_params = count_parameters(model)
         head = parts(model).head
-        teacher = self._teacher(src, load_dtype)
+        teacher, tcache, tcache_why = self._distill_source(src, load_dtype, data, tok,
+                                                           int(parts(model).head.weight.shape[0]))
         if teacher is not None:
             check_vocab(model, teacher)
+        if tcache is not None:
+            check_cached_vocab(model, tcache)
         set_seed(cfg.seed)  # adapter initialisation is seeded
         prepared = self.method.prepare(model, cfg)
         trainable = trainable_parameters(prepared.model)
@@ -181,7 +185,8 @@ class _Run:
         cache, cache_why = self._prefix_cache(prepared.model, prepared.info, packing["used"], data)
         share, share_why = self._shared_prefix(prepared.model, teacher, prepared.info)
         progress = HealProgress(enabled=cfg.progress, desc=f"heal {cfg.method}")
-        trainer = self._trainer(prepared.model, tok, data, head, teacher, progress, packing["used"], cache, share)
+        trainer = self._trainer(prepared.model, tok, data, head, teacher, progress, packing["used"], cache, share,
+                                tcache)
         val_before = self._val_before(trainer, data, resume_from)
         mem = PeakMemory(self.device)
         mem.start()
@@ -222,6 +227,8 @@ class _Run:
             "distill_shared_prefix": None if teacher is None else
             {"used": True, "layers": share.first, "teacher_layer_calls": share.teacher_layers_run}
             if share is not None else {"used": False, "why": share_why},
+            "teacher_cache": tcache.summary() if tcache is not None else
+            {"used": False, "why": tcache_why} if tcache_why else None,
             "steps": state.global_step,
             "max_steps": state.max_steps,
             "epochs": state.epoch,
@@ -269,7 +276,8 @@ class _Run:
                                   f"{self.cfg.micro_batch_size} x {ws} processes")
         return self.cfg.batch_size // per_step
 
-    def _teacher(self, src: str, load_dtype: Any) -> torch.nn.Module | None:
+    def _teacher_path(self, src: str) -> str | None:
+        """The distillation teacher's local path (None without distillation)."""
         cfg = self.cfg
         if cfg.teacher is None and cfg.method != "distill":
             return None
@@ -281,7 +289,34 @@ class _Run:
             path = read_json(manifest).get("source_model")
             if not path:
                 raise LayerpruneError("layerprune.json names no source model; give --teacher")
-        return load_teacher(resolve_model(path), load_dtype, self.device)
+        return resolve_model(path)
+
+    def _distill_source(self, src: str, load_dtype: Any, data: InstructData, tok: Any, vocab: int
+                        ) -> tuple[torch.nn.Module | None, TeacherCache | None, str | None]:
+        """(live teacher, teacher cache, why no cache): the cache is read when it exists for this teacher and
+        data, else built once (the teacher loaded for it and dropped); ``teacher_cache: off`` runs it live.
+        ``vocab`` (the student's) decides whether the whole distribution is kept."""
+        path = self._teacher_path(src)
+        if path is None:
+            return None, None, None
+        cfg = self.cfg
+        if cfg.teacher_cache == "off":
+            return load_teacher(path, load_dtype, self.device), None, "off (teacher_cache: off)"
+        root = cache_root() if cfg.teacher_cache == "auto" else Path(cfg.teacher_cache)
+        key = TeacherCache.key(weights_fingerprint(path, root), data.fingerprint, vocab, cfg.teacher_top_k,
+                               cfg.teacher_full_max, str(load_dtype))
+        folder = TeacherCache.folder_for(key, root)
+        cache = TeacherCache.open(folder, key)
+        if cache is None and self.main:
+            teacher = load_teacher(path, load_dtype, self.device)
+            cache = TeacherCache.build(teacher, data.train, folder, key, k=cfg.teacher_top_k, pad_id=pad_id_for(tok),
+                                       progress=cfg.progress)
+            del teacher
+        self.barrier()
+        cache = cache or TeacherCache.open(folder, key)
+        if cache is None:
+            raise LayerpruneError(f"teacher cache {folder} could not be read after it was built")
+        return None, cache, None
 
     def _run_config(self, src: str, data: InstructData) -> dict[str, Any]:
         keep = {k: v for k, v in self.cfg.to_dict().items() if k not in _RUNTIME_KEYS}
@@ -415,7 +450,8 @@ class _Run:
 
     def _trainer(self, model: torch.nn.Module, tok: Any, data: InstructData, head: torch.nn.Module,
                  teacher: torch.nn.Module | None, progress: HealProgress, packing: bool,
-                 prefix_cache: PrefixCache | None, shared_prefix: SharedPrefix | None = None) -> HealTrainer:
+                 prefix_cache: PrefixCache | None, shared_prefix: SharedPrefix | None = None,
+                 teacher_cache: TeacherCache | None = None) -> HealTrainer:
         from transformers import TrainingArguments
 
         cfg = self.cfg
@@ -467,7 +503,7 @@ class _Run:
             callbacks=[progress, DivergenceGuard(), EvalAtEnd(), *self.callbacks], head=head, teacher=teacher,
             teacher_head=parts(teacher).head if teacher is not None else None,
             distill_temperature=cfg.distill_temperature, distill_weight=cfg.distill_weight,
-            prefix_cache=prefix_cache, shared_prefix=shared_prefix)
+            prefix_cache=prefix_cache, shared_prefix=shared_prefix, teacher_cache=teacher_cache)
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # our bar reports; the printer would dump every log dict

@@ -102,4 +102,13 @@ def check_vocab(student: Any, teacher: Any) -> None:
                               "same tokenizer")
 
 
-__all__ = ["SharedPrefix", "check_vocab", "kd_loss_sum", "load_teacher", "mixed_loss_sum"]
+def check_cached_vocab(student: Any, cache: Any) -> None:
+    """The cached teacher must score the student's vocabulary."""
+    s = student.get_output_embeddings().weight.shape[0]
+    t = cache.meta["vocab"]
+    if s != t:
+        raise LayerpruneError(f"the cached teacher's vocabulary ({t}) differs from the student's ({s}); "
+                              "distillation needs the same tokenizer")
+
+
+__all__ = ["SharedPrefix", "check_cached_vocab", "check_vocab", "kd_loss_sum", "load_teacher", "mixed_loss_sum"]

@@ -24,10 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from ..data.instruct import IGNORE_INDEX, PackCollator, PadCollator, model_inputs
+from ..data.instruct import IGNORE_INDEX, SAMPLE_INDEX, PackCollator, PadCollator, model_inputs
 from ..errors import LayerpruneError
 from .distill import kd_loss_sum, mixed_loss_sum
 from .prefix_cache import PrefixCache
+from .teacher_cache import TeacherCache, cached_kd_loss_sum
 
 
 class HeadSelector:
@@ -84,13 +85,14 @@ class HealTrainer(Trainer):
     def __init__(self, *args: Any, head: nn.Module, teacher: nn.Module | None = None,
                  teacher_head: nn.Module | None = None, distill_temperature: float = 2.0,
                  distill_weight: float = 0.5, prefix_cache: PrefixCache | None = None,
-                 shared_prefix: Any = None, **kwargs: Any):
+                 shared_prefix: Any = None, teacher_cache: TeacherCache | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.selector = HeadSelector(head)
         self.prefix_cache = prefix_cache
         self.teacher = teacher
         self.teacher_selector = HeadSelector(teacher_head) if teacher is not None and teacher_head else None
         self.shared_prefix = shared_prefix  # SharedPrefix: the teacher reuses the student's frozen prefix
+        self.teacher_cache = teacher_cache  # the teacher's log-probs from disk (no teacher loaded)
         self.distill_temperature = distill_temperature
         self.distill_weight = distill_weight
         self._entropy = [0.0, 0]  # predictive entropy summed over the evaluated tokens, and their count
@@ -116,7 +118,11 @@ class HealTrainer(Trainer):
                 self._entropy[0] += float(-(logp.exp() * logp).sum())
                 self._entropy[1] += logits.shape[0]
                 self._vocab = logits.shape[-1]
-        if self.teacher is not None and model.training:
+        if self.teacher_cache is not None and model.training:
+            values, indices = self.teacher_cache.targets(inputs[SAMPLE_INDEX], logits.shape[0])
+            kd = cached_kd_loss_sum(logits, values, indices, self.distill_temperature)
+            loss_sum = mixed_loss_sum(loss_sum, kd, self.distill_weight)
+        elif self.teacher is not None and model.training:
             # Distillation shapes training only; evaluation reports the plain LM loss so validation losses
             # compare across methods and with the loss before healing.
             ctx = self.teacher_selector.select(keep) if self.teacher_selector else contextlib.nullcontext()

@@ -1,0 +1,132 @@
+"""The teacher cache: a hit reproduces the live teacher's losses (whole distribution) without loading the
+teacher; top-K is the renormalised KL; keys follow the teacher's weights and the data; heal.json says what
+happened; a killed build leaves nothing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from layerprune.errors import LayerpruneError
+from layerprune.healing import heal
+from layerprune.healing.teacher_cache import (
+    TeacherCache,
+    cached_kd_loss_sum,
+    loss_positions,
+    weights_fingerprint,
+)
+from test_heal import Logs
+
+from conftest import FAST, save_tiny
+
+STEPS = dict(FAST, max_steps=4)
+
+
+@pytest.fixture
+def pruned(tmp_path):
+    from layerprune.prune import prune_checkpoint
+
+    src = save_tiny(tmp_path / "src", "llama")
+    prune_checkpoint(str(src), tmp_path / "pruned", tail=2)
+    return tmp_path / "pruned"
+
+
+def _heal(pruned, out, data_file, **opts):
+    logs = Logs()
+    r = heal(pruned, out, callbacks=[logs], method="distill", distill_weight=0.7, data=str(data_file),
+             **{**STEPS, **opts})
+    return r, logs.losses
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_hit_equals_live_teacher_and_never_loads_it(pruned, tmp_path, data_file, monkeypatch, packing):
+    cache = tmp_path / "cache"
+    live, l_live = _heal(pruned, tmp_path / "live", data_file, teacher_cache="off", packing=packing)
+    miss, l_miss = _heal(pruned, tmp_path / "miss", data_file, teacher_cache=str(cache), packing=packing)
+    import layerprune.healing.core as core
+
+    def no_teacher(*a, **k):
+        raise AssertionError("a cache hit must not load the teacher")
+
+    monkeypatch.setattr(core, "load_teacher", no_teacher)
+    hit, l_hit = _heal(pruned, tmp_path / "hit", data_file, teacher_cache=str(cache), packing=packing)
+    assert live["teacher_cache"] == {"used": False, "why": "off (teacher_cache: off)"}
+    assert miss["teacher_cache"]["hit"] is False and hit["teacher_cache"]["hit"] is True
+    assert hit["teacher_cache"]["kept"] == "full" and hit["teacher_cache"]["bytes"] > 0
+    assert l_live[0] > 1e-3  # a pruned student: the KL term is not zero
+    assert l_miss == pytest.approx(l_live, rel=1e-5, abs=1e-6)
+    assert l_hit == pytest.approx(l_live, rel=1e-5, abs=1e-6)
+    assert hit["final_val_loss"] == pytest.approx(live["final_val_loss"], rel=1e-5)
+    saved = json.loads((tmp_path / "hit" / "heal.json").read_text())
+    assert saved["teacher_cache"]["hit"] is True
+
+
+def test_top_k_cache(pruned, tmp_path, data_file):
+    r, losses = _heal(pruned, tmp_path / "k", data_file, teacher_cache=str(tmp_path / "c"), teacher_full_max=0,
+                      teacher_top_k=8)
+    assert r["teacher_cache"]["kept"] == "top-8" and r["teacher_cache"]["k"] == 8
+    assert all(torch.isfinite(torch.tensor(losses)))
+    meta = json.loads((next((tmp_path / "c").glob("*/meta.json"))).read_text())
+    assert meta["vocab"] == 128 and meta["positions"] > 0
+
+
+def test_cached_top_k_loss_is_the_renormalised_kl():
+    torch.manual_seed(0)
+    s, t = torch.randn(5, 11), torch.randn(5, 11)
+    temp = 2.0
+    t_logp = torch.log_softmax(t, -1)
+    # Whole distribution: the live definition.
+    live = torch.nn.functional.kl_div(torch.log_softmax(s / temp, -1), torch.log_softmax(t / temp, -1),
+                                      log_target=True, reduction="sum") * temp * temp
+    assert torch.allclose(cached_kd_loss_sum(s, t_logp, None, temp), live, atol=1e-5)
+    # Top-3: the teacher renormalised over its kept tokens, the student's full log-probs gathered there.
+    v, ix = t_logp.topk(3, -1)
+    pt = torch.softmax(v / temp, -1)
+    ls = torch.log_softmax(s / temp, -1).gather(-1, ix)
+    manual = (pt * (pt.log() - ls)).sum() * temp * temp
+    assert torch.allclose(cached_kd_loss_sum(s, v, ix, temp), manual, atol=1e-5)
+
+
+def test_keys_follow_weights_and_data(tmp_path):
+    a = save_tiny(tmp_path / "a", "llama")
+    b = save_tiny(tmp_path / "b", "llama", seed=1)
+    c = save_tiny(tmp_path / "c", "llama")
+    root = tmp_path / "root"
+    fa, fb, fc = (weights_fingerprint(p, root) for p in (a, b, c))
+    assert fa == fc != fb  # content, not the folder's name
+    assert (root / "hashes.json").is_file()
+    k1 = TeacherCache.key(fa, "data1", 128, 64, 4096, "float32")
+    assert TeacherCache.folder_for(k1, root) != TeacherCache.folder_for({**k1, "data": "data2"}, root)
+    assert TeacherCache.key(fa, "d", 50000, 64, 4096, "float32")["kept"] == "top-64"
+    assert TeacherCache.open(TeacherCache.folder_for(k1, root), k1) is None  # nothing there: a miss
+
+
+def test_loss_positions():
+    assert loss_positions([-100, -100, 5, 6, -100]) == [1, 2]
+    assert loss_positions([1, 2, 3]) == [0, 1]
+
+
+def test_a_failed_build_leaves_no_cache(pruned, tmp_path, data_file, monkeypatch):
+    from layerprune.healing import teacher_cache as tc
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tc, "save_file", boom, raising=False)
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        _heal(pruned, tmp_path / "o", data_file, teacher_cache=str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").glob("*/meta.json"))
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "c").iterdir()) if (tmp_path / "c").exists() else True
+
+
+def test_bad_settings_refused():
+    from layerprune.healing import HealConfig
+
+    for bad in ({"teacher_top_k": 0}, {"teacher_full_max": -1}, {"teacher_cache": ""}):
+        with pytest.raises(LayerpruneError):
+            HealConfig(**bad).validate()
