@@ -1,15 +1,19 @@
 #!/usr/bin/env python
-"""Healing quality against wall-clock time: {partial, distill, LoRA} x {no compensation, lstsq}, one run.
+"""Healing quality against wall-clock time: {partial, distill, LoRA} x {none, lstsq, reconstruct} x
+{alpaca, c4 text}, one run.
 
-SmolLM2-135M-Instruct with the demo's removal (the last 7 of 30 layers). Every cell heals the same Alpaca rows
-with the same batch, seed and constant learning rate for the same *training* time budgets (evaluation time is
-not counted); at each budget it records the validation loss and wikitext-2 perplexity (seed protocol, first
-``--ppl-tokens`` tokens). Compensation's own time is reported beside it and charged to the compensated cells.
+SmolLM2-135M-Instruct with the demo's removal (the last 7 of 30 layers; ``--remove`` for another cut, e.g. the
+bi cut 12-15,17,25,26). Every cell heals with the same batch, seed and constant learning rate for the same
+*training* time budgets (evaluation time is not counted); at each budget it records the validation loss and
+wikitext-2 perplexity (seed protocol, first ``--ppl-tokens`` tokens). Compensation's own time is reported
+beside it and charged to the compensated cells. Distillation reads the teacher cache (built by the first
+distill cell of each data source; its build time is printed, not charged: it is shared by every later run).
 
-Prints, per cell and budget, PPL and validation loss; then, as ratios measured in this run:
-* the training time each cell needs to reach the final validation loss of uncompensated partial (goal: the
-  compensated cells reach it in <= 1/10 of partial's time);
-* distill / partial tokens/s (goal >= 0.8, shared-prefix distillation).
+A cell is ``method:compensation[:data]`` (data: alpaca or c4; default alpaca). Prints, per cell and budget,
+PPL and validation loss; then, as ratios measured in this run:
+* the training time each cell needs to reach the final validation loss of uncompensated partial on the same
+  data (goal: <= 0.2x partial's time, 0.1x stretch);
+* distill (from the cache) / partial tokens/s on the same compensation and data (goal >= 0.95).
 
     python bench/heal_quality.py                          # budgets 2,5,10 minutes (about 70 minutes in all)
     python bench/heal_quality.py --budgets 1,2 --cells partial:lstsq,distill:lstsq
@@ -40,9 +44,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="default")
     p.add_argument("--tail", type=int, default=7, help="layers removed from the tail (the demo's 7 of 30)")
+    p.add_argument("--remove", default=None, help="removed layers instead of --tail, e.g. 12-15,17,25,26")
     p.add_argument("--budgets", default="2,5,10", help="training minutes at which quality is recorded")
     p.add_argument("--cells", default="partial:none,partial:lstsq,distill:none,distill:lstsq,lora:none,lora:lstsq",
-                   help="method:compensation pairs")
+                   help="method:compensation[:data] cells (compensation none|lstsq|reconstruct, data alpaca|c4)")
     p.add_argument("--lr", default="partial=3e-4,distill=3e-4,lora=1e-3,full=5e-5",
                    help="learning rate per method (constant after --warmup-steps)")
     p.add_argument("--layers", default="last3")
@@ -56,6 +61,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ppl-tokens", type=int, default=16384)
     p.add_argument("--comp-nsamples", type=int, default=64)
     p.add_argument("--comp-seqlen", type=int, default=256)
+    p.add_argument("--recon", default="", metavar="KEY=VALUE,...",
+                   help="reconstruct settings, e.g. recon_steps=100,recon_lr=5e-4 (default: the library's)")
     p.add_argument("--data-dir", default=os.environ.get("LAYERPRUNE_DATA") or str(REPO.parent / "shared" / "data"))
     p.add_argument("--work", default=str(REPO / "bench_runs" / "heal_quality"), help="scratch folder")
     p.add_argument("--heal-opt", action="append", default=[], metavar="KEY=VALUE",
@@ -74,14 +81,14 @@ def main() -> int:
         for f in args.merge:
             part = json.loads(Path(f).read_text())
             merged["cells"].update(part["cells"])
-            merged.setdefault("ppl", part.get("ppl"))
+            merged.setdefault("ppl", {}).update(part.get("ppl") or {})
         budgets = sorted(float(b) * 60 for b in json.loads(Path(args.merge[0]).read_text())["settings"]["budgets"]
                          .split(","))
-        print(f"PPL dense {merged['ppl']['dense']:.1f}  pruned {merged['ppl']['pruned']:.4g}  "
-              f"lstsq {merged['ppl']['lstsq']:.1f}")
+        print("PPL " + "  ".join(f"{k} {v:.4g}" for k, v in merged["ppl"].items()))
         _summary(merged, budgets)
         return 0
     import torch
+    import yaml
     from transformers import TrainerCallback
 
     from layerprune.compensation import CompensationConfig, compensate_checkpoint
@@ -105,26 +112,33 @@ def main() -> int:
         return ppl(m.eval(), tok)
 
     results: dict = {"settings": vars(args), "cells": {}}
+    from layerprune.prune import parse_layer_list
+
+    cut = dict(remove=parse_layer_list(args.remove)) if args.remove else dict(tail=args.tail)
     pruned = work / "pruned"
     if not pruned.exists():
-        prune_checkpoint(args.model, pruned, tail=args.tail)
-    comp = work / "lstsq"
-    t0 = time.perf_counter()
-    if not comp.exists():
-        compensate_checkpoint(args.model, comp, tail=args.tail, calib_data_dir=args.data_dir, progress=False,
-                              config=CompensationConfig(nsamples=args.comp_nsamples, seqlen=args.comp_seqlen))
-    comp_s = json.loads((comp / "layerprune.json").read_text())["compensation"]["seconds"]
+        prune_checkpoint(args.model, pruned, **cut)
+    recon = {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in args.recon.split(",") if x)}
+    methods = sorted({c.split(":")[1] for c in args.cells.split(",")} - {"none"})
+    comp_dirs: dict[str, Path] = {"none": pruned}
+    comp_s: dict[str, float] = {"none": 0.0}
+    for name in methods:
+        comp_dirs[name] = work / name
+        if not comp_dirs[name].exists():
+            compensate_checkpoint(args.model, comp_dirs[name], calib_data_dir=args.data_dir, progress=False, **cut,
+                                  config=CompensationConfig(method=name, nsamples=args.comp_nsamples,
+                                                            seqlen=args.comp_seqlen, **recon))
+        comp_s[name] = json.loads((comp_dirs[name] / "layerprune.json").read_text())["compensation"]["seconds"]
     results["compensation_seconds"] = comp_s
-    cached = work / f"ppl-{args.ppl_tokens}.json"  # the three reference numbers depend on nothing else
-    if cached.is_file():
-        results["ppl"] = json.loads(cached.read_text())
-    else:
-        results["ppl"] = {"dense": ppl_of(args.model if args.model != "default" else _default()),
-                          "pruned": ppl_of(pruned), "lstsq": ppl_of(comp)}
-        cached.write_text(json.dumps(results["ppl"]))
-    print(f"PPL dense {results['ppl']['dense']:.1f}  pruned {results['ppl']['pruned']:.4g}  "
-          f"lstsq {results['ppl']['lstsq']:.1f} (compensation {comp_s:.0f} s, {time.perf_counter() - t0:.0f} s "
-          "with loading)", flush=True)
+    cached = work / f"ppl-{args.ppl_tokens}.json"  # the reference numbers depend on nothing else
+    results["ppl"] = json.loads(cached.read_text()) if cached.is_file() else {}
+    for name, d in [("dense", args.model if args.model != "default" else _default()), *comp_dirs.items()]:
+        if name not in results["ppl"]:
+            results["ppl"][name] = ppl_of(d)
+    cached.write_text(json.dumps(results["ppl"]))
+    print("PPL " + "  ".join(f"{k} {v:.4g}" for k, v in results["ppl"].items())
+          + "  (compensation seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in comp_s.items() if k != "none") + ")",
+          flush=True)
 
     class Budget(TrainerCallback):
         """Training-time clock; evaluates at each budget (and every --eval-every), stops after the last."""
@@ -166,12 +180,12 @@ def main() -> int:
                   + (f"  ppl {point['ppl']:.1f}" if "ppl" in point else ""), flush=True)
 
     for cell in args.cells.split(","):
-        method, c = cell.split(":")
-        src = comp if c == "lstsq" else pruned
+        method, c, data = (cell.split(":") + ["alpaca"])[:3]
+        src = comp_dirs[c]
         _, tok = load(src, dtype="float32")
         cb = Budget(tok)
-        print(f"{method} + {c}", flush=True)
-        opts = dict(method=method, data="alpaca", data_dir=args.data_dir, max_steps=10**6, lr=lrs[method],
+        print(f"{method} + {c} on {data}", flush=True)
+        opts = dict(method=method, data=data, data_dir=args.data_dir, max_steps=10**6, lr=lrs[method],
                     lr_scheduler="constant_with_warmup", warmup_steps=args.warmup_steps,
                     batch_size=args.batch_size, micro_batch_size=args.micro_batch_size,
                     cutoff_len=args.cutoff_len, val_size=args.val_size, eval_steps=10**6, eval_before=True,
@@ -180,18 +194,20 @@ def main() -> int:
             opts["layers"] = args.layers
             if args.tie_mode:
                 opts["tie_mode"] = args.tie_mode
-        import yaml
-
         opts.update({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.heal_opt)})
         if method == "distill":
             opts["teacher"] = str(_default() if args.model == "default" else args.model)
         tag = (f"-{args.tie_mode}" if args.tie_mode else "") + (f"-{args.tag}" if args.tag else "")
-        r = heal(src, work / f"healed-{method}-{c}{tag}", callbacks=[cb], **opts)
+        r = heal(src, work / f"healed-{method}-{c}-{data}{tag}", callbacks=[cb], **opts)
         results["cells"][cell] = {"points": cb.points, "val_loss_before": r["val_loss_before"],
                                   "tokens_per_s": r["tokens_per_s"], "steps": r["steps"],
-                                  "compensation_s": comp_s if c == "lstsq" else 0.0,
+                                  "compensation_s": comp_s[c], "data": data,
                                   "shared_prefix": r.get("distill_shared_prefix"),
+                                  "teacher_cache": r.get("teacher_cache"),
                                   "prefix_cache": r["prefix_cache"].get("used")}
+        if (r.get("teacher_cache") or {}).get("build_seconds"):
+            print(f"  teacher cache built in {r['teacher_cache']['build_seconds']:.0f} s "
+                  f"({r['teacher_cache']['bytes'] / 2**20:.0f} MiB, {r['teacher_cache']['kept']})", flush=True)
     _summary(results, budgets)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
@@ -214,24 +230,35 @@ def _summary(results: dict, budgets: list[float]) -> None:
             pt = next((p for p in r["points"] if abs(p["minutes"] * 60 - b) < 1e-6), None)
             row.append(f"{pt['ppl']:.1f} / {pt['val_loss']:.3f}" if pt and "ppl" in pt else "–")
         print(f"| {cell} | " + " | ".join(row) + f" | {r['tokens_per_s']:.0f} |")
-    ref = cells.get("partial:none")
-    if ref and ref["points"]:
+    for data in sorted({r.get("data", "alpaca") for r in cells.values()}):
+        ref = next((r for c, r in cells.items() if c.split(":")[:2] == ["partial", "none"]
+                    and r.get("data", "alpaca") == data), None)
+        if not ref or not ref["points"]:
+            continue
         target = ref["points"][-1]["val_loss"]
         t_ref = ref["points"][-1]["train_s"]
-        print(f"\ntarget: partial without compensation's final validation loss {target:.4f} "
+        print(f"\n{data}: target = uncompensated partial's final validation loss {target:.4f} "
               f"(after {t_ref / 60:.1f} min)")
         for cell, r in cells.items():
+            if r.get("data", "alpaca") != data:
+                continue
             if r["val_loss_before"] is not None and r["val_loss_before"] <= target:
                 t = r["compensation_s"]
             else:
                 t = next((p["train_s"] + r["compensation_s"] for p in r["points"] if p["val_loss"] <= target), None)
-            print(f"  {cell:16s} reaches it after " + (f"{t / 60:.2f} min = {t / t_ref:.3f}x partial's time"
+            print(f"  {cell:28s} reaches it after " + (f"{t / 60:.2f} min = {t / t_ref:.3f}x partial's time"
                                                      if t is not None else "– (not within the budget)"))
-    for c in ("none", "lstsq"):
-        d, p = cells.get(f"distill:{c}"), cells.get(f"partial:{c}")
-        if d and p and p["tokens_per_s"]:
-            print(f"distill / partial tokens/s ({c}): {d['tokens_per_s'] / p['tokens_per_s']:.2f}")
-
+    for cell, d in cells.items():
+        method, rest = cell.split(":", 1)
+        p = cells.get(f"partial:{rest}")
+        if method == "distill" and p and p["tokens_per_s"]:
+            how = "cache" if (d.get("teacher_cache") or {}).get("used") else "live teacher"
+            print(f"distill ({how}) / partial tokens/s ({rest}): {d['tokens_per_s'] / p['tokens_per_s']:.2f}")
+    best = min(((p["ppl"], c, p["minutes"]) for c, r in cells.items() for p in r["points"] if "ppl" in p),
+               default=None)
+    if best and results.get("ppl", {}).get("dense"):
+        print(f"best cell: {best[1]} after {best[2]:g} min: PPL {best[0]:.1f} = "
+              f"{best[0] / results['ppl']['dense']:.2f}x dense")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -51,3 +51,33 @@ def test_heal_on_general_text(tmp_path, text_file):
     src = save_tiny(tmp_path / "m")
     r = heal(str(src), tmp_path / "h", data=str(text_file), **{**FAST, "cutoff_len": 16})
     assert r["steps"] == FAST["max_steps"] and r["data"]["format"] == "text"
+
+
+def test_self_generated_data_is_sampled_once_and_reused(tmp_path, smollm2_path, data_dir):
+    """``--data self:N``: N teacher-sampled texts from C4 openings, written once, read as general text."""
+    import json
+
+    from layerprune.healing import heal
+    from layerprune.prune import prune_checkpoint
+
+    from conftest import save_tiny_smol
+
+    src = save_tiny_smol(tmp_path / "src", smollm2_path)
+    prune_checkpoint(str(src), tmp_path / "pruned", tail=2)
+    opts = dict(FAST, method="distill", data="self:6", cutoff_len=24, val_size=1, data_dir=str(data_dir))
+    a = heal(tmp_path / "pruned", tmp_path / "a", **opts)
+    gen = a["data"]["self_generated"]
+    assert gen["hit"] is False and gen["n"] == 6 and a["data"]["format"] == "text"
+    rows = [json.loads(x) for x in open(gen["file"])]
+    assert len(rows) == 6 and all(r["text"] for r in rows)
+    b = heal(tmp_path / "pruned", tmp_path / "b", **opts)
+    assert b["data"]["self_generated"]["hit"] is True and b["data_fingerprint"] == a["data_fingerprint"]
+    assert b["teacher_cache"]["hit"] is True  # same teacher, same data: the teacher is not run again
+
+
+@pytest.mark.parametrize("bad", ["self:0", "self:x", "self:", "self:-3"])
+def test_malformed_self_count_refused(bad):
+    from layerprune.healing import HealConfig
+
+    with pytest.raises(LayerpruneError, match="self:N"):
+        HealConfig(data=bad).validate()

@@ -55,7 +55,8 @@ class HealConfig:
                                 "method")
 
     # Data.
-    data: str = opt("alpaca", "preset (alpaca, dolly), local JSON/JSONL/Parquet file or folder, or Hub id", "data")
+    data: str = opt("alpaca", "preset (alpaca, dolly, c4), a local JSON/JSONL/Parquet/text file or folder, a Hub "
+                              "id, or self:N (N sequences sampled from the teacher)", "data")
     data_dir: str | None = opt(None, "folder laid out like shared/data (default: $LAYERPRUNE_DATA); used "
                                      "instead of the Hub", "data", recipe=False)
     template: str | None = opt(None, "prompt template (default: the dataset format's own)", "data",
@@ -136,6 +137,9 @@ class HealConfig:
             raise LayerpruneError("teacher_top_k must be at least 1 and teacher_full_max at least 0")
         if not self.teacher_cache:
             raise LayerpruneError("teacher_cache must be auto, off or a folder")
+        from .selfgen import self_count
+
+        self_count(self.data)  # a malformed self:N is refused here, before any loading
         if self.eval_steps < 1 or self.logging_steps < 1:
             raise LayerpruneError("eval_steps and logging_steps must be at least 1")
         if self.save_steps is not None and self.save_steps % self.eval_steps:

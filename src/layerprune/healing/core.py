@@ -44,6 +44,7 @@ from .config import HealConfig
 from .distill import SharedPrefix, check_cached_vocab, check_vocab, load_teacher
 from .methods import ExportContext, get_method, resolved, trainable_parameters
 from .prefix_cache import PrefixCache
+from .selfgen import self_count, self_generated
 from .teacher_cache import TeacherCache, cache_root, weights_fingerprint
 from .train import (
     PACK_AUTO_MAX_TOKENS,
@@ -157,10 +158,12 @@ class _Run:
 
         set_seed(cfg.seed)
         tok = load_tokenizer(src)
-        data = build_instruct_data(tok, cfg.data, data_dir=cfg.data_dir, template=cfg.template, fields=cfg.fields,
+        data_arg, data_note = self._data_source(src, tok)
+        data = build_instruct_data(tok, data_arg, data_dir=cfg.data_dir, template=cfg.template, fields=cfg.fields,
                                    cutoff_len=cfg.cutoff_len, train_on_inputs=cfg.train_on_inputs,
                                    overflow=cfg.overflow, val_size=cfg.val_size,
                                    max_train_samples=cfg.max_train_samples, seed=cfg.seed)
+        data.info.update(data_note)
         resume_from = self._checkpoint_setup(src, data)
 
         load_dtype = parse_dtype(cfg.dtype)
@@ -276,20 +279,32 @@ class _Run:
                                   f"{self.cfg.micro_batch_size} x {ws} processes")
         return self.cfg.batch_size // per_step
 
-    def _teacher_path(self, src: str) -> str | None:
-        """The distillation teacher's local path (None without distillation)."""
+    def _teacher_path(self, src: str, why: str = "method distill") -> str | None:
+        """The distillation teacher's local path (None without distillation; ``why`` asks for it anyway)."""
         cfg = self.cfg
-        if cfg.teacher is None and cfg.method != "distill":
+        if cfg.teacher is None and cfg.method != "distill" and why == "method distill":
             return None
         path = cfg.teacher
         if path is None:
             manifest = Path(src) / MANIFEST
             if not manifest.is_file():
-                raise LayerpruneError("method distill needs --teacher (no layerprune.json names the unpruned model)")
+                raise LayerpruneError(f"{why} needs --teacher (no layerprune.json names the unpruned model)")
             path = read_json(manifest).get("source_model")
             if not path:
                 raise LayerpruneError("layerprune.json names no source model; give --teacher")
         return resolve_model(path)
+
+    def _data_source(self, src: str, tok: Any) -> tuple[str, dict[str, Any]]:
+        """``--data`` as given, or for ``self:N`` the file of N teacher-sampled texts (generated once)."""
+        cfg = self.cfg
+        n = self_count(cfg.data)
+        if n is None:
+            return cfg.data, {}
+        teacher = self._teacher_path(src, why=f"--data {cfg.data}")
+        assert teacher is not None
+        path, info = self_generated(teacher, tok, n, cutoff_len=cfg.cutoff_len, seed=cfg.seed,
+                                    data_dir=cfg.data_dir, device=self.device, progress=cfg.progress)
+        return str(path), info
 
     def _distill_source(self, src: str, load_dtype: Any, data: InstructData, tok: Any, vocab: int
                         ) -> tuple[torch.nn.Module | None, TeacherCache | None, str | None]:

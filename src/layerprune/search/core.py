@@ -231,8 +231,10 @@ def search_cut(model: Any, tok: Any, source: str, target: str | Target, cfg: Sea
     if cfg.probe_top and heal_cfg is not None:
         from ..data.instruct import heldout_prompts
 
-        prompts = heldout_prompts(heal_cfg.get("data", "alpaca"), cfg.probe_prompts, data_dir=data_dir) \
-            if cfg.probe_prompts else []
+        data = str(heal_cfg.get("data", "alpaca"))
+        # Self-generated healing text starts from C4 openings: the held-out C4 documents prompt the probe.
+        prompts = heldout_prompts("c4" if data.startswith("self:") else data, cfg.probe_prompts,
+                                  data_dir=data_dir) if cfg.probe_prompts else []
         steps = probe_steps_for(cfg, heal_cfg)
         probes = stages.run("probe", {"rows": [(r["removed"], r["best"]) for r in rows[:cfg.probe_top]],
                                       "heal": heal_cfg, "steps": steps},
