@@ -201,10 +201,15 @@ def _default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
-def check_results_target(out_dir: str | os.PathLike, name: str, overwrite: bool = False) -> Path:
-    """Where ``write_results`` will write ``name.json``; refuses an existing one (without ``overwrite``) and an
-    unwritable place -- call it before the work that produces the results."""
+def check_results_target(out_dir: str | os.PathLike, name: str, overwrite: bool = False,
+                         inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Where ``write_results`` will write ``name.json``; refuses an existing one (without ``overwrite``), an
+    unwritable place, and a folder that is one of ``inputs`` (or inside or around one) -- call it before the work
+    that produces the results."""
     out = Path(out_dir)
+    for src in inputs:
+        if Path(src).exists() and _overlaps(out, Path(src)):
+            raise LayerpruneError(f"output {out} is the input {src}, inside it or around it: choose another --out")
     if out.exists() and not out.is_dir():
         raise LayerpruneError(f"output path exists and is not a folder: {out}")
     target = out / f"{name}.json"

@@ -323,8 +323,10 @@ def score_and_write(model: str | os.PathLike, metrics: Sequence[str], out_dir: s
     Without ``k``/``ratio`` the selection shown uses ``default_ratio`` when it removes at least one layer.
     """
     from .io import check_out_dir
+    from .models import resolve_model
 
-    check_out_dir(out_dir, overwrite)  # fail before the (slow) scoring
+    # Fail before the (slow) scoring; an output that is the model folder (or around it) would replace it.
+    check_out_dir(out_dir, overwrite, (resolve_model(model),) if isinstance(model, (str, os.PathLike)) else ())
     res = score(model, metrics, calib, **kwargs)
     if k is not None or ratio is not None:
         kk: int | None = resolve_k(res.num_layers, k, ratio)

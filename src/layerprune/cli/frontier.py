@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from ..metrics import make_metric
     from ..models import load, read_config, resolve_model
 
-    check_results_target(args.out, "frontier", args.overwrite)
+    check_results_target(args.out, "frontier", args.overwrite, (resolve_model(args.model),))
     metrics = [m.strip() for m in args.metric.split(",") if m.strip()]
     if not metrics:
         raise LayerpruneError("--metric is empty")

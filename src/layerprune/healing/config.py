@@ -133,6 +133,8 @@ class HealConfig:
             raise LayerpruneError("distill_weight must be between 0 and 1")
         if self.distill_temperature <= 0:
             raise LayerpruneError("distill_temperature must be positive")
+        if self.cutoff_len < 2:
+            raise LayerpruneError("cutoff_len must be at least 2")
         if self.teacher_top_k < 1 or self.teacher_full_max < 0:
             raise LayerpruneError("teacher_top_k must be at least 1 and teacher_full_max at least 0")
         if not self.teacher_cache:

@@ -650,7 +650,9 @@ def run_recipe(recipe: str | os.PathLike | dict[str, Any], out_dir: str | os.Pat
             {f.name for f in out.iterdir()} <= {"recipe.yaml", BACKGROUND}:
         shutil.rmtree(out)  # a run that failed before its first stage finished holds nothing to keep
     if not resume:
-        check_out_dir(out, overwrite)
+        from ..models import resolve_model
+
+        check_out_dir(out, overwrite, (resolve_model(rec["model"]),) if rec.get("model") else ())
         if out.exists():
             shutil.rmtree(out)
     return RecipeRun(rec, out, resume=resume, log=log).execute()

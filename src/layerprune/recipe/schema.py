@@ -247,6 +247,7 @@ def validate(data: Any) -> dict[str, Any]:
             make_metric(p["metric"], **p["metric_params"])
         except LayerpruneError as e:
             raise LayerpruneError(f"recipe: prune.metric: {e}") from None
+        check_search_section(rec)
     bad = set(rec["evaluate"]["models"]) - {"dense", "pruned", "compensated", "healed"}
     if bad:
         raise LayerpruneError(f"recipe: 'evaluate.models' has unknown entries {sorted(bad)}; use dense, pruned, "
@@ -277,8 +278,6 @@ def validate(data: Any) -> dict[str, Any]:
 def _validate_search(rec: dict[str, Any]) -> None:
     """``prune.metric: search`` needs a budget (prune.target), one-shot pruning, and a valid search section; the
     search decides compensation itself with ``search.compensation``."""
-    from ..search.config import SearchConfig
-
     p = rec["prune"]
     if p["target"] is None:
         raise LayerpruneError("recipe: prune.metric: search needs prune.target (e.g. params=0.8)")
@@ -287,6 +286,13 @@ def _validate_search(rec: dict[str, Any]) -> None:
     if rec["compensate"]["method"] != "none":
         raise LayerpruneError("recipe: prune.metric: search decides compensation per candidate; set "
                               "search.compensation instead of compensate.method")
+    check_search_section(rec)
+
+
+def check_search_section(rec: dict[str, Any]) -> None:
+    """The search section's values, whether or not the recipe searches (a wrong key is never ignored)."""
+    from ..search.config import SearchConfig
+
     try:
         SearchConfig.from_kwargs(**rec["search"])
     except LayerpruneError as e:

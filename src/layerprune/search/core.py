@@ -278,7 +278,13 @@ def search(model: str, out_dir: str | Path, target: str, *, config: SearchConfig
     check_out_dir(out, overwrite, (path,))
     work = out.resolve().with_name(out.resolve().name + ".search")
     mdl, tok = load(path, dtype=dtype, device=device)
-    rec = search_cut(mdl, tok, model, tgt, cfg, work, heal_cfg=heal_cfg, data_dir=data_dir, progress=progress)
+    fresh = not work.exists()
+    try:
+        rec = search_cut(mdl, tok, model, tgt, cfg, work, heal_cfg=heal_cfg, data_dir=data_dir, progress=progress)
+    except LayerpruneError:
+        if fresh:  # a refusal (unmeetable target, bad calibration) leaves nothing that blocks the fix
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     fits = rec.pop("_fits")
     w = rec["winner"]
     t0 = time.perf_counter()
