@@ -45,7 +45,7 @@ from .distill import SharedPrefix, check_cached_vocab, check_vocab, load_teacher
 from .methods import ExportContext, get_method, resolved, trainable_parameters
 from .prefix_cache import PrefixCache
 from .selfgen import self_count, self_generated
-from .teacher_cache import TeacherCache, cache_root, weights_fingerprint
+from .teacher_cache import FlushAtSave, TeacherCache, cache_root, weights_fingerprint
 from .train import (
     PACK_AUTO_MAX_TOKENS,
     DivergenceGuard,
@@ -202,6 +202,8 @@ class _Run:
             trainer.train(resume_from_checkpoint=resume_from)
         train_wall = time.perf_counter() - t_train
         peak = mem.read()
+        if tcache is not None:
+            tcache.close()
 
         state = trainer.state
         logs = state.log_history
@@ -308,8 +310,9 @@ class _Run:
 
     def _distill_source(self, src: str, load_dtype: Any, data: InstructData, tok: Any, vocab: int
                         ) -> tuple[torch.nn.Module | None, TeacherCache | None, str | None]:
-        """(live teacher, teacher cache, why no cache): the cache is read when it exists for this teacher and
-        data, else built once (the teacher loaded for it and dropped); ``teacher_cache: off`` runs it live.
+        """(live teacher, teacher cache, why no cache): the cache reads what earlier runs with this teacher and
+        data stored and computes the rest (loading the teacher on the first miss); ``teacher_cache: off`` runs
+        the teacher live.
         ``vocab`` (the student's) decides whether the whole distribution is kept."""
         path = self._teacher_path(src)
         if path is None:
@@ -318,19 +321,11 @@ class _Run:
         if cfg.teacher_cache == "off":
             return load_teacher(path, load_dtype, self.device), None, "off (teacher_cache: off)"
         root = cache_root() if cfg.teacher_cache == "auto" else Path(cfg.teacher_cache)
-        key = TeacherCache.key(weights_fingerprint(path, root), data.fingerprint, vocab, cfg.teacher_top_k,
+        key = TeacherCache.make_key(weights_fingerprint(path, root), data.fingerprint, vocab, cfg.teacher_top_k,
                                cfg.teacher_full_max, str(load_dtype))
         folder = TeacherCache.folder_for(key, root)
-        cache = TeacherCache.open(folder, key)
-        if cache is None and self.main:
-            teacher = load_teacher(path, load_dtype, self.device)
-            cache = TeacherCache.build(teacher, data.train, folder, key, k=cfg.teacher_top_k, pad_id=pad_id_for(tok),
-                                       progress=cfg.progress)
-            del teacher
-        self.barrier()
-        cache = cache or TeacherCache.open(folder, key)
-        if cache is None:
-            raise LayerpruneError(f"teacher cache {folder} could not be read after it was built")
+        cache = TeacherCache(folder, key, data.train, cfg.teacher_top_k, pad_id_for(tok),
+                             lambda: load_teacher(path, load_dtype, self.device))
         return None, cache, None
 
     def _run_config(self, src: str, data: InstructData) -> dict[str, Any]:
@@ -515,7 +510,9 @@ class _Run:
             model=model, args=targs, train_dataset=EncodedDataset(data.train),
             eval_dataset=EncodedDataset(data.val) if has_val else None,
             data_collator=PackCollator() if packing else PadCollator(pad_id_for(tok)), processing_class=tok,
-            callbacks=[progress, DivergenceGuard(), EvalAtEnd(), *self.callbacks], head=head, teacher=teacher,
+            callbacks=[progress, DivergenceGuard(), EvalAtEnd(), *self.callbacks,
+                       *([FlushAtSave(teacher_cache)] if teacher_cache is not None else [])],
+            head=head, teacher=teacher,
             teacher_head=parts(teacher).head if teacher is not None else None,
             distill_temperature=cfg.distill_temperature, distill_weight=cfg.distill_weight,
             prefix_cache=prefix_cache, shared_prefix=shared_prefix, teacher_cache=teacher_cache)

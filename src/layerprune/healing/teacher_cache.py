@@ -10,9 +10,11 @@ keeps 50, DistillKit 64–128). Top-K is a biased estimate of the teacher (arXiv
 dropped and the K kept probabilities are renormalised, so the KL pulls the student towards a sharper teacher.
 docs/healing.md states the default and the bias.
 
-Files (``<root>/<key>/``): ``teacher.safetensors`` (``values`` [P, K] float32 log-probs at temperature 1,
-``indices`` [P, K] int32 for top-K, ``offsets`` [R + 1] int64: sample r owns rows ``offsets[r]:offsets[r+1]``)
-and ``meta.json``; both written to a temporary folder and renamed, so a killed build leaves no cache.
+The cache fills as training reaches each sample: a first run computes (and stores) what it uses, like live
+distillation would; a later run reads it. Files (``<root>/<key>/``): ``meta.json`` and one
+``part-*.safetensors`` shard per flush (``ids`` of the samples, ``offsets``, ``values`` [P, K] float32
+log-probs at temperature 1, ``indices`` [P, K] int32 for top-K), each written under a temporary name and
+renamed, so a killed run leaves only whole shards.
 """
 
 from __future__ import annotations
@@ -20,20 +22,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from transformers import TrainerCallback
 
 from ..data.instruct import IGNORE_INDEX
 from ..errors import LayerpruneError
 
-FILE = "teacher.safetensors"
 META = "meta.json"
 FORMAT = 1
 
@@ -89,17 +90,30 @@ def loss_positions(labels: list[int]) -> list[int]:
 
 
 class TeacherCache:
-    """The cached teacher log-probs of one training set; :meth:`targets` hands a batch its rows."""
+    """The cached teacher log-probs of one training set, filled as training reaches each sample.
 
-    def __init__(self, folder: Path, values: torch.Tensor, indices: torch.Tensor | None, offsets: torch.Tensor,
-                 meta: dict[str, Any], hit: bool):
-        self.folder, self.values, self.indices, self.offsets, self.meta, self.hit = (
-            folder, values, indices, offsets, meta, hit)
+    :meth:`targets` hands a batch its rows: read from disk where cached, else computed by the teacher (loaded on
+    the first miss only) and kept; :meth:`flush` writes the new rows as one more shard file. A run whose
+    samples were all cached never loads the teacher (``hit``); a first run costs what live distillation costs
+    and leaves the cache warm for every later run with the same key."""
+
+    def __init__(self, folder: Path, key: dict[str, Any], rows: list[dict[str, list[int]]], k: int, pad_id: int,
+                 load_teacher: Callable[[], nn.Module]):
+        self.folder, self.key, self.rows, self.k, self.pad_id = folder, key, rows, k, pad_id
+        self.full = key["kept"] == "full"
+        self._load_teacher = load_teacher
+        self.teacher: nn.Module | None = None
+        self.store: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.new: list[int] = []
+        self.read_rows = self.computed_rows = 0
+        self.seconds = 0.0  # spent in the teacher
+        self.vocab: int | None = None
+        self._load()
 
     # ------------------------------------------------------------------------------------------- key
 
     @staticmethod
-    def key(teacher_fp: str, data_fp: str, vocab: int, k: int, full_max: int, dtype: str) -> dict[str, Any]:
+    def make_key(teacher_fp: str, data_fp: str, vocab: int, k: int, full_max: int, dtype: str) -> dict[str, Any]:
         full = vocab <= full_max
         return {"format": FORMAT, "teacher": teacher_fp, "data": data_fp, "dtype": dtype,
                 "kept": "full" if full else f"top-{k}", "vocab": vocab}
@@ -109,118 +123,135 @@ class TeacherCache:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         return (root or cache_root()) / digest
 
-    # ------------------------------------------------------------------------------------------- open / build
+    # ------------------------------------------------------------------------------------------- disk
 
-    @classmethod
-    def open(cls, folder: Path, key: dict[str, Any]) -> TeacherCache | None:
-        """The cache in ``folder`` if it is complete and made for ``key``; None otherwise."""
+    def _load(self) -> None:
+        """Read every complete shard of a folder made for this key (a folder for another key is ignored)."""
         from safetensors.torch import load_file
 
         try:
-            meta = json.loads((folder / META).read_text())
-            if meta.get("key") != key:
-                return None
-            t = load_file(str(folder / FILE))
+            meta = json.loads((self.folder / META).read_text())
         except (OSError, ValueError):
-            return None
-        return cls(folder, t["values"], t.get("indices"), t["offsets"], meta, hit=True)
+            return
+        if meta.get("key") != self.key:
+            return
+        self.vocab = meta.get("vocab")
+        for shard in sorted(self.folder.glob("part-*.safetensors")):
+            try:
+                t = load_file(str(shard))
+            except (OSError, ValueError):
+                continue  # a torn file cannot exist (atomic rename), but never trust one
+            ids, offsets = t["ids"].tolist(), t["offsets"].tolist()
+            for j, r in enumerate(ids):
+                a, b = offsets[j], offsets[j + 1]
+                self.store[r] = (t["values"][a:b], t["indices"][a:b] if "indices" in t else None)
 
-    @classmethod
-    @torch.no_grad()
-    def build(cls, teacher: nn.Module, rows: list[dict[str, list[int]]], folder: Path, key: dict[str, Any], *,
-              k: int, pad_id: int, batch_tokens: int = 8192, progress: bool = True) -> TeacherCache:
-        """Run the teacher over ``rows`` (padded batches of similar length, the head only at the loss
-        positions), keep the full log-probs or the top ``k``, write the files atomically."""
+    def flush(self) -> None:
+        """Write the rows computed since the last flush as one shard (temporary name, then renamed)."""
         from safetensors.torch import save_file
 
+        if not self.new:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta_file = self.folder / META
+        if not meta_file.is_file():
+            tmp_meta = self.folder / f".{META}.{os.getpid()}.tmp"
+            tmp_meta.write_text(json.dumps({"key": self.key, "vocab": self.vocab, "k": self._width()}, indent=1))
+            tmp_meta.replace(meta_file)
+        ids = sorted(self.new)
+        vals = [self.store[r][0] for r in ids]
+        tensors = {"ids": torch.tensor(ids, dtype=torch.int64),
+                   "offsets": torch.tensor([0] + [len(v) for v in vals]).cumsum(0),
+                   "values": torch.cat(vals).contiguous()}
+        if not self.full:
+            tensors["indices"] = torch.cat([self.store[r][1] for r in ids]).contiguous()  # type: ignore[misc]
+        name = f"part-{time.time_ns()}-{os.getpid()}.safetensors"
+        tmp = self.folder / f".{name}.tmp"
+        try:
+            save_file(tensors, str(tmp))
+            tmp.replace(self.folder / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.new = []
+
+    def _width(self) -> int:
+        return int(next(iter(self.store.values()))[0].shape[1]) if self.store else 0
+
+    # ------------------------------------------------------------------------------------------- teacher
+
+    @torch.no_grad()
+    def _compute(self, missing: list[int]) -> None:
+        """The teacher's log-probs for ``missing`` samples (one padded batch, the head only at loss positions)."""
         from ..arch import parts
         from .train import HeadSelector
 
         t0 = time.perf_counter()
-        full = key["kept"] == "full"
+        if self.teacher is None:
+            self.teacher = self._load_teacher()
+        teacher = self.teacher
         device = next(teacher.parameters()).device
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-        per_row: list[tuple[torch.Tensor, torch.Tensor | None]] = [None] * len(rows)  # type: ignore[list-item]
+        longest = max(len(self.rows[r]["input_ids"]) for r in missing)
+        ids = torch.full((len(missing), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        keep = torch.zeros_like(ids, dtype=torch.bool)
+        for b, r in enumerate(missing):
+            n = len(self.rows[r]["input_ids"])
+            ids[b, :n] = torch.tensor(self.rows[r]["input_ids"])
+            mask[b, :n] = 1
+            keep[b, loss_positions(self.rows[r]["labels"])] = True
         selector = HeadSelector(parts(teacher).head)
-        bar = tqdm(total=len(rows), desc="teacher cache", disable=not progress, leave=False)
         try:
-            i = 0
-            while i < len(order):
-                longest = len(rows[order[i]]["input_ids"])
-                j = i + 1
-                while j < len(order) and (j - i + 1) * len(rows[order[j]]["input_ids"]) <= batch_tokens:
-                    j += 1
-                chunk = order[i:j]
-                longest = max(len(rows[r]["input_ids"]) for r in chunk)
-                ids = torch.full((len(chunk), longest), pad_id, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                keep = torch.zeros_like(ids, dtype=torch.bool)
-                for b, r in enumerate(chunk):
-                    n = len(rows[r]["input_ids"])
-                    ids[b, :n] = torch.tensor(rows[r]["input_ids"])
-                    mask[b, :n] = 1
-                    keep[b, loss_positions(rows[r]["labels"])] = True
-                with selector.select(keep.to(device)):
-                    logits = teacher(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-                if logits.dim() == 3:
-                    logits = logits[keep.to(device)]
-                logp = F.log_softmax(logits.float(), dim=-1).cpu()
-                counts = keep.sum(1).tolist()
-                for r, piece in zip(chunk, logp.split(counts)):
-                    if full:
-                        per_row[r] = (piece.clone(), None)
-                    else:
-                        v, ix = piece.topk(min(k, piece.shape[-1]), dim=-1)
-                        per_row[r] = (v.clone(), ix.to(torch.int32))
-                bar.update(len(chunk))
-                i = j
+            with selector.select(keep.to(device)):
+                logits = teacher(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         finally:
             selector.remove()
-            bar.close()
-        vocab = int(logp.shape[-1]) if rows else 0
-        values = torch.cat([v for v, _ in per_row])
-        indices = None if full else torch.cat([ix for _, ix in per_row if ix is not None])
-        offsets = torch.tensor([0] + [len(v) for v, _ in per_row]).cumsum(0)
-        tensors = {"values": values.contiguous(), "offsets": offsets}
-        if indices is not None:
-            tensors["indices"] = indices.contiguous()
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
-        meta = {"key": key, "vocab": vocab, "rows": len(rows), "positions": int(values.shape[0]), "k": int(values.shape[1]),
-                "bytes": size, "build_seconds": round(time.perf_counter() - t0, 2)}
-        tmp = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
-            save_file(tensors, str(tmp / FILE))
-            (tmp / META).write_text(json.dumps(meta, indent=1))
-            if folder.exists():  # an incomplete or stale cache under the same key
-                shutil.rmtree(folder)
-            tmp.rename(folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return cls(folder, values, indices, offsets, meta, hit=False)
+        if logits.dim() == 3:
+            logits = logits[keep.to(device)]
+        logp = F.log_softmax(logits.float(), dim=-1).cpu()
+        self.vocab = int(logp.shape[-1])
+        if self.vocab != self.key["vocab"]:
+            raise LayerpruneError(f"teacher vocabulary ({self.vocab}) differs from the student's ({self.key['vocab']}); "
+                                  "distillation needs the same tokenizer")
+        for r, piece in zip(missing, logp.split(keep.sum(1).tolist())):
+            if self.full:
+                self.store[r] = (piece.clone(), None)
+            else:
+                v, ix = piece.topk(min(self.k, piece.shape[-1]), dim=-1)
+                self.store[r] = (v.clone(), ix.to(torch.int32))
+            self.new.append(r)
+        self.computed_rows += len(missing)
+        self.seconds += time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------- use
 
     def targets(self, sample_index: torch.Tensor, expected: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The cached log-probs of the batch's samples, in batch order (the order of the selected logits)."""
-        parts_v, parts_i = [], []
-        for r in sample_index.flatten().tolist():
-            a, b = int(self.offsets[r]), int(self.offsets[r + 1])
-            parts_v.append(self.values[a:b])
-            if self.indices is not None:
-                parts_i.append(self.indices[a:b])
-        v = torch.cat(parts_v)
+        """The teacher log-probs of the batch's samples, in batch order (the order of the selected logits)."""
+        order = [int(r) for r in sample_index.flatten().tolist()]
+        missing = sorted({r for r in order if r not in self.store})
+        if missing:
+            self._compute(missing)
+        self.read_rows += len(order) - len(missing)
+        v = torch.cat([self.store[r][0] for r in order])
         if v.shape[0] != expected:
             raise LayerpruneError(f"teacher cache {self.folder}: {v.shape[0]} cached positions for a batch with "
                                   f"{expected} loss positions (a stale cache: delete the folder)")
-        return v, (torch.cat(parts_i).long() if parts_i else None)
+        ix = None if self.full else torch.cat([self.store[r][1] for r in order]).long()  # type: ignore[misc]
+        return v, ix
+
+    @property
+    def hit(self) -> bool:
+        return self.computed_rows == 0  # the teacher was never needed (never loaded)
 
     def summary(self) -> dict[str, Any]:
-        return {"used": True, "hit": self.hit, "folder": str(self.folder), "kept": self.meta["key"]["kept"],
-                "k": self.meta["k"], "bytes": self.meta["bytes"], "positions": self.meta["positions"],
-                "build_seconds": None if self.hit else self.meta["build_seconds"]}
+        files = list(self.folder.glob("part-*.safetensors")) if self.folder.is_dir() else []
+        return {"used": True, "hit": self.hit, "folder": str(self.folder), "kept": self.key["kept"],
+                "k": self._width(), "rows_read": self.read_rows, "rows_computed": self.computed_rows,
+                "teacher_seconds": round(self.seconds, 2), "bytes": sum(f.stat().st_size for f in files)}
+
+    def close(self) -> None:
+        self.flush()
+        self.teacher = None
 
 
 def cached_kd_loss_sum(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor | None,
@@ -238,4 +269,15 @@ def cached_kd_loss_sum(student_logits: torch.Tensor, values: torch.Tensor, indic
     return F.kl_div(s_logp, t_logp, log_target=True, reduction="sum") * (t * t)
 
 
-__all__ = ["TeacherCache", "cache_root", "cached_kd_loss_sum", "loss_positions", "weights_fingerprint"]
+class FlushAtSave(TrainerCallback):
+    """The cache's new rows are written with every checkpoint (a killed run keeps them)."""
+
+    def __init__(self, cache: TeacherCache):
+        self.cache = cache
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        self.cache.flush()
+        return control
+
+
+__all__ = ["FlushAtSave", "TeacherCache", "cache_root", "cached_kd_loss_sum", "loss_positions", "weights_fingerprint"]
