@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -541,9 +542,41 @@ _HARNESS = textwrap.dedent("""
                 die()
             return out
         rs.RunState.run = run
+    elif point.startswith("at:"):
+        # at:MODULE:ATTR[.ATTR]:SIGNAL:N -- the process signals itself on the Nth call of MODULE.ATTR.
+        import importlib, time
+        _, mod, attr, sig, nth = point.split(":")
+        owner = importlib.import_module(mod)
+        *path, name = attr.split(".")
+        for a in path:
+            owner = getattr(owner, a)
+        real = getattr(owner, name)
+        def hit(*a, **k):
+            calls["n"] += 1
+            if calls["n"] == int(nth):
+                os.kill(os.getpid(), getattr(signal, sig))
+                time.sleep(5)  # SIGTERM's handler interrupts this
+            return real(*a, **k)
+        setattr(owner, name, hit)
     from layerprune.cli import main
     sys.exit(main(sys.argv[1:]))
 """)
+
+
+def _run_signalled(point: str, argv: list[str], sig: str, env_extra: dict[str, str] | None = None
+                   ) -> subprocess.CompletedProcess:
+    """Run the CLI in a subprocess that sends itself ``sig`` at ``point`` (``at:...``); asserts how it ended:
+    killed by SIGKILL, or exit 143 with one 'terminated' line for SIGTERM."""
+    env = {**os.environ, "KILL_AT": f"{point}:{sig}:1" if point.count(":") == 2 else point, "OMP_NUM_THREADS": "1",
+           **(env_extra or {})}
+    r = subprocess.run([sys.executable, "-c", _HARNESS, *argv], env=env, capture_output=True, text=True,
+                       timeout=300, cwd=REPO)
+    if sig == "SIGKILL":
+        assert r.returncode == -signal.SIGKILL, f"not killed at {point} (exit {r.returncode}): {r.stderr[-3000:]}"
+    else:
+        assert r.returncode == 143, f"not terminated at {point} (exit {r.returncode}): {r.stderr[-3000:]}"
+        assert "terminated" in r.stderr.strip().splitlines()[-1]
+    return r
 
 
 def _run_killed(point: str, argv: list[str], env_extra: dict[str, str] | None = None) -> int:
@@ -583,6 +616,97 @@ def test_prune_killed_while_saving_recovers(w, tmp_path, streaming):
     ref = tmp_path.parent / f"ref-{streaming}"
     assert main(["prune", str(w["ok"]), "--remove", "2", "--out", str(ref)] + (["--streaming"] if streaming else [])
                 ) == 0
+    _same_weights(out, ref)
+
+
+def _json_numbers(path: Path, drop: tuple[str, ...] = ()) -> Any:
+    """A JSON file without its timing and path fields (what two equal runs may differ in)."""
+    def clean(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items() if k not in drop and not k.endswith(("_s", "seconds", "time"))}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+    return clean(json.loads(path.read_text()))
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_score_stability_killed_leaves_nothing_and_reruns_equal(w, tmp_path, sig):
+    """Killed during a resample: no scores.json without its stability (nothing at all); the re-run equals an
+    uninterrupted run."""
+    out = tmp_path / "out"
+    argv = ["score", str(w["ok"]), "--metric", "bi", "--num", "1", "--stability", "3", "--calib",
+            str(w["data"] / "calibration" / "c4_demo.jsonl"), "--nsamples", "4", "--seqlen", "16", "--out", str(out),
+            "--no-cache"]
+    _run_signalled("at:layerprune.stability:_per_window", argv, sig)
+    assert not out.exists()
+    assert main(argv) == 0 and [p.name for p in tmp_path.iterdir()] == ["out"]
+    ref = tmp_path.parent / f"ref-score-{sig}"
+    assert main([str(ref) if a == str(out) else a for a in argv]) == 0
+    drop = ("model", "path", "source_path")
+    assert _json_numbers(out / "scores.json", drop) == _json_numbers(ref / "scores.json", drop)
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_frontier_killed_reruns_clean_and_equal(w, tmp_path, sig):
+    out = tmp_path / "out"
+    argv = ["frontier", str(w["ok"]), "--metric", "bi,reverse", "--ks", "1,2", "--calib",
+            str(w["data"] / "calibration" / "c4_demo.jsonl"), "--nsamples", "4", "--seqlen", "16",
+            "--heldout", "2", "--out", str(out)]
+    _run_signalled("at:layerprune.frontier:_quality", argv, sig)
+    assert not (out / "frontier.json").exists()
+    assert main(argv) == 0  # not blocked by anything the killed run left
+    ref = tmp_path.parent / f"ref-frontier-{sig}"
+    assert main(argv[:-1] + [str(ref)]) == 0
+    assert _json_numbers(out / "frontier.json") == _json_numbers(ref / "frontier.json")
+
+
+def _fake_converter(folder: Path) -> Path:
+    """A stand-in for llama.cpp's converter: writes the output in slow pieces (a kill lands mid-write)."""
+    folder.mkdir()
+    (folder / "convert_hf_to_gguf.py").write_text(textwrap.dedent("""
+        import sys, time
+        out = sys.argv[sys.argv.index("--outfile") + 1]
+        with open(out, "wb") as f:
+            for i in range(20):
+                f.write(b"GGUF" * 1000)
+                f.flush()
+                print(f"writing tensor {i}", flush=True)
+                time.sleep(0.05)
+    """))
+    return folder
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_export_killed_during_conversion(w, tmp_path, sig):
+    """No .gguf and, once the next export ran, no temporary file; the converter does not outlive us."""
+    conv = _fake_converter(tmp_path / "conv")
+    out = tmp_path / "o" / "m.gguf"
+    argv = ["export", str(w["ok"]), "--gguf", str(out)]
+    env = {"LAYERPRUNE_LLAMA_CPP": str(conv)}
+    _run_signalled("at:tqdm.auto:tqdm.update:" + sig + ":3", argv, sig, env)
+    import time
+
+    time.sleep(1.5)  # a converter that outlived the kill would finish writing in about a second
+    assert not out.exists()
+    left = list(out.parent.iterdir())
+    assert all(p.stat().st_size < 80_000 for p in left), "the converter went on writing after the kill"
+    r = subprocess.run([sys.executable, "-m", "layerprune", *argv], env={**os.environ, **env}, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [p.name for p in out.parent.iterdir()] == ["m.gguf"] and out.stat().st_size == 80_000
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_compensate_killed_during_calibration(w, tmp_path, sig):
+    out = tmp_path / "out"
+    argv = ["compensate", str(w["ok"]), "--remove", "3,4", "--calib", str(w["data"] / "calibration" / "c4_demo.jsonl"),
+            "--nsamples", "8", "--seqlen", "16", "--batch-size", "2", "--ridge", "0.01", "--out", str(out)]
+    _run_signalled("at:layerprune.compensation.methods:Stats.update:" + sig + ":2", argv, sig)
+    assert not out.exists()
+    assert main(argv) == 0 and [p.name for p in tmp_path.iterdir()] == ["out"]
+    ref = tmp_path.parent / f"ref-comp-{sig}"
+    assert main(argv[:-1] + [str(ref)]) == 0
     _same_weights(out, ref)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -75,6 +76,17 @@ def _fetch(out: Path) -> Path:
     return out
 
 
+def _die_with_parent() -> None:
+    """In the converter's process: die with layerprune (Linux ``PR_SET_PDEATHSIG``), so a SIGKILLed export
+    leaves no converter writing behind it."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass  # not Linux: the temporary file is still cleaned by the next export
+
+
 def gguf_command(model_dir: str | os.PathLike, out_file: str | os.PathLike, outtype: str = "f16") -> list[str]:
     """The converter command line (also written into a run's ``exports/README.md``)."""
     return [sys.executable, str(converter_dir() / "convert_hf_to_gguf.py"), str(model_dir), "--outfile",
@@ -98,7 +110,10 @@ def export_gguf(model: str | os.PathLike, out_file: str | os.PathLike, *, outtyp
     check_out_dir(out.parent, overwrite=True)  # a writable place (out is absolute)
     conv = converter_dir()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    from .io import clean_stale_tmp, tmp_prefix
+
+    clean_stale_tmp(out)  # what a killed export left
+    tmp = out.with_name(tmp_prefix(out) + "gguf")
     cmd = gguf_command(path, tmp, outtype)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(conv / "gguf-py"), str(conv)])}
     from collections import deque
@@ -110,14 +125,18 @@ def export_gguf(model: str | os.PathLike, out_file: str | os.PathLike, *, outtyp
         # kept for the error message.
         last: deque[str] = deque(maxlen=20)
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                              cwd=conv) as proc, tqdm(desc="convert to GGUF", unit="line", disable=not progress,
-                                                      leave=False) as bar:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if line.strip():
-                    last.append(line.strip())
-                    bar.update(1)
-            rc = proc.wait()
+                              cwd=conv, preexec_fn=_die_with_parent) as proc, \
+                tqdm(desc="convert to GGUF", unit="line", disable=not progress, leave=False) as bar:
+            try:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    if line.strip():
+                        last.append(line.strip())
+                        bar.update(1)
+                rc = proc.wait()
+            except BaseException:  # Ctrl-C / SIGTERM: the converter must not go on writing
+                proc.kill()
+                raise
         if rc != 0 or not tmp.is_file():
             raise LayerpruneError(f"llama.cpp's converter failed for {cfg.get('model_type')}: "
                                   f"{last[-1] if last else f'exit {rc}'}")

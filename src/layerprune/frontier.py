@@ -182,13 +182,16 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def write(result: dict[str, Any], out_dir: str | Path, overwrite: bool = False) -> dict[str, Path]:
-    """frontier.json, frontier.md and frontier.png into ``out_dir`` (each file atomically)."""
-    from .io import write_results
+    """frontier.png, frontier.md and frontier.json into ``out_dir`` (each file atomically; the json last, so a
+    killed write never leaves a frontier.json that blocks the re-run without its plot)."""
+    from .io import check_results_target, write_results
     from .plots import plot_frontier
 
     out = Path(out_dir)
-    path = write_results(out, "frontier", result, f"# Quality–size frontier\n\n{markdown(result)}", overwrite)
+    check_results_target(out, "frontier", overwrite)
+    out.mkdir(parents=True, exist_ok=True)
     png = plot_frontier(result, out / "frontier.png")
+    path = write_results(out, "frontier", result, f"# Quality–size frontier\n\n{markdown(result)}", overwrite)
     return {"json": path, **({"png": png} if png else {})}
 
 

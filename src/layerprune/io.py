@@ -58,8 +58,8 @@ def tmp_prefix(out: Path) -> str:
 
 
 def clean_stale_tmp(out: Path) -> list[Path]:
-    """Remove temporary folders that a killed run left beside ``out`` (only ``.OUT.tmp-HOST-PID-*`` of this host
-    whose process is gone, and ``.OUT.old-PID`` likewise)."""
+    """Remove temporary folders and files that a killed run left beside ``out`` (only ``.OUT.tmp-HOST-PID-*`` of
+    this host whose process is gone, and ``.OUT.old-PID`` likewise)."""
     removed = []
     host = socket.gethostname()
     for cand in out.parent.glob(f".{glob.escape(out.name)}.*"):
@@ -70,8 +70,11 @@ def clean_stale_tmp(out: Path) -> list[Path]:
             pid = rest[4:]
         else:
             continue
-        if pid.isdigit() and not _alive(int(pid)) and cand.is_dir():
-            shutil.rmtree(cand, ignore_errors=True)
+        if pid.isdigit() and not _alive(int(pid)):
+            if cand.is_dir():
+                shutil.rmtree(cand, ignore_errors=True)
+            else:
+                cand.unlink(missing_ok=True)
             removed.append(cand)
     return removed
 
@@ -230,7 +233,7 @@ def write_results(out_dir: str | os.PathLike, name: str, data: Any, markdown: st
     """
     target = check_results_target(out_dir, name, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    write_json(target, data)
     if markdown is not None:
         write_text(target.parent / f"{name}.md", markdown)
+    write_json(target, data)  # last: its presence marks the results complete (a re-run checks for it)
     return target

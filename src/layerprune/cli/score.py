@@ -6,7 +6,6 @@ Also home of the calibration and metric flags that ``layerprune prune --metric``
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -148,8 +147,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 MAX_RESAMPLES = 1000  # bootstrap resamples: beyond this the interval estimates no longer move
 
 
-def _stability(args: argparse.Namespace, metrics: list[Any], k: int | None) -> None:
-    from pathlib import Path
+def _stability(args: argparse.Namespace, metrics: list[Any], k: int | None, out: Path) -> None:
 
     from ..io import read_json, write_json
     from ..models import load
@@ -161,7 +159,6 @@ def _stability(args: argparse.Namespace, metrics: list[Any], k: int | None) -> N
     st = ranking_stability(model, tok, metrics, k, calib=calib_specs_from_args(args), resamples=args.stability,
                            seed=args.seed, protect_first=args.protect_first, protect_last=args.protect_last,
                            batch_size=args.batch_size, metric_options=metric_options_from_args(args))
-    out = Path(args.out)
     data = read_json(out / "scores.json")
     data["stability"] = st
     write_json(out / "scores.json", data)
@@ -188,22 +185,23 @@ def run(args: argparse.Namespace) -> int:
             texts, _ = load_texts(spec)  # every source readable, and not empty, before any scoring
             if not any(t and t.strip() for t in texts):
                 raise LayerpruneError(f"calibration source {spec.source} has no text")
-    fresh = not Path(args.out).exists()
-    res, k = score_and_write(args.model, metrics, args.out, calib=calib_spec_from_args(args), k=args.num,
-                             ratio=args.ratio, protect_first=args.protect_first,
-                             protect_last=args.protect_last, overwrite=args.overwrite, mode=args.score_mode,
-                             batch_size=args.batch_size, cache=not args.no_cache, dtype=args.dtype,
-                             device=args.device, offload_folder=args.offload_folder,
-                             max_memory=parse_max_memory(args.max_memory),
-                             metric_options=metric_options_from_args(args))
-    sel = res.selections(k, args.protect_first, args.protect_last)
-    if args.stability is not None:
-        try:
-            _stability(args, metrics, k)
-        except (LayerpruneError, KeyboardInterrupt):
-            if fresh:  # written whole or not at all: no scores.json without the stability asked for
-                shutil.rmtree(args.out, ignore_errors=True)
-            raise
+    from ..io import atomic_dir, check_out_dir
+    from ..models import resolve_model
+
+    check_out_dir(args.out, args.overwrite, (resolve_model(args.model),))
+    # Written whole or not at all: scores and stability go to a temporary folder renamed at the end (a kill
+    # anywhere leaves the target as it was; the next run removes the dead run's folder).
+    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:
+        res, k = score_and_write(args.model, metrics, tmp, calib=calib_spec_from_args(args), k=args.num,
+                                 ratio=args.ratio, protect_first=args.protect_first,
+                                 protect_last=args.protect_last, overwrite=True, mode=args.score_mode,
+                                 batch_size=args.batch_size, cache=not args.no_cache, dtype=args.dtype,
+                                 device=args.device, offload_folder=args.offload_folder,
+                                 max_memory=parse_max_memory(args.max_memory),
+                                 metric_options=metric_options_from_args(args))
+        sel = res.selections(k, args.protect_first, args.protect_last)
+        if args.stability is not None:
+            _stability(args, metrics, k, tmp)
     for name, r in res.results.items():
         tag = " (cached)" if r.cached else f" ({r.elapsed_s:.1f}s)"
         print(f"{name}{tag}: removal order {r.removal_order()[:12]}{' ...' if r.num_layers > 12 else ''}; "
