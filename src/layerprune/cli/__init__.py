@@ -23,7 +23,7 @@ from ..errors import LayerpruneError
 # Every module in this package with a ``register(subparsers)`` function is a sub-command; they are listed in
 # pipeline order first, any others after.
 PIPELINE_ORDER = ("info", "download", "score", "prune", "frontier", "search", "compensate", "heal", "eval", "ppl", "compare",
-                  "bench", "generate", "chat", "export", "run")
+                  "bench", "generate", "chat", "export", "run", "sweep")
 
 
 def _command_modules() -> list[str]:

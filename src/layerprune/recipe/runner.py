@@ -153,11 +153,11 @@ class RecipeRun:
     """One execution of a recipe in a run directory."""
 
     def __init__(self, recipe: dict[str, Any], run_dir: Path, *, resume: bool = False,
-                 log: Callable[[str], None] = print) -> None:
+                 log: Callable[[str], None] = print, shared: Path | None = None) -> None:
         self.r = recipe
         self.dir = run_dir
         self.log = log
-        self.state = RunState(run_dir, resume, log)
+        self.state = RunState(run_dir, resume, log, shared)
         from ..data.presets import require_data_source, resolve_data_dir
 
         dd = resolve_data_dir(recipe["data_dir"])
@@ -639,8 +639,12 @@ class RecipeRun:
 
 def run_recipe(recipe: str | os.PathLike | dict[str, Any], out_dir: str | os.PathLike | None = None, *,
                overrides: list[str] | None = None, resume: bool = False, overwrite: bool = False,
-               log: Callable[[str], None] = print) -> RunManifest:
-    """Run a recipe file (or an already validated dict) into ``out_dir`` (default ``runs/<name>``)."""
+               log: Callable[[str], None] = print, shared: str | os.PathLike | None = None) -> RunManifest:
+    """Run a recipe file (or an already validated dict) into ``out_dir`` (default ``runs/<name>``).
+
+    ``shared``: a folder of stage outputs shared with other runs (a sweep's cells): the stages that depend on
+    their inputs only (score, dense evaluation, pruned and compensated models) are computed once per
+    fingerprint across every run using it."""
     from .schema import apply_overrides, validate
 
     rec = validate(apply_overrides(recipe, overrides or [])) if isinstance(recipe, dict) else \
@@ -655,4 +659,4 @@ def run_recipe(recipe: str | os.PathLike | dict[str, Any], out_dir: str | os.Pat
         check_out_dir(out, overwrite, (resolve_model(rec["model"]),) if rec.get("model") else ())
         if out.exists():
             shutil.rmtree(out)
-    return RecipeRun(rec, out, resume=resume, log=log).execute()
+    return RecipeRun(rec, out, resume=resume, log=log, shared=Path(shared) if shared else None).execute()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -42,12 +43,20 @@ def folder_fingerprint(path: str | os.PathLike) -> str:
     return fingerprint(items)
 
 
-class RunState:
-    """The stages of one run directory and what each produced."""
+# Stages whose output depends on their fingerprinted inputs only (not on the run folder): runs that share a
+# store (the cells of a sweep) compute each of them once per fingerprint.
+SHAREABLE = ("score", "eval-dense", "pruned", "compensated")
 
-    def __init__(self, run_dir: Path, resume: bool, log: Callable[[str], None] = print) -> None:
+
+class RunState:
+    """The stages of one run directory and what each produced. ``shared``: a store of shareable stage outputs,
+    keyed by stage and fingerprint, that other runs read instead of recomputing."""
+
+    def __init__(self, run_dir: Path, resume: bool, log: Callable[[str], None] = print,
+                 shared: Path | None = None) -> None:
         self.dir = run_dir
         self.log = log
+        self.shared = shared
         path = run_dir / STATE_FILE
         self.stages: dict[str, dict[str, Any]] = read_json(path)["stages"] if resume and path.is_file() else {}
 
@@ -69,16 +78,47 @@ class RunState:
         if self.current(name, inputs, output):
             self.log(f"[skip] {name} (unchanged, fingerprint {fp})")
             return self.stages[name]["result"]
-        self.log(f"[run ] {name}")
+        store = self.shared / f"{name}-{fp}" if self.shared is not None and output and name in SHAREABLE else None
         t0 = time.perf_counter()
-        if output:
+        if store is not None and (store / SHARED_RESULT).is_file():
+            self.log(f"[shared] {name} (computed by another run, fingerprint {fp})")
             with atomic_dir(out, overwrite=True) as tmp:
-                result = fn(tmp)
+                shutil.copytree(store, tmp, dirs_exist_ok=True)  # copy2: mtimes kept, so fingerprints match
+                result = read_json(tmp / SHARED_RESULT)
+                (tmp / SHARED_RESULT).unlink()
+            shared = True
         else:
-            result = fn(self.dir)
-        result = dict(result or {})
+            self.log(f"[run ] {name}")
+            if output:
+                with atomic_dir(out, overwrite=True) as tmp:
+                    result = fn(tmp)
+            else:
+                result = fn(self.dir)
+            result = dict(result or {})
+            shared = False
+            if store is not None:
+                _publish(out, store, result)
         self.stages[name] = {"fingerprint": fp, "done": True, "seconds": round(time.perf_counter() - t0, 2),
-                             "inputs": inputs, "result": result, "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                             "inputs": inputs, "result": result, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                             "shared": shared}
         self.save()
         return result
 
+
+
+SHARED_RESULT = ".stage-result.json"
+
+
+def _publish(out: Path, store: Path, result: dict[str, Any]) -> None:
+    """Copy a finished stage into the shared store (whole or not at all; a concurrent publisher may win)."""
+    if store.exists():
+        return
+    store.parent.mkdir(parents=True, exist_ok=True)
+    tmp = store.with_name(f".{store.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(out, tmp)
+    write_json(tmp / SHARED_RESULT, result)
+    try:
+        tmp.rename(store)
+    except OSError:  # another run published the same stage first
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,101 @@
+"""Run a sweep: each cell a recipe run in ``OUT/cells/<fingerprint>/``, stage outputs that cells share kept once
+in ``OUT/shared/``, then the report (``OUT/sweep.md``, ``sweep.json``, ``sweep.png``).
+
+A cell that finished (``cell.json`` written) is never run again; one that was interrupted resumes where its
+recipe run stopped (``--resume``). Cells fail alone: the others go on, the report lists the failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ..errors import LayerpruneError
+from ..io import write_json
+from .executors import make_executor
+from .report import CELL_FILE, write_report
+from .spec import Cell, Sweep, load_sweep
+
+PLAN_FILE = "plan.json"
+
+
+def run_cell(recipe: dict[str, Any], cell_dir: str, shared: str, axes: dict[str, Any]) -> dict[str, Any]:
+    """Run one cell (in whatever process the executor gives it); returns its record, never raises."""
+    out = Path(cell_dir)
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    log_file = out / "run.log"
+    try:
+        from ..recipe.runner import run_recipe
+
+        with log_file.open("a") as fh:
+            def log(msg: str) -> None:
+                fh.write(msg + "\n")
+                fh.flush()
+
+            manifest = run_recipe(recipe, out / "run", resume=True, log=log, shared=shared)
+        rec = {"key": out.name, "axes": axes, "ok": True, "seconds": round(time.perf_counter() - t0, 1),
+               "results": manifest.get("results", {}), "removed_layers": manifest.get("removed_layers")}
+        write_json(out / CELL_FILE, rec)  # the marker of a finished cell
+        return rec
+    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - a cell fails alone
+        with log_file.open("a") as fh:
+            fh.write(traceback.format_exc())
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return {"key": out.name, "axes": axes, "ok": False, "error": msg,
+                "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def plan(sw: Sweep, out: Path) -> list[tuple[Cell, Path, bool]]:
+    """(cell, folder, finished) for every cell."""
+    return [(c, out / "cells" / c.key, (out / "cells" / c.key / CELL_FILE).is_file()) for c in sw.cells]
+
+
+def sweep(path: str | os.PathLike, out_dir: str | os.PathLike, *, executor: str = "local", workers: int | None = None,
+          resume: bool = False, overwrite: bool = False, report_only: bool = False,
+          overrides: list[str] | None = None, log: Any = print) -> dict[str, Any]:
+    """Run (or, with ``report_only``, only report) the sweep in ``path`` into ``out_dir``; returns the summary."""
+    from ..io import check_out_dir
+
+    sw = load_sweep(path, overrides)
+    out = Path(out_dir)
+    n_workers = int(workers or sw.executor.get("workers", 1))
+    if n_workers < 1:
+        raise LayerpruneError("--workers must be >= 1")
+    ex = make_executor(executor, sw.executor, n_workers, out)
+    if not report_only:
+        if out.exists() and not resume and any(out.iterdir()):
+            check_out_dir(out, overwrite)  # refuses a non-empty folder without --overwrite
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        cells = plan(sw, out)
+        write_json(out / PLAN_FILE, {"name": sw.name, "source": sw.source, "executor": executor,
+                                     "cells": [{"key": c.key, "axes": c.axes} for c, _, _ in cells]})
+        todo = [(c, d) for c, d, finished in cells if not finished]
+        log(f"sweep {sw.name}: {len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run "
+            f"({executor}, {n_workers} worker{'s' if n_workers > 1 else ''})")
+        jobs = [{"recipe": c.recipe, "cell_dir": str(d), "shared": str(out / "shared"), "axes": c.axes}
+                for c, d in todo]
+
+        def done(r: dict[str, Any]) -> None:
+            what = ", ".join(f"{k}={v}" for k, v in r["axes"].items()) or "base"
+            log(f"  [{'done' if r['ok'] else 'FAILED'}] {what} ({r['seconds']:.0f} s)"
+                + ("" if r["ok"] else f": {r['error']}"))
+
+        t0 = time.perf_counter()
+        results = ex.map(run_cell, jobs, done) if jobs else []
+        wall = time.perf_counter() - t0
+        failed = {r["key"]: r for r in results if not r["ok"]}
+    else:
+        if not (out / PLAN_FILE).is_file():
+            raise LayerpruneError(f"{out} holds no sweep (no {PLAN_FILE}): run the sweep first")
+        wall, failed = None, {}
+    summary = write_report(sw, out, failed, wall, executor)
+    return summary
+
+
+__all__ = ["CELL_FILE", "run_cell", "sweep"]

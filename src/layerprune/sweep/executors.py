@@ -1,0 +1,181 @@
+"""Where a sweep's cells run: this machine's processes, a Ray cluster, or Slurm (submitit). Every executor
+runs the same :func:`run_cell` into the same cell folders, so a sweep started with one can be finished with
+another. Adding one: a class with ``name`` and ``map(fn, jobs)`` and a :func:`register` line."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+from ..errors import LayerpruneError
+
+EXECUTORS: dict[str, type[Executor]] = {}
+
+
+def register(cls: type[Executor]) -> type[Executor]:
+    EXECUTORS[cls.name] = cls
+    return cls
+
+
+class Executor:
+    """Runs ``fn(**job)`` for every job; returns the results in job order."""
+
+    name = "base"
+
+    def __init__(self, settings: dict[str, Any], workers: int, folder: Path):
+        self.settings, self.workers, self.folder = settings, workers, folder
+        self.cpus = int(settings.get("cpus_per_cell", 1))
+        self.gpus = float(settings.get("gpus_per_cell", 0))
+
+    @classmethod
+    def check(cls) -> None:
+        """Refuse (one line) when the engine is not installed, before any cell runs."""
+
+    def map(self, fn: Callable[..., dict[str, Any]], jobs: list[dict[str, Any]],
+            done: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+
+def _threads(n: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    import torch
+
+    torch.set_num_threads(n)
+
+
+@register
+class SerialExecutor(Executor):
+    """Cells one after another in this process (debugging, profiling; a crash takes the sweep with it)."""
+
+    name = "serial"
+
+    def map(self, fn: Callable[..., dict[str, Any]], jobs: list[dict[str, Any]],
+            done: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+        out = []
+        for job in jobs:
+            out.append(fn(**job))
+            done(out[-1])
+        return out
+
+
+@register
+class LocalExecutor(Executor):
+    """``workers`` processes on this machine (concurrent.futures, spawned: no state shared with the parent)."""
+
+    name = "local"
+
+    def map(self, fn: Callable[..., dict[str, Any]], jobs: list[dict[str, Any]],
+            done: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+        import multiprocessing as mp
+
+        out: list[dict[str, Any] | None] = [None] * len(jobs)
+        with ProcessPoolExecutor(max_workers=min(self.workers, max(1, len(jobs))), mp_context=mp.get_context("spawn"),
+                                 initializer=_threads, initargs=(self.cpus,)) as pool:
+            futures = {pool.submit(fn, **job): i for i, job in enumerate(jobs)}
+            for f in as_completed(futures):
+                out[futures[f]] = f.result()
+                done(out[futures[f]])  # type: ignore[arg-type]
+        return [r for r in out if r is not None]
+
+
+@register
+class RayExecutor(Executor):
+    """One Ray task per cell (``num_cpus``/``num_gpus`` from the sweep file); ``executor.address`` joins a
+    running cluster, else a local Ray instance with ``workers × cpus_per_cell`` CPUs is started."""
+
+    name = "ray"
+
+    @classmethod
+    def check(cls) -> None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise LayerpruneError("the ray executor needs Ray: pip install 'layerprune[ray]'") from None
+
+    def map(self, fn: Callable[..., dict[str, Any]], jobs: list[dict[str, Any]],
+            done: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+        import ray
+
+        address = self.settings.get("address")
+        started = not ray.is_initialized()
+        if started:
+            kw: dict[str, Any] = {"address": address} if address else {"num_cpus": self.workers * self.cpus}
+            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kw)
+        try:
+            task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus)(_in_ray(fn, self.cpus))
+            refs = {task.remote(**job): i for i, job in enumerate(jobs)}
+            out: list[dict[str, Any] | None] = [None] * len(jobs)
+            pending = list(refs)
+            while pending:
+                ready, pending = ray.wait(pending, num_returns=1)
+                r = ray.get(ready[0])
+                out[refs[ready[0]]] = r
+                done(r)
+            return [r for r in out if r is not None]
+        finally:
+            if started:
+                ray.shutdown()
+
+
+def _in_ray(fn: Callable[..., dict[str, Any]], cpus: int) -> Callable[..., dict[str, Any]]:
+    def run(**job: Any) -> dict[str, Any]:
+        _threads(cpus)
+        return fn(**job)
+
+    return run
+
+
+@register
+class SlurmExecutor(Executor):
+    """A submitit job array on Slurm (partition, time, GPUs from ``executor.slurm``); ``slurm.cluster: local``
+    runs the same array through submitit's local executor (tests, a workstation)."""
+
+    name = "slurm"
+
+    @classmethod
+    def check(cls) -> None:
+        try:
+            import submitit  # noqa: F401
+        except ImportError:
+            raise LayerpruneError("the slurm executor needs submitit: pip install 'layerprune[slurm]'") from None
+
+    def map(self, fn: Callable[..., dict[str, Any]], jobs: list[dict[str, Any]],
+            done: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+        import submitit
+
+        s = dict(self.settings.get("slurm") or {})
+        cluster = s.pop("cluster", None)
+        ex = submitit.AutoExecutor(folder=str(self.folder / "submitit"), cluster=cluster)
+        params: dict[str, Any] = {"timeout_min": int(s.pop("time_min", 60)), "cpus_per_task": self.cpus,
+                                  "slurm_array_parallelism": self.workers}
+        if cluster != "local":
+            params.update({f"slurm_{k}": v for k, v in s.items()})
+            if self.gpus:
+                params["gpus_per_node"] = int(self.gpus)
+        ex.update_parameters(**params)
+        submitted = ex.map_array(_call, [fn] * len(jobs), jobs)
+        out = []
+        for j in submitted:
+            r = j.result()
+            done(r)
+            out.append(r)
+        return out
+
+
+def _call(fn: Callable[..., dict[str, Any]], job: dict[str, Any]) -> dict[str, Any]:
+    return fn(**job)
+
+
+def make_executor(name: str, settings: dict[str, Any], workers: int, folder: Path) -> Executor:
+    try:
+        cls = EXECUTORS[name]
+    except KeyError:
+        raise LayerpruneError(f"unknown executor '{name}'; choose one of {', '.join(EXECUTORS)}") from None
+    cls.check()
+    return cls(settings, workers, folder)
+
+
+__all__ = ["EXECUTORS", "Executor", "make_executor", "register"]

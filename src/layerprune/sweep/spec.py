@@ -1,0 +1,156 @@
+"""A sweep file and its cells: a base recipe, axes (a grid and/or a list of overrides), settings for every cell,
+executor resources and the comparisons to state.
+
+::
+
+    name: metrics-x-healing
+    base: ../recipes/best-practice.yaml   # a recipe file (relative to this file) or an inline mapping
+    grid:                                 # every combination is a cell
+      prune.metric: [reverse, bi, taylor]
+      heal.method: [partial, lora]
+    cells:                                # more cells, each a mapping of overrides
+      - {prune.metric: angular}
+    set: {evaluate.tasks: [piqa]}         # applied to every cell
+    executor: {workers: 2, cpus_per_cell: 1, gpus_per_cell: 0, slurm: {partition: gpu, time_min: 120}}
+    compare:                              # findings stated in the report
+      - {axis: prune.metric, baseline: reverse}
+
+Each cell is a validated recipe; its folder is named by the recipe's fingerprint, so a re-launch finds the
+cells already run, and two cells that resolve to the same recipe are one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import LayerpruneError
+
+TOP_KEYS = {"name", "base", "grid", "cells", "set", "executor", "compare"}
+EXECUTOR_KEYS = {"workers", "cpus_per_cell", "gpus_per_cell", "address", "slurm"}
+SLURM_KEYS = {"partition", "time_min", "gpus_per_node", "cpus_per_task", "mem_gb", "cluster"}
+
+
+@dataclass
+class Cell:
+    """One recipe of the sweep: its axis values (what distinguishes it) and the validated recipe."""
+
+    axes: dict[str, Any]
+    recipe: dict[str, Any]
+
+    @property
+    def key(self) -> str:
+        from ..recipe.state import fingerprint
+
+        return fingerprint(self.recipe)[:12]
+
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.axes.items()) or "base"
+
+
+@dataclass
+class Sweep:
+    name: str
+    cells: list[Cell]
+    executor: dict[str, Any] = field(default_factory=dict)
+    compare: list[dict[str, Any]] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def axes(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for c in self.cells:
+            for k in c.axes:
+                seen.setdefault(k, None)
+        return list(seen)
+
+
+def _override(key: str, value: Any) -> str:
+    """``key=value`` for :func:`~layerprune.recipe.schema.apply_overrides` (the value as YAML)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=10**6).removesuffix("...\n").strip()
+    return f"{key}={text}"
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise LayerpruneError(f"sweep: '{where}' must be a mapping of recipe keys to values")
+    return value
+
+
+def load_sweep(path: str | os.PathLike, overrides: list[str] | None = None) -> Sweep:
+    """Read a sweep file and validate every cell's recipe (before anything runs)."""
+    p = Path(path)
+    if not p.is_file():
+        raise LayerpruneError(f"sweep file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise LayerpruneError(f"sweep {p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise LayerpruneError(f"sweep {p}: expected a mapping with 'base' and 'grid' or 'cells'")
+    return build_sweep(data, p.parent, overrides or [], str(p))
+
+
+def build_sweep(data: dict[str, Any], root: Path, overrides: list[str], source: str = "<dict>") -> Sweep:
+    from ..recipe.schema import apply_overrides, validate
+
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise LayerpruneError(f"sweep: unknown key(s) {unknown}; valid: {', '.join(sorted(TOP_KEYS))}")
+    base = data.get("base")
+    if isinstance(base, str):
+        bp = (root / base) if not Path(base).is_absolute() else Path(base)
+        if not bp.is_file():
+            raise LayerpruneError(f"sweep: base recipe not found: {bp}")
+        base = yaml.safe_load(bp.read_text(encoding="utf-8")) or {}
+    if not isinstance(base, dict):
+        raise LayerpruneError("sweep: 'base' must be a recipe file or a recipe mapping")
+    grid = _mapping(data.get("grid"), "grid")
+    for k, v in grid.items():
+        if not isinstance(v, list) or not v:
+            raise LayerpruneError(f"sweep: grid axis '{k}' must be a non-empty list of values")
+    extra = data.get("cells") or []
+    if not isinstance(extra, list) or not all(isinstance(c, dict) for c in extra):
+        raise LayerpruneError("sweep: 'cells' must be a list of mappings of recipe keys to values")
+    common = [_override(k, v) for k, v in _mapping(data.get("set"), "set").items()] + list(overrides)
+    combos = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())] if grid else []
+    if not combos and not extra:
+        combos = [{}]
+    cells: dict[str, Cell] = {}
+    for axes in combos + extra:
+        try:
+            rec = validate(apply_overrides(base, common + [_override(k, v) for k, v in axes.items()]))
+        except LayerpruneError as e:
+            what = ", ".join(f"{k}={v}" for k, v in axes.items()) or "base"
+            raise LayerpruneError(f"sweep cell [{what}]: {e}") from None
+        cell = Cell(dict(axes), rec)
+        cells.setdefault(cell.key, cell)  # two cells that resolve to the same recipe run once
+    ex = _mapping(data.get("executor"), "executor")
+    bad = sorted(set(ex) - EXECUTOR_KEYS) + sorted(set(_mapping(ex.get("slurm"), "executor.slurm")) - SLURM_KEYS)
+    if bad:
+        raise LayerpruneError(f"sweep: unknown executor key(s) {bad}; valid: {', '.join(sorted(EXECUTOR_KEYS))}, "
+                              f"slurm: {', '.join(sorted(SLURM_KEYS))}")
+    for k in ("workers", "cpus_per_cell"):
+        if k in ex and (not isinstance(ex[k], int) or ex[k] < 1):
+            raise LayerpruneError(f"sweep: executor.{k} must be a whole number >= 1")
+    if "gpus_per_cell" in ex and (not isinstance(ex["gpus_per_cell"], (int, float)) or ex["gpus_per_cell"] < 0):
+        raise LayerpruneError("sweep: executor.gpus_per_cell must be >= 0")
+    compare = data.get("compare") or []
+    if not isinstance(compare, list) or any(not isinstance(c, dict) or "axis" not in c or "baseline" not in c
+                                            for c in compare):
+        raise LayerpruneError("sweep: 'compare' must be a list of {axis: KEY, baseline: VALUE}")
+    for c in compare:
+        if c["axis"] not in {k for cell in cells.values() for k in cell.axes}:
+            raise LayerpruneError(f"sweep: compare axis '{c['axis']}' is not an axis of the sweep")
+    name = str(data.get("name") or Path(source).stem)
+    return Sweep(name, list(cells.values()), ex, compare, source)
+
+
+__all__ = ["Cell", "Sweep", "build_sweep", "load_sweep"]

@@ -1,0 +1,156 @@
+"""Sweeps: cells planned from a grid (validated before anything runs), run on every executor into the same
+content-addressed folders, shared stages computed once, resumed after a kill, reported as one table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from layerprune.cli import main
+from layerprune.errors import LayerpruneError
+from layerprune.sweep import build_sweep, load_sweep, sweep
+
+from conftest import REPO, save_tiny_smol
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, smollm2_path):
+    return save_tiny_smol(tmp_path_factory.mktemp("m") / "tiny", smollm2_path)
+
+
+def _base(model: Path) -> dict:
+    return {"name": "tiny", "model": str(model), "prune": {"metric": "reverse", "num_layers": 1},
+            "compensate": {"method": "none"}, "heal": {"method": "none"},
+            "evaluate": {"tasks": [], "ppl": ["wikitext2"], "ppl_max_tokens": 128, "batch_size": 4},
+            "measure": {"enabled": False}}
+
+
+def _sweep_file(folder: Path, model: Path, **extra) -> Path:
+    data = {"name": "t", "base": _base(model), "grid": {"prune.metric": ["reverse", "magnitude"],
+                                                        "prune.num_layers": [1, 2]},
+            "compare": [{"axis": "prune.metric", "baseline": "reverse"}], **extra}
+    f = folder / "sweep.yaml"
+    f.write_text(yaml.safe_dump(data))
+    return f
+
+
+def test_plan_expands_the_grid_and_dedups(tiny, tmp_path):
+    sw = load_sweep(_sweep_file(tmp_path, tiny, cells=[{"prune.metric": "reverse", "prune.num_layers": 1}]))
+    assert len(sw.cells) == 4  # the extra cell is the grid's first one: one recipe, one cell
+    assert {c.key for c in sw.cells} == {c.key for c in load_sweep(tmp_path / "sweep.yaml").cells}  # stable keys
+    assert sw.axes == ["prune.metric", "prune.num_layers"]
+    assert sw.cells[0].recipe["prune"]["metric"] == "reverse"
+
+
+@pytest.mark.parametrize("data,needle", [
+    ({"base": {}, "grid": {"prune.metric": "bi"}}, "non-empty list"),
+    ({"base": {}, "nosuch": 1}, "unknown key"),
+    ({"base": {}, "grid": {"prune.metric": ["nosuch"]}}, "sweep cell [prune.metric=nosuch]"),
+    ({"base": {}, "grid": {"heal.method": ["nosuch"]}}, "heal.method=nosuch"),
+    ({"base": {}, "executor": {"workers": 0}}, "executor.workers"),
+    ({"base": {}, "executor": {"nosuch": 1}}, "unknown executor key"),
+    ({"base": {}, "compare": [{"axis": "prune.metric"}]}, "compare"),
+    ({"base": "/nonexistent.yaml"}, "base recipe not found"),
+])
+def test_bad_sweep_files_refused_before_any_cell(data, needle, tiny, tmp_path):
+    if isinstance(data.get("base"), dict):
+        data["base"] = _base(tiny)
+    with pytest.raises(LayerpruneError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        build_sweep(data, tmp_path, [])
+
+
+def test_cli_refusal_is_one_line_and_writes_nothing(tiny, tmp_path, capsys):
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"base": _base(tiny), "grid": {"prune.metric": ["nosuch"]}}))
+    capsys.readouterr()
+    assert main(["sweep", str(f), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nosuch" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def _table(out: Path) -> dict:
+    return {json.dumps(r["axes"], sort_keys=True): (r["status"], r.get("ppl")) for r in
+            json.loads((out / "sweep.json").read_text())["cells"]}
+
+
+def test_local_sweep_shares_work_reports_and_resumes(tiny, tmp_path, data_dir):
+    f = _sweep_file(tmp_path, tiny)
+    out = tmp_path / "out"
+    s = sweep(f, out, workers=2, overrides=[f"data_dir={data_dir}"], log=lambda m: None)
+    assert all(r["status"] == "done" and r["ppl"] for r in s["cells"])
+    # Every cell evaluates the same dense model: computed once, read by the other three.
+    assert s["shared_work"]["eval-dense"] == {"computed": 1, "shared": 3} or \
+        s["shared_work"]["eval-dense"]["computed"] <= 2  # two workers may both start it before either publishes
+    assert sum(s["shared_work"]["eval-dense"].values()) == 4
+    md = (out / "sweep.md").read_text()
+    assert "| prune.metric | prune.num_layers |" in md and "## Findings" in md
+    assert len(s["findings"]) == 1 and "prune.metric=magnitude" in s["findings"][0]
+    # Same ppl for the same cut: num_layers=1 of reverse and magnitude may differ, but a re-run is identical.
+    before = _table(out)
+    s2 = sweep(f, out, resume=True, overrides=[f"data_dir={data_dir}"], log=lambda m: None)
+    assert _table(out) == before and s2["wall_s"] < 5  # every cell finished: nothing ran
+    with pytest.raises(LayerpruneError, match="not empty"):
+        sweep(f, out, overrides=[f"data_dir={data_dir}"], log=lambda m: None)
+
+
+def test_killed_sweep_resumes_to_the_same_records(tiny, tmp_path, data_dir):
+    """SIGKILL while the second cell runs; --resume finishes it with the same records as an uninterrupted run."""
+    f = _sweep_file(tmp_path, tiny)
+    ref = tmp_path / "ref"
+    sweep(f, ref, overrides=[f"data_dir={data_dir}"], log=lambda m: None)
+    out = tmp_path / "out"
+    code = (
+        "import os, signal, sys\n"
+        "import layerprune.sweep.core as core\n"
+        "real = core.run_cell\n"
+        "n = {'c': 0}\n"
+        "def cell(**kw):\n"
+        "    n['c'] += 1\n"
+        "    if n['c'] == 2:\n"
+        "        import layerprune.recipe.state as st\n"
+        "        r = st.RunState.run\n"
+        "        def die(self, name, *a, **k):\n"
+        "            out = r(self, name, *a, **k)\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "        st.RunState.run = die\n"
+        "    return real(**kw)\n"
+        "core.run_cell = cell\n"
+        "from layerprune.sweep import sweep\n"
+        f"sweep({str(f)!r}, {str(out)!r}, workers=1, overrides=['data_dir={data_dir}'], log=print)\n"
+    )
+    # workers=1 still runs cells in a spawned worker: patch inside it through an in-process executor instead.
+    r = subprocess.run([sys.executable, "-c", code.replace("workers=1", "executor='serial'")], capture_output=True,
+                       text=True, timeout=300, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    done = [d for d in (out / "cells").iterdir() if (d / "cell.json").is_file()]
+    assert len(done) == 1
+    assert main(["sweep", str(f), "--out", str(out), "--resume", "--data-dir", str(data_dir)]) == 0
+    assert _table(out) == _table(ref)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray not installed (pip install '.[ray]')")
+def test_ray_executor_writes_the_same_cells(tiny, tmp_path, data_dir):
+    f = _sweep_file(tmp_path, tiny)
+    s = sweep(f, tmp_path / "ray", executor="ray", workers=2, overrides=[f"data_dir={data_dir}"], log=lambda m: None)
+    assert all(r["status"] == "done" for r in s["cells"])
+    local = tmp_path / "local"
+    sweep(f, local, workers=2, overrides=[f"data_dir={data_dir}"], log=lambda m: None)
+    assert _table(tmp_path / "ray") == _table(local)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("submitit") is None, reason="submitit not installed (pip install '.[slurm]')")
+def test_slurm_executor_through_submitit_local(tiny, tmp_path, data_dir):
+    f = _sweep_file(tmp_path, tiny, executor={"slurm": {"cluster": "local", "time_min": 10}})
+    s = sweep(f, tmp_path / "slurm", executor="slurm", workers=2, overrides=[f"data_dir={data_dir}"],
+              log=lambda m: None)
+    assert all(r["status"] == "done" for r in s["cells"])
+    assert (tmp_path / "slurm" / "submitit").is_dir()
