@@ -26,7 +26,7 @@ DEMO_SET ?= --set heal.max_steps=100 --set heal.batch_size=8 --set heal.micro_ba
 # torch is pinned and installed first, from this file's value (a looser requirement would pull a multi-GB CUDA
 # build). Everything else comes from requirements.lock (`make lock` regenerates it).
 TORCH := torch==2.13.0
-EXTRAS := dev,qlora,ui,browser-test
+EXTRAS := dev,qlora,ui,browser-test,ray,slurm
 LOCK := requirements.lock
 
 setup: $(STAMP)

@@ -33,9 +33,9 @@ def _base(model: Path) -> dict:
             "measure": {"enabled": False}}
 
 
-def _sweep_file(folder: Path, model: Path, **extra) -> Path:
-    data = {"name": "t", "base": _base(model), "grid": {"prune.metric": ["reverse", "magnitude"],
-                                                        "prune.num_layers": [1, 2]},
+def _sweep_file(folder: Path, model: Path, small: bool = False, **extra) -> Path:
+    grid = {"prune.metric": ["reverse", "magnitude"], **({} if small else {"prune.num_layers": [1, 2]})}
+    data = {"name": "t", "base": _base(model), "grid": grid,
             "compare": [{"axis": "prune.metric", "baseline": "reverse"}], **extra}
     f = folder / "sweep.yaml"
     f.write_text(yaml.safe_dump(data))
@@ -137,20 +137,32 @@ def test_killed_sweep_resumes_to_the_same_records(tiny, tmp_path, data_dir):
     assert _table(out) == _table(ref)
 
 
+@pytest.fixture(scope="module")
+def serial_ref(tiny, tmp_path_factory, data_dir):
+    """The two-cell sweep run in this process: what every executor must reproduce."""
+    folder = tmp_path_factory.mktemp("serial")
+    sweep(_sweep_file(folder, tiny, small=True), folder / "out", executor="serial",
+          overrides=[f"data_dir={data_dir}"], log=lambda m: None)
+    return _table(folder / "out")
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray not installed (pip install '.[ray]')")
-def test_ray_executor_writes_the_same_cells(tiny, tmp_path, data_dir):
-    f = _sweep_file(tmp_path, tiny)
+def test_ray_executor_writes_the_same_cells(tiny, tmp_path, data_dir, serial_ref):
+    """Against a local Ray instance with 2 CPUs (one task per cell)."""
+    f = _sweep_file(tmp_path, tiny, small=True)
     s = sweep(f, tmp_path / "ray", executor="ray", workers=2, overrides=[f"data_dir={data_dir}"], log=lambda m: None)
     assert all(r["status"] == "done" for r in s["cells"])
-    local = tmp_path / "local"
-    sweep(f, local, workers=2, overrides=[f"data_dir={data_dir}"], log=lambda m: None)
-    assert _table(tmp_path / "ray") == _table(local)
+    assert _table(tmp_path / "ray") == serial_ref
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("submitit") is None, reason="submitit not installed (pip install '.[slurm]')")
-def test_slurm_executor_through_submitit_local(tiny, tmp_path, data_dir):
-    f = _sweep_file(tmp_path, tiny, executor={"slurm": {"cluster": "local", "time_min": 10}})
+def test_slurm_executor_through_submitit_local(tiny, tmp_path, data_dir, serial_ref):
+    """A submitit job array through submitit's local executor (the same code path as Slurm but the cluster)."""
+    f = _sweep_file(tmp_path, tiny, small=True, executor={"slurm": {"cluster": "local", "time_min": 10}})
     s = sweep(f, tmp_path / "slurm", executor="slurm", workers=2, overrides=[f"data_dir={data_dir}"],
               log=lambda m: None)
     assert all(r["status"] == "done" for r in s["cells"])
     assert (tmp_path / "slurm" / "submitit").is_dir()
+    assert _table(tmp_path / "slurm") == serial_ref
