@@ -184,7 +184,7 @@ class TeacherCache:
     def _compute(self, missing: list[int]) -> None:
         """The teacher's log-probs for ``missing`` samples (one padded batch, the head only at loss positions)."""
         from ..arch import parts
-        from .train import HeadSelector
+        from .heads import HeadSelector
 
         t0 = time.perf_counter()
         if self.teacher is None:

@@ -15,7 +15,6 @@ import math
 import os
 import resource
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,41 +26,9 @@ from transformers import Trainer, TrainerCallback
 from ..data.instruct import IGNORE_INDEX, SAMPLE_INDEX, PackCollator, PadCollator, model_inputs
 from ..errors import LayerpruneError
 from .distill import kd_loss_sum, mixed_loss_sum
+from .heads import HeadSelector, _selected
 from .prefix_cache import PrefixCache
 from .teacher_cache import TeacherCache, cached_kd_loss_sum
-
-
-class HeadSelector:
-    """Applies the output head only at selected positions (``keep``: bool ``[B, T]``) while active."""
-
-    def __init__(self, head: nn.Module):
-        self._keep: torch.Tensor | None = None
-        self.handle = head.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module: nn.Module, args: tuple) -> tuple | None:
-        keep = self._keep
-        if keep is None or not args:
-            return None
-        h = args[0]
-        if not torch.is_tensor(h) or h.dim() != 3 or h.shape[:2] != keep.shape:
-            return None
-        return (h[keep],) + tuple(args[1:])
-
-    @contextlib.contextmanager
-    def select(self, keep: torch.Tensor) -> Iterator[None]:
-        self._keep = keep
-        try:
-            yield
-        finally:
-            self._keep = None
-
-    def remove(self) -> None:
-        self.handle.remove()
-
-
-def _selected(logits: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    # The hook engaged: logits are already [N, V]; otherwise select from [B, T, V].
-    return logits if logits.dim() == 2 else logits[keep]
 
 
 class NonFiniteLoss(LayerpruneError):
