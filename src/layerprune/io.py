@@ -237,3 +237,16 @@ def write_results(out_dir: str | os.PathLike, name: str, data: Any, markdown: st
         write_text(target.parent / f"{name}.md", markdown)
     write_json(target, data)  # last: its presence marks the results complete (a re-run checks for it)
     return target
+
+
+def read_yaml(path: str | os.PathLike, what: str) -> Any:
+    """A YAML file's content; a missing file or invalid YAML is a one-line error naming ``what`` it is."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise LayerpruneError(f"{what} not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise LayerpruneError(f"{what} {p}: invalid YAML ({str(e).splitlines()[0]})") from None

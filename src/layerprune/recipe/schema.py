@@ -322,13 +322,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def load_recipe(path: str | os.PathLike, overrides: list[str] | None = None) -> dict[str, Any]:
     """Read, override and validate a recipe YAML file."""
+    from ..io import read_yaml
+
     p = Path(path)
-    if not p.is_file():
-        raise LayerpruneError(f"recipe not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise LayerpruneError(f"recipe {p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml(p, "recipe")
     if data is None:
         raise LayerpruneError(f"recipe {p} is empty (an empty file would run the whole default pipeline); "
                               "write at least 'model:' and 'prune:'")

@@ -86,13 +86,10 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
 
 def load_sweep(path: str | os.PathLike, overrides: list[str] | None = None) -> Sweep:
     """Read a sweep file and validate every cell's recipe (before anything runs)."""
+    from ..io import read_yaml
+
     p = Path(path)
-    if not p.is_file():
-        raise LayerpruneError(f"sweep file not found: {p}")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise LayerpruneError(f"sweep {p}: invalid YAML ({str(e).splitlines()[0]})") from None
+    data = read_yaml(p, "sweep file")
     if not isinstance(data, dict):
         raise LayerpruneError(f"sweep {p}: expected a mapping with 'base' and 'grid' or 'cells'")
     return build_sweep(data, p.parent, overrides or [], str(p))
@@ -106,10 +103,9 @@ def build_sweep(data: dict[str, Any], root: Path, overrides: list[str], source: 
         raise LayerpruneError(f"sweep: unknown key(s) {unknown}; valid: {', '.join(sorted(TOP_KEYS))}")
     base = data.get("base")
     if isinstance(base, str):
-        bp = (root / base) if not Path(base).is_absolute() else Path(base)
-        if not bp.is_file():
-            raise LayerpruneError(f"sweep: base recipe not found: {bp}")
-        base = yaml.safe_load(bp.read_text(encoding="utf-8")) or {}
+        from ..io import read_yaml
+
+        base = read_yaml((root / base) if not Path(base).is_absolute() else Path(base), "sweep: base recipe") or {}
     if not isinstance(base, dict):
         raise LayerpruneError("sweep: 'base' must be a recipe file or a recipe mapping")
     grid = _mapping(data.get("grid"), "grid")
