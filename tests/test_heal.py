@@ -487,3 +487,18 @@ def test_cli_heal(tmp_path, data_file, capsys):
     assert not h["packing"]["used"] and h["config"]["prefix_cache_gb"] == 0
     assert main(base + ["--out", str(tmp_path / "o5"), "--prefix-cache-gb", "-1"]) == 2
     assert capsys.readouterr().err.strip().count("\n") == 0
+
+
+def test_report_to_tensorboard_writes_event_files_offline(tmp_path, data_file):
+    """The Trainer's TensorBoard integration, offline: event files in OUT/tracking with the run's name."""
+    src = save_tiny(tmp_path / "src", "llama")
+    r = heal(src, tmp_path / "out", data=str(data_file), report_to=["tensorboard"], run_name="cell a", **FAST)
+    events = list((tmp_path / "out" / "tracking").rglob("events.out.tfevents.*"))
+    assert events and r["config"]["report_to"] == ["tensorboard"]
+
+
+def test_report_to_refuses_unknown_trackers():
+    from layerprune.healing import HealConfig
+
+    with pytest.raises(LayerpruneError, match="report_to"):
+        HealConfig(report_to=["nosuch"]).validate()

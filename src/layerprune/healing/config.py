@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,10 @@ from ..options import opt
 
 TIE_MODES = ("frozen", "head", "both", "untie")
 TIE_DEFAULT = "frozen"  # chosen from measurements on SmolLM2 (docs/healing.md, "Tied embeddings")
+
+
+# Trainer integrations accepted by report_to, and the package each needs.
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
 
 
 @dataclass
@@ -96,6 +101,10 @@ class HealConfig:
                                        "needs checkpoints at evaluations)")
     save_total_limit: int = opt(2, "checkpoints kept")
     logging_steps: int = opt(10, "log the training loss every N steps")
+    report_to: list[str] | None = opt(None, "experiment tracking through the Trainer's integrations, "
+                                            "comma-separated: tensorboard, wandb, trackio, mlflow (default: none); "
+                                            "TensorBoard logs go to OUT/tracking/")
+    run_name: str | None = opt(None, "the tracked run's name (a sweep names each cell by its axes)")
     eval_batch_size: int | None = opt(None, "evaluation batch (default: the micro-batch size)")
     eval_before: bool = opt(True, "measure the validation loss before training")
     checkpoint_dir: str | None = opt(None, "checkpoint folder (default: OUT.checkpoints)", recipe=False)
@@ -139,6 +148,12 @@ class HealConfig:
             raise LayerpruneError("teacher_top_k must be at least 1 and teacher_full_max at least 0")
         if not self.teacher_cache:
             raise LayerpruneError("teacher_cache must be auto, off or a folder")
+        for name in self.report_to or []:
+            if name not in TRACKERS:
+                raise LayerpruneError(f"unknown report_to '{name}'; choose from {', '.join(TRACKERS)}")
+            if importlib.util.find_spec(TRACKERS[name]) is None:
+                raise LayerpruneError(f"report_to {name} needs the '{TRACKERS[name]}' package (pip install "
+                                      f"{TRACKERS[name]})")
         from .selfgen import self_count
 
         self_count(self.data)  # a malformed self:N is refused here, before any loading

@@ -58,9 +58,11 @@ from .train import (
 )
 
 HEAL_FILE = "heal.json"
+TRACKING = "tracking"  # OUT/tracking: TensorBoard event files
 RUN_FILE = "run.json"  # in the checkpoint folder: what a --resume must match
 # Settings that do not change the result; a resume may differ in these.
-_RUNTIME_KEYS = {"resume", "overwrite", "progress", "keep_checkpoints", "checkpoint_dir", "extra", "eval_before"}
+_RUNTIME_KEYS = {"resume", "overwrite", "progress", "keep_checkpoints", "checkpoint_dir", "extra", "eval_before",
+                 "report_to", "run_name"}
 _STR_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -489,7 +491,7 @@ class _Run:
             save_total_limit=cfg.save_total_limit, save_safetensors=True, save_only_model=False,
             load_best_model_at_end=has_val, metric_for_best_model="eval_loss", greater_is_better=False,
             logging_strategy="steps", logging_steps=cfg.logging_steps, logging_first_step=True,
-            logging_nan_inf_filter=False, report_to=[], disable_tqdm=True,
+            logging_nan_inf_filter=False, report_to=list(cfg.report_to or []), disable_tqdm=True,
             seed=cfg.seed, data_seed=cfg.seed, remove_unused_columns=False,
             include_num_input_tokens_seen="non_padding", prediction_loss_only=True,
             ddp_find_unused_parameters=False, dataloader_pin_memory=cuda,
@@ -503,6 +505,8 @@ class _Run:
             name = "activation_checkpointing" if "activation_checkpointing" in _params(TrainingArguments) \
                 else "gradient_checkpointing"
             args.update({name: True, f"{name}_kwargs": {"use_reentrant": False}})
+        if cfg.run_name:
+            args["run_name"] = cfg.run_name
         targs = TrainingArguments(**_supported(TrainingArguments, args))
         if teacher is not None:
             teacher.to(targs.device)
@@ -519,6 +523,11 @@ class _Run:
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # our bar reports; the printer would dump every log dict
+        for cb in trainer.callback_handler.callbacks:
+            if type(cb).__name__ == "TensorBoardCallback" and getattr(cb, "logging_dir", None) is None:
+                # Our validation before training logs before on_train_begin would set the folder: without this
+                # the writer would open in the working directory.
+                cb.logging_dir = str(self.ckpt_dir / TRACKING / (cfg.run_name or "heal"))
         return trainer
 
     def _save(self, trainer: HealTrainer, tok: Any, src: str, result: dict[str, Any], t_start: float) -> None:
@@ -542,6 +551,8 @@ class _Run:
                                        extra_files={HEAL_FILE: result})
                 if ctx.adapter_dir is not None:
                     shutil.move(str(ctx.adapter_dir), str(tmp / "adapter"))
+                if (self.ckpt_dir / TRACKING).is_dir():  # TensorBoard's event files (report_to tensorboard)
+                    shutil.copytree(self.ckpt_dir / TRACKING, tmp / TRACKING)
             finally:
                 shutil.rmtree(side, ignore_errors=True)
 

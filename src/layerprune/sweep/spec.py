@@ -126,6 +126,9 @@ def build_sweep(data: dict[str, Any], root: Path, overrides: list[str], source: 
         except LayerpruneError as e:
             what = ", ".join(f"{k}={v}" for k, v in axes.items()) or "base"
             raise LayerpruneError(f"sweep cell [{what}]: {e}") from None
+        if rec["heal"].get("report_to") and not rec["heal"].get("run_name"):
+            # Tracked runs are named (tagged) by the cell's axes.
+            rec["heal"]["run_name"] = ", ".join(f"{k}={v}" for k, v in axes.items()) or "base"
         cell = Cell(dict(axes), rec)
         cells.setdefault(cell.key, cell)  # two cells that resolve to the same recipe run once
     ex = _mapping(data.get("executor"), "executor")
