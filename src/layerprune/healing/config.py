@@ -101,6 +101,8 @@ class HealConfig:
                                        "needs checkpoints at evaluations)")
     save_total_limit: int = opt(2, "checkpoints kept")
     logging_steps: int = opt(10, "log the training loss every N steps")
+    shuffle: bool = opt(True, "shuffle the training samples each epoch (off: dataset order, the same global batches "
+                              "for any number of processes)")
     report_to: list[str] | None = opt(None, "experiment tracking through the Trainer's integrations, "
                                             "comma-separated: tensorboard, wandb, trackio, mlflow (default: none); "
                                             "TensorBoard logs go to OUT/tracking/")

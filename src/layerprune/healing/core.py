@@ -382,6 +382,12 @@ class _Run:
         if resume_from is not None:
             return getattr(self, "_val_before_saved", None)
         value = float(trainer.evaluate()["eval_loss"])
+        # evaluate() registered the bare model with the accelerator (evaluation mode, no DDP wrapper); left so,
+        # train() would reuse it and never all-reduce gradients across processes (each rank would train alone).
+        trainer.accelerator._models.clear()
+        trainer.model_wrapped = trainer.model
+        if getattr(trainer.model, "_is_accelerate_prepared", False):
+            trainer.model._is_accelerate_prepared = False
         if self.main:
             run_file = self.ckpt_dir / RUN_FILE
             run = read_json(run_file)
@@ -507,6 +513,8 @@ class _Run:
             args.update({name: True, f"{name}_kwargs": {"use_reentrant": False}})
         if cfg.run_name:
             args["run_name"] = cfg.run_name
+        if not cfg.shuffle:
+            args["train_sampling_strategy"] = "sequential"
         targs = TrainingArguments(**_supported(TrainingArguments, args))
         if teacher is not None:
             teacher.to(targs.device)
