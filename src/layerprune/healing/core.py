@@ -384,10 +384,11 @@ class _Run:
         value = float(trainer.evaluate()["eval_loss"])
         # evaluate() registered the bare model with the accelerator (evaluation mode, no DDP wrapper); left so,
         # train() would reuse it and never all-reduce gradients across processes (each rank would train alone).
+        bare: Any = trainer.model
         trainer.accelerator._models.clear()
-        trainer.model_wrapped = trainer.model
-        if getattr(trainer.model, "_is_accelerate_prepared", False):
-            trainer.model._is_accelerate_prepared = False
+        trainer.model_wrapped = bare
+        if getattr(bare, "_is_accelerate_prepared", False):
+            bare._is_accelerate_prepared = False
         if self.main:
             run_file = self.ckpt_dir / RUN_FILE
             run = read_json(run_file)
