@@ -100,6 +100,8 @@ class RayExecutor(Executor):
         import ray
 
         address = self.settings.get("address")
+        # No usage-stats upload (offline machines wait for it to time out) and no token prompt for a local instance.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         started = not ray.is_initialized()
         if started:
             kw: dict[str, Any] = {"address": address} if address else {"num_cpus": self.workers * self.cpus}
