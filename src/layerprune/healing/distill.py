@@ -15,11 +15,18 @@ from torch import nn
 from ..errors import LayerpruneError
 
 
-def kd_loss_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Sum over positions of ``T^2 * KL(p_teacher || p_student)`` at temperature ``T``; logits are ``[N, V]``."""
+def kd_loss_sum(student_logits: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                indices: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over positions of ``T^2 * KL(p_teacher || p_student)`` at temperature ``T``; rows are ``[N, V]``.
+
+    ``teacher``: the teacher's logits or log-probs at temperature 1 (the teacher cache's; ``log_softmax`` is
+    shift-invariant, so both give the same tempered teacher). With ``indices`` ([N, K]) the teacher is only its
+    top K (renormalised over them) and the student's tempered log-probs are gathered there."""
     t = float(temperature)
     s_logp = F.log_softmax(student_logits.float() / t, dim=-1)
-    t_logp = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    t_logp = F.log_softmax(teacher.to(s_logp.device).float() / t, dim=-1)
+    if indices is not None:
+        s_logp = s_logp.gather(-1, indices.to(s_logp.device))
     return F.kl_div(s_logp, t_logp, log_target=True, reduction="sum") * (t * t)
 
 

@@ -254,21 +254,6 @@ class TeacherCache:
         self.teacher = None
 
 
-def cached_kd_loss_sum(student_logits: torch.Tensor, values: torch.Tensor, indices: torch.Tensor | None,
-                       temperature: float) -> torch.Tensor:
-    """``T² · KL(p_teacher || p_student)`` summed over positions from cached teacher log-probs (temperature 1).
-
-    Full distribution: exactly the live loss (``log_softmax`` is shift-invariant, so the cached log-probs at
-    T = 1 give the tempered teacher). Top-K: the teacher renormalised over its K kept tokens, the student's
-    full tempered log-probs gathered there."""
-    t = float(temperature)
-    s_logp = F.log_softmax(student_logits.float() / t, dim=-1)
-    t_logp = F.log_softmax(values.to(s_logp.device).float() / t, dim=-1)
-    if indices is not None:
-        s_logp = s_logp.gather(-1, indices.to(s_logp.device))
-    return F.kl_div(s_logp, t_logp, log_target=True, reduction="sum") * (t * t)
-
-
 class FlushAtSave(TrainerCallback):
     """The cache's new rows are written with every checkpoint (a killed run keeps them)."""
 
@@ -280,4 +265,4 @@ class FlushAtSave(TrainerCallback):
         return control
 
 
-__all__ = ["FlushAtSave", "TeacherCache", "cache_root", "cached_kd_loss_sum", "loss_positions", "weights_fingerprint"]
+__all__ = ["FlushAtSave", "TeacherCache", "cache_root", "loss_positions", "weights_fingerprint"]

@@ -28,7 +28,7 @@ from ..errors import LayerpruneError
 from .distill import kd_loss_sum, mixed_loss_sum
 from .heads import HeadSelector, _selected
 from .prefix_cache import PrefixCache
-from .teacher_cache import TeacherCache, cached_kd_loss_sum
+from .teacher_cache import TeacherCache
 
 
 class NonFiniteLoss(LayerpruneError):
@@ -87,7 +87,7 @@ class HealTrainer(Trainer):
                 self._vocab = logits.shape[-1]
         if self.teacher_cache is not None and model.training:
             values, indices = self.teacher_cache.targets(inputs[SAMPLE_INDEX], logits.shape[0])
-            kd = cached_kd_loss_sum(logits, values, indices, self.distill_temperature)
+            kd = kd_loss_sum(logits, values, self.distill_temperature, indices)
             loss_sum = mixed_loss_sum(loss_sum, kd, self.distill_weight)
         elif self.teacher is not None and model.training:
             # Distillation shapes training only; evaluation reports the plain LM loss so validation losses
