@@ -46,6 +46,7 @@ def folder_fingerprint(path: str | os.PathLike) -> str:
 # Stages whose output depends on their fingerprinted inputs only (not on the run folder): runs that share a
 # store (the cells of a sweep) compute each of them once per fingerprint.
 SHAREABLE = ("score", "eval-dense", "pruned", "compensated")
+SHARED_RESULT = ".stage-result.json"  # a published stage's result, beside its files
 
 
 class RunState:
@@ -104,9 +105,6 @@ class RunState:
         self.save()
         return result
 
-
-
-SHARED_RESULT = ".stage-result.json"
 
 
 def _publish(out: Path, store: Path, result: dict[str, Any]) -> None:
