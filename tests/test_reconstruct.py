@@ -65,12 +65,16 @@ def test_training_that_does_not_help_is_undone():
         assert ka == kb and torch.equal(ta, tb), ka
 
 
-def test_zero_steps_equals_lstsq():
-    a, b = make_tiny("qwen2"), make_tiny("qwen2")
-    compensate(a, [4, 5], _calib(), method="lstsq", progress=False)
-    compensate(b, [4, 5], _calib(), method=make_method("reconstruct", recon=ReconSpec(steps=0)), progress=False)
+@pytest.mark.parametrize("arch,removed", [("qwen2", [4, 5]), ("gpt2", [1, 2, 4]), ("gemma3_text", [2, 4, 5]),
+                                          ("llama", [1, 5])])
+def test_zero_steps_equals_lstsq(arch, removed):
+    """reconstruct's first block is fitted from its own recording pass (not lstsq's dense pass): with no
+    training the model must equal lstsq's, every block and fold site alike."""
+    a, b = make_tiny(arch), make_tiny(arch)
+    compensate(a, removed, _calib(), method="lstsq", progress=False)
+    compensate(b, removed, _calib(), method=make_method("reconstruct", recon=ReconSpec(steps=0)), progress=False)
     with torch.no_grad():
-        assert torch.allclose(a(TEST_IDS).logits, b(TEST_IDS).logits, atol=1e-6)
+        assert torch.allclose(a(TEST_IDS).logits, b(TEST_IDS).logits, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch,layers", [("llama", "before"), ("gemma3_text", "both"), ("gpt2", "after")])

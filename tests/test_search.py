@@ -16,7 +16,7 @@ from layerprune.errors import LayerpruneError
 from layerprune.prune import prune_layers
 from layerprune.search import SearchConfig, search, search_cut
 from layerprune.search.core import split_windows
-from layerprune.search.proxy import Proxy, fit_maps
+from layerprune.search.proxy import FitCapture, Proxy, fit_maps
 
 from conftest import ARCHS, FAST, ROWS, make_tiny, save_tiny, tiny_tokenizer
 
@@ -75,6 +75,11 @@ def test_proxy_equals_the_pruned_model(arch, text_file):
         prune_layers(folded, removed)
         c, d = proxy.cut(removed, maps), proxy.other(folded)
         assert c["kl"] == pytest.approx(d["kl"], rel=1e-3, abs=1e-5)
+        # The first block fitted from the shared recording of the fitting windows: the same maps.
+        shared_maps, _ = fit_maps(model, removed, fit, make_method("lstsq", ridge=1e-3), 2, FitCapture(model, fit, 2))
+        assert shared_maps is not None
+        for (_, _, t), (_, _, u) in zip(maps, shared_maps):
+            assert torch.allclose(t, u, rtol=1e-4, atol=1e-5)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

@@ -84,14 +84,23 @@ def compensate(model: Any, remove: list[int], calib: Any, *, method: str | CompM
     """
     from ..arch import parts
     from ..prune.surgery import prune_layers, validate_removal
-    from .core import fit_in_memory, fit_summary
+    from .core import fit_in_memory, fit_summary, fold_in_memory
+    from .reconstruct import InMemoryLayers, Reconstruction
 
     t0 = time.perf_counter()
     m = method if isinstance(method, CompMethod) else make_method(method, **params)
     p = parts(model)
     removed = validate_removal(remove, p.num_layers)
-    fits = fit_in_memory(model, removed, calib, m, batch_size=batch_size, progress=progress)
-    trained = fold_and_train(model, removed, fits, m, calib, progress)
+    trained: list[dict[str, Any]] | None
+    if m.trains:  # one dense pass records reconstruct's targets and gives the first block's lstsq fit
+        rec = Reconstruction.in_memory(model, calib, removed, m.recon, progress)
+        fits = fit_in_memory(model, removed, calib, m, batch_size=batch_size, progress=progress,
+                             first=rec.first_block)
+        fold_in_memory(model, fits, removed)
+        trained = rec.run(InMemoryLayers(p.layers))
+    else:
+        fits = fit_in_memory(model, removed, calib, m, batch_size=batch_size, progress=progress)
+        trained = fold_and_train(model, removed, fits, m, calib, progress)
     record = prune_layers(model, removed)
     summary = fit_summary(fits, p.adapter, m, calib, "in-memory", time.perf_counter() - t0, trained)
     return {"record": record, "compensation": summary}

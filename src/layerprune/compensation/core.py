@@ -16,6 +16,7 @@ corrects what actually reaches it (a map fitted on the dense model would assume 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,9 +148,38 @@ class _Capture:
 
 
 @torch.no_grad()
+def recorded_captures(layers: nn.ModuleList, block: Block, site: Site, inputs: list[torch.Tensor], calls: list[Any],
+                      ends: Any, masks: list[torch.Tensor]) -> Iterator[tuple[dict[str, torch.Tensor],
+                                                                                     torch.Tensor]]:
+    """A first block's captures per batch from a dense pass recorded before (``first`` of
+    :func:`fit_in_memory`): ``inputs``/``calls`` are the fold layer's dense inputs and arguments (layer 0's
+    input when the block starts the model), ``ends`` the dense outputs at the block's end. Rerunning the fold
+    layer gives its output ``h`` and the fold site's ``m``."""
+    fold = block.fold_layer
+    mod = get_module(layers[fold], str(site.path)) if fold is not None and site.kind == MODULE else None
+    for b, x in enumerate(inputs):
+        got: dict[str, torch.Tensor] = {"y": ends[b].to(x.dtype)}
+        if fold is None:
+            got["h"] = x
+            if site.kind == EMBED:
+                got["m"] = x
+        else:
+            handle = mod.register_forward_hook(lambda mo, a, o, g=got: g.__setitem__("m", o)) if mod else None
+            try:
+                got["h"] = call_layer(layers[fold], x, calls[b])
+            finally:
+                if handle is not None:
+                    handle.remove()
+        yield got, masks[b]
+
+
+@torch.no_grad()
 def fit_in_memory(model: nn.Module, removed: list[int], calib: Any, method: CompMethod, *,
-                  batch_size: int | None = None, progress: bool = True) -> list[BlockFit]:
-    """Fit each block's map on a loaded model (not modified: maps act through hooks while fitting)."""
+                  batch_size: int | None = None, progress: bool = True, first: Any = None) -> list[BlockFit]:
+    """Fit each block's map on a loaded model (not modified: maps act through hooks while fitting).
+
+    ``first(block, site)``, when given, yields ``(captures, mask)`` per batch for the first block from a dense
+    pass already made (``reconstruct``'s recording), instead of a new one."""
     p = parts(model)
     layers = p.layers
     blocks = plan_blocks(removed, len(layers))
@@ -163,10 +193,15 @@ def fit_in_memory(model: nn.Module, removed: list[int], calib: Any, method: Comp
     try:
         for b, (block, site) in enumerate(zip(blocks, sites)):
             stats = Stats(dim, method.keep_activations())
-            if method.map_shape != "none":
-                first = b == 0  # nothing before the first block is compensated: one dense pass gives it all
-                dense = _Capture(layers, block, site, want_y=True, want_mh=first)
-                pruned = None if first else _Capture(layers, block, site, want_y=False, want_mh=True)
+            if method.map_shape != "none" and b == 0 and first is not None:
+                for got, mask in first(block, site):
+                    sel = _valid(mask)
+                    m = _flat(got["m"], sel) if "m" in got else None
+                    stats.update(m, _flat(got["h"], sel), _flat(got["y"], sel))
+            elif method.map_shape != "none":
+                first_block = b == 0  # nothing before the first block is compensated: one dense pass gives it all
+                dense = _Capture(layers, block, site, want_y=True, want_mh=first_block)
+                pruned = None if first_block else _Capture(layers, block, site, want_y=False, want_mh=True)
                 maps = [(f.block, f.site, f.tensor()) for f in fits]
                 try:
                     for ids, mask in tqdm(batches, desc=f"compensate block {block.label()}", leave=False,
@@ -317,4 +352,4 @@ def fit_summary(fits: list[BlockFit], adapter: Any, method: CompMethod, calib: A
     return out
 
 
-__all__ = ["BlockFit", "fit_in_memory", "fit_layerwise", "fit_summary", "fold_in_memory", "fold_overrides"]
+__all__ = ["BlockFit", "fit_in_memory", "recorded_captures", "fit_layerwise", "fit_summary", "fold_in_memory", "fold_overrides"]

@@ -149,12 +149,31 @@ class DiskLayers:
             self.overrides[names[rel]] = t.detach().cpu().clone()
 
 
+def first_changed(removed: list[int], num_layers: int, spec: Any) -> int:
+    """The first layer the fold or the training changes (or skips): every layer before it computes what the
+    dense model does, so the pruned stream starts there from the dense input."""
+    blk = plan_blocks(removed, num_layers)[0]
+    span = plan_spans(removed, num_layers, spec.layers)[0]
+    return min(span.layers[0], blk.removed[0], blk.removed[0] if blk.fold_layer is None else blk.fold_layer)
+
+
+@dataclass
+class Recorded:
+    """What one dense pass leaves for training: the recorded layer arguments (``prep``), the dense inputs at
+    layer ``begin`` (where the pruned stream starts) and the dense outputs at each target position."""
+
+    prep: Any
+    begin: int
+    inputs: list[torch.Tensor]
+    targets: dict[int, Store]
+
+
 @torch.no_grad()
-def record_in_memory(model: nn.Module, calib: Any, batch_size: int | None, positions: set[int],
-                     progress: bool = True) -> tuple[Any, dict[int, Store]]:
+def record_in_memory(model: nn.Module, calib: Any, batch_size: int | None, positions: set[int], begin: int,
+                     progress: bool = True) -> Recorded:
     """One forward per calibration batch, stopped after the last of ``positions``: the embeddings output,
-    every layer's other arguments (as the layer-by-layer recording pass gives them) and the dense outputs at
-    ``positions``."""
+    every layer's other arguments (as the layer-by-layer recording pass gives them), the input of layer
+    ``begin`` and the dense outputs at ``positions``."""
     from ..arch import parts
     from ..metrics.layerwise import Prepared
 
@@ -162,12 +181,15 @@ def record_in_memory(model: nn.Module, calib: Any, batch_size: int | None, posit
     last = max(positions)
     batches = calib.batches(batch_size)
     x0: list[torch.Tensor] = []
+    inputs: list[torch.Tensor] = []
     calls: list[list[Any]] = [[] for _ in range(len(layers))]
     out = {p: Store() for p in positions}
 
     def hook(pos: int, args: tuple, kwargs: dict, output: Any) -> None:
         if pos == 0:
             x0.append(layer_input(args, kwargs).detach())
+        if pos == begin:
+            inputs.append(layer_input(args, kwargs).detach())
         calls[pos].append(record_call(args, kwargs))
         if pos in out:
             out[pos].append(layer_output(output))
@@ -178,22 +200,26 @@ def record_in_memory(model: nn.Module, calib: Any, batch_size: int | None, posit
         for ids, mask in tqdm(batches, desc="reconstruct: dense targets", disable=not progress, leave=False):
             with contextlib.suppress(StopForward):
                 model(**model_inputs(model, ids, mask))
-    return Prepared(batches, x0, calls), out
+    return Recorded(Prepared(batches, x0, calls), begin, inputs, out)
 
 
 @torch.no_grad()
-def dense_targets(src: Any, prep: Any, positions: set[int], progress: bool = True) -> dict[int, Store]:
-    """The dense model's output at each of ``positions``, per calibration batch, streamed layer by layer."""
+def dense_targets(src: Any, prep: Any, positions: set[int], begin: int, progress: bool = True) -> Recorded:
+    """The dense model's output at each of ``positions`` (and input at ``begin``), per calibration batch,
+    streamed layer by layer."""
     out = {p: Store() for p in positions}
     xs = list(prep.x0)
+    inputs: list[torch.Tensor] = xs
     for pos in tqdm(range(max(positions) + 1), desc="reconstruct: dense targets", disable=not progress,
                     leave=False):
+        if pos == begin:
+            inputs = xs
         with src.layer(pos) as layer:
             xs = [call_layer(layer, x, prep.calls[pos][b]) for b, x in enumerate(xs)]
         if pos in out:
             for x in xs:
                 out[pos].append(x)
-    return out
+    return Recorded(prep, begin, inputs, out)
 
 
 def _run_span(mods: list[nn.Module], span: Span, x: torch.Tensor, calls: Any, b: int) -> torch.Tensor:
@@ -276,18 +302,20 @@ def train_span(mods: list[nn.Module], span: Span, xs: list[torch.Tensor], ys: St
             "kept_training": kept}
 
 
-def reconstruct(src: Any, prep: Any, removed: list[int], num_layers: int, spec: Any, targets: dict[int, Store],
-                norm: nn.Module | None, progress: bool = True) -> list[dict[str, Any]]:
-    """Stream the calibration hidden states through the pruned model (removed layers skipped), training each
-    span on the stream that reaches it; returns one report per span. ``src`` holds the start (lstsq-folded)."""
+def reconstruct(src: Any, rec: Recorded, removed: list[int], num_layers: int, spec: Any, norm: nn.Module | None,
+                progress: bool = True) -> list[dict[str, Any]]:
+    """Stream the calibration hidden states through the pruned model (removed layers skipped) from the first
+    changed layer, training each span on the stream that reaches it; returns one report per span. ``src``
+    holds the start (lstsq-folded)."""
     spans = {s.layers[0]: s for s in plan_spans(removed, num_layers, spec.layers)}
     skip = set(removed)
     reports: list[dict[str, Any]] = []
-    xs = list(prep.x0)
+    prep = rec.prep
+    xs = list(rec.inputs)
     inside: set[int] = set()
     last = max(spans[k].layers[-1] for k in spans)
     bar = tqdm(total=len(spans), desc="reconstruct: train", disable=not progress, leave=False)
-    for pos in range(last + 1):
+    for pos in range(rec.begin, last + 1):
         if pos in skip or pos in inside:
             continue
         span = spans.get(pos)
@@ -298,7 +326,7 @@ def reconstruct(src: Any, prep: Any, removed: list[int], num_layers: int, spec: 
         inside |= set(span.layers)
         with contextlib.ExitStack() as stack:
             mods = [stack.enter_context(src.layer(p)) for p in span.layers]
-            reports.append(train_span(mods, span, xs, targets[span.target], prep, spec,
+            reports.append(train_span(mods, span, xs, rec.targets[span.target], prep, spec,
                                       norm if span.final else None))
             for p, m in zip(span.layers, mods):
                 src.commit(p, m)
@@ -313,14 +341,28 @@ class Reconstruction:
     """One reconstruct run: the dense targets are taken first (before any fold changes a weight), then
     :meth:`run` trains on the lstsq-folded layers. Build it with :meth:`in_memory` or :meth:`layerwise`."""
 
-    def __init__(self, prep: Any, targets: dict[int, Store], removed: list[int], num_layers: int, spec: Any,
-                 norm: nn.Module | None, progress: bool = True):
-        self.prep, self.targets, self.removed, self.num_layers = prep, targets, removed, num_layers
-        self.spec, self.norm, self.progress = spec, norm, progress
+    def __init__(self, rec: Recorded, removed: list[int], num_layers: int, spec: Any, norm: nn.Module | None,
+                 progress: bool = True, layers: nn.ModuleList | None = None):
+        self.rec, self.removed, self.num_layers = rec, removed, num_layers
+        self.spec, self.norm, self.progress, self.layers = spec, norm, progress, layers
 
     @staticmethod
     def positions(removed: list[int], num_layers: int, spec: Any) -> set[int]:
-        return {s.target for s in plan_spans(removed, num_layers, spec.layers)}
+        """Where dense outputs are recorded: every span's target, and the first block's end (the first
+        ``lstsq`` map is fitted from this same pass: :meth:`first_block`)."""
+        return {s.target for s in plan_spans(removed, num_layers, spec.layers)} | {
+            plan_blocks(removed, num_layers)[0].end}
+
+    def first_block(self, block: Any, site: Any) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """The first block's ``lstsq`` captures from the recording (no second dense pass): the recording
+        starts at the first block's fold layer and holds the dense output at the block's end."""
+        from .core import recorded_captures
+
+        rec = self.rec
+        assert self.layers is not None, "first_block needs the loaded model's layers (Reconstruction.in_memory)"
+        assert rec.begin == (block.fold_layer or 0), "the recording starts at the first block's fold layer"
+        return recorded_captures(self.layers, block, site, rec.inputs, rec.prep.calls[rec.begin],
+                                 rec.targets[block.end], [m for _, m in rec.prep.batches])
 
     @classmethod
     def in_memory(cls, model: nn.Module, calib: Any, removed: list[int], spec: Any,
@@ -328,32 +370,35 @@ class Reconstruction:
         from ..arch import parts
 
         p = parts(model)
-        prep, targets = record_in_memory(model, calib, spec.batch, cls.positions(removed, p.num_layers, spec),
-                                         progress)
-        return cls(prep, targets, removed, p.num_layers, spec, p.norm, progress)
+        n = p.num_layers
+        rec = record_in_memory(model, calib, spec.batch, cls.positions(removed, n, spec),
+                               first_changed(removed, n, spec), progress)
+        return cls(rec, removed, n, spec, p.norm, progress, p.layers)
 
     @classmethod
     def layerwise(cls, lw: Any, calib: Any, removed: list[int], spec: Any, progress: bool = True
                   ) -> Reconstruction:
         from ..arch import parts
 
-        prep = lw.prepare(calib, spec.batch)
-        targets = dense_targets(DiskLayers(lw, {}), prep, cls.positions(removed, lw.num_layers, spec), progress)
-        return cls(prep, targets, removed, lw.num_layers, spec, parts(lw.shell).norm, progress)
+        n = lw.num_layers
+        rec = dense_targets(DiskLayers(lw, {}), lw.prepare(calib, spec.batch), cls.positions(removed, n, spec),
+                            first_changed(removed, n, spec), progress)
+        return cls(rec, removed, n, spec, parts(lw.shell).norm, progress)
 
     def run(self, start: Any) -> list[dict[str, Any]]:
         """Train every span of ``start`` (InMemoryLayers or DiskLayers holding the lstsq fold)."""
+        targets = self.rec.targets
         try:
-            reports = reconstruct(start, self.prep, self.removed, self.num_layers, self.spec, self.targets,
-                                  self.norm, self.progress)
+            reports = reconstruct(start, self.rec, self.removed, self.num_layers, self.spec, self.norm,
+                                  self.progress)
         finally:
-            for st in self.targets.values():
+            for st in targets.values():
                 st.close()
-        if any(st.spilled for st in self.targets.values()):
+        if any(st.spilled for st in targets.values()):
             for r in reports:
                 r["targets_on_disk"] = True
         return reports
 
 
-__all__ = ["DiskLayers", "InMemoryLayers", "Reconstruction", "Span", "dense_targets", "plan_spans",
-           "reconstruct", "record_in_memory"]
+__all__ = ["DiskLayers", "InMemoryLayers", "Reconstruction", "Recorded", "Span", "dense_targets",
+           "first_changed", "plan_spans", "reconstruct", "record_in_memory"]

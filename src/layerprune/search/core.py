@@ -32,7 +32,7 @@ from ..models import build_manifest, count_parameters, load, resolve_model
 from ..prune import prune_layers
 from .candidates import Candidate, collect, cut_key, needed_k
 from .config import SearchConfig
-from .proxy import Proxy, evaluate_all, fit_maps, rank
+from .proxy import FitCapture, Proxy, evaluate_all, fit_maps, rank
 
 SEARCH_FILE = "search.json"
 PROBE_VAL_SIZE = 16  # validation rows of a probe's heal (reported, not ranked on)
@@ -93,8 +93,9 @@ def _proxy_stage(model: Any, proxy: Proxy, cands: list[Candidate], fit: Calibrat
     method = make_method(cfg.compensation)
     order = sorted(rows, key=lambda r: r["plain"]["kl"])
     chosen = order[:cfg.compensate_top] + [r for r in order[cfg.compensate_top:] if "reverse" in r["sources"]]
+    shared = FitCapture(model, fit, cfg.batch_size) if FitCapture.fits_in_memory(model, fit) else None
     for r in tqdm(chosen, desc=f"search: {cfg.compensation}", disable=not progress, leave=False):
-        maps, got = fit_maps(model, r["removed"], fit, method, cfg.batch_size)
+        maps, got = fit_maps(model, r["removed"], fit, method, cfg.batch_size, shared)
         if maps is None:
             r["compensation_refused"] = got  # kept, uncompensated, and said so
             continue

@@ -120,14 +120,43 @@ class Proxy:
         return self._score(lambda b: last[b], finish=finish_fn(model))
 
 
-def fit_maps(model: Any, removed: list[int], fit: Calibration, method: Any, batch_size: int
-             ) -> tuple[list[Any] | None, Any]:
+FIT_CAPTURE_BYTES = 2 << 30  # the fitting windows' dense pass is recorded once up to this size
+
+
+class FitCapture:
+    """The dense pass over the fitting windows, recorded once: every candidate's first block is fitted from
+    it (:func:`~layerprune.compensation.core.recorded_captures`) instead of a dense pass of its own."""
+
+    def __init__(self, model: Any, fit: Calibration, batch_size: int):
+        self.layers = parts(model).layers
+        self.batches = fit.batches(batch_size)
+        self.cap = capture(model, self.batches)
+
+    @staticmethod
+    def fits_in_memory(model: Any, fit: Calibration) -> bool:
+        p = parts(model)
+        return (p.num_layers + 1) * fit.input_ids.numel() * int(p.embed.weight.shape[1]) * 4 <= FIT_CAPTURE_BYTES
+
+    def first(self, block: Any, site: Any) -> Any:
+        from ..compensation.core import recorded_captures
+
+        src = block.fold_layer or 0
+        end = block.end + 1
+        ends = self.cap.inputs[end] if end < len(self.layers) else self.cap.final
+        return recorded_captures(self.layers, block, site, self.cap.inputs[src], self.cap.calls[src], ends,
+                                 [m for _, m in self.batches])
+
+
+def fit_maps(model: Any, removed: list[int], fit: Calibration, method: Any, batch_size: int,
+             shared: FitCapture | None = None) -> tuple[list[Any] | None, Any]:
     """(maps for :meth:`Proxy.cut`, the fits) — or (None, why) when this cut cannot be compensated (a block at
-    layer 0 of a tied model, an architecture without a fold point): the candidate stays, uncompensated."""
+    layer 0 of a tied model, an architecture without a fold point): the candidate stays, uncompensated.
+    ``shared``: the fitting windows' recorded dense pass."""
     from ..compensation.core import fit_in_memory
 
     try:
-        fits = fit_in_memory(model, list(removed), fit, method, batch_size=batch_size, progress=False)
+        fits = fit_in_memory(model, list(removed), fit, method, batch_size=batch_size, progress=False,
+                             first=shared.first if shared is not None else None)
     except LayerpruneError as e:
         return None, str(e)
     return [(f.block, f.site, f.tensor()) for f in fits], fits
@@ -162,4 +191,4 @@ def evaluate_all(proxy: Proxy, cands: list[Any], progress: bool, keep: int = 8) 
     return rows
 
 
-__all__ = ["Proxy", "evaluate_all", "fit_maps", "rank"]
+__all__ = ["FitCapture", "Proxy", "evaluate_all", "fit_maps", "rank"]
