@@ -172,9 +172,9 @@ def rank(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return ordered
 
 
-def evaluate_all(proxy: Proxy, cands: list[Any], progress: bool, keep: int = 8) -> list[dict[str, Any]]:
+def evaluate_all(proxy: Proxy, cands: list[Any], progress: bool, keep: int = 6) -> list[dict[str, Any]]:
     """The uncompensated proxy of every candidate, by successive halving: all of them on the first held-out
-    batch, then the best ``keep`` (and at least a third) on all of them; the rest keep their partial numbers
+    batch, then the best ``keep`` (and at least a quarter) on all of them; the rest keep their partial numbers
     (``plain.tokens`` says on how many tokens)."""
     nb = len(proxy.batches)
     first = 1
@@ -182,7 +182,7 @@ def evaluate_all(proxy: Proxy, cands: list[Any], progress: bool, keep: int = 8) 
     for c in tqdm(cands, desc="search: proxy", disable=not progress, leave=False):
         rows.append({**c.to_dict(), "plain": proxy.cut(c.removed, upto=first), "compensated": None})
     if first < nb:
-        top = sorted(rows, key=lambda r: r["plain"]["kl"])[:max(keep, len(rows) // 3)]
+        top = sorted(rows, key=lambda r: r["plain"]["kl"])[:max(keep, len(rows) // 4)]
         top += [r for r in rows if "reverse" in r["sources"] and r not in top]  # the baseline, always in full
         for r in tqdm(top, desc="search: proxy (all held-out)", disable=not progress, leave=False):
             r["plain"] = proxy.cut(r["removed"])
