@@ -1,6 +1,7 @@
-"""Healing beyond one process: ``torchrun`` with 2 CPU processes (gloo) heals a tiny model to the validation loss
-of one process at the same global batch, with one output written (by rank 0). (``accelerate launch`` on CPU
-started one process here, even with a MULTI_CPU config file: not covered yet.)"""
+"""Healing beyond one process: ``torchrun`` and ``accelerate launch`` with 2 CPU processes (gloo) heal a tiny model
+to the validation loss of one process at the same global batch, with one output written (by rank 0).
+(``accelerate launch --cpu`` uses its single-process launcher; ``--multi_gpu`` is its multi-process launcher,
+which on a machine without GPUs joins the processes with gloo.)"""
 # The HEAL flags give each process micro-batches of 2; the single-process reference takes the global batch of 4
 # at once.
 
@@ -66,4 +67,20 @@ def test_torchrun_two_processes_reach_the_single_process_loss(setup, tmp_path):
         ["two"]  # one output, no leftovers
     # Before the fix, the validation pass before training left the model without its DDP wrapper: each rank
     # trained on its own half of the batch (4.631 here instead of 4.782).
+    assert _val(out) == pytest.approx(_single(setup, tmp_path), rel=2e-5)
+
+
+def test_accelerate_launch_two_processes_reach_the_single_process_loss(setup, tmp_path):
+    """The same through ``accelerate launch`` (its multi-process launcher; on a machine without GPUs the
+    processes join with gloo on CPU)."""
+    model, data = setup
+    bin_dir = Path(sys.executable).parent
+    out = tmp_path / "two"
+    cmd = [str(bin_dir / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(bin_dir / "layerprune")]
+    r = subprocess.run([*cmd, "heal", str(model), "--out", str(out), "--data", str(data), *HEAL],
+                       capture_output=True, text=True, timeout=600, env=_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    heal = json.loads((out / "heal.json").read_text())
+    assert heal["world_size"] == 2 and heal["global_batch"] == 4 and heal["grad_accum"] == 1
     assert _val(out) == pytest.approx(_single(setup, tmp_path), rel=2e-5)
