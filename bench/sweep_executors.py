@@ -52,7 +52,8 @@ def main() -> int:
         s = sweep(f, work / ex, executor=ex, workers=2, overrides=[f"data_dir={args.data_dir}"], log=lambda m: None)
         times[ex] = time.perf_counter() - t0
         tables[ex] = {json.dumps(r["axes"], sort_keys=True): r.get("ppl") for r in s["cells"]}
-        print(f"{ex:7s} {times[ex]:6.1f} s  ({sum(r['status'] == 'done' for r in s['cells'])} of 4 cells done)",
+        print(f"{ex:7s} {times[ex]:6.1f} s  ({sum(r['status'] == 'done' for r in s['cells'])} of 4 cells done; "
+              f"cell seconds {[r.get('seconds') for r in s['cells']]})",
               flush=True)
     ref = times.get("local")
     for ex, t in times.items():
