@@ -102,9 +102,18 @@ def test_local_sweep_shares_work_reports_and_resumes(tiny, tmp_path, data_dir):
         sweep(f, out, overrides=[f"data_dir={data_dir}"], log=lambda m: None)
 
 
-def test_killed_sweep_resumes_to_the_same_records(tiny, tmp_path, data_dir):
-    """SIGKILL while the second cell runs; --resume finishes it with the same records as an uninterrupted run."""
-    f = _sweep_file(tmp_path, tiny)
+RESUME_ON = [pytest.param("local", id="local"),
+             pytest.param("ray", id="ray", marks=[pytest.mark.slow, pytest.mark.skipif(
+                 importlib.util.find_spec("ray") is None, reason="ray not installed")]),
+             pytest.param("slurm", id="slurm", marks=[pytest.mark.slow, pytest.mark.skipif(
+                 importlib.util.find_spec("submitit") is None, reason="submitit not installed")])]
+
+
+@pytest.mark.parametrize("resume_on", RESUME_ON)
+def test_killed_sweep_resumes_to_the_same_records(tiny, tmp_path, data_dir, resume_on):
+    """SIGKILL while the second cell runs; --resume (on each executor) finishes it with the same records as an
+    uninterrupted run."""
+    f = _sweep_file(tmp_path, tiny, executor={"slurm": {"cluster": "local", "time_min": 10}})
     ref = tmp_path / "ref"
     sweep(f, ref, overrides=[f"data_dir={data_dir}"], log=lambda m: None)
     out = tmp_path / "out"
@@ -133,7 +142,8 @@ def test_killed_sweep_resumes_to_the_same_records(tiny, tmp_path, data_dir):
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     done = [d for d in (out / "cells").iterdir() if (d / "cell.json").is_file()]
     assert len(done) == 1
-    assert main(["sweep", str(f), "--out", str(out), "--resume", "--data-dir", str(data_dir)]) == 0
+    assert main(["sweep", str(f), "--out", str(out), "--resume", "--data-dir", str(data_dir),
+                 "--executor", resume_on]) == 0
     assert _table(out) == _table(ref)
 
 
