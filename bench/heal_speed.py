@@ -11,6 +11,8 @@ Prints a table with ratios to LoRA (goal: partial >= 2.0x LoRA tokens/s; the see
     python bench/heal_speed.py                     # CPU, 1 thread
     python bench/heal_speed.py --device cuda --batch-size 64
     python bench/heal_speed.py --model CONFIG_DIR --random-init   # same shapes, random weights
+    # distillation from the teacher cache against partial (its second run reads the cache the first filled):
+    python bench/heal_speed.py --methods partial,distill --repeats 2 --epochs 1 --steps 8 --data c4
 """
 
 from __future__ import annotations
@@ -145,7 +147,8 @@ def worker() -> None:
            "tokens_per_s": toks / secs if secs else 0.0, "epoch1_tokens_per_s": toks1 / secs1 if secs1 else 0.0,
            "prefix_cache": r["prefix_cache"], "peak_memory_bytes": r["peak_memory_bytes"],
            "memory_kind": r["peak_memory_kind"], "baseline_bytes": cb.baseline, "packing": r["packing"]["used"],
-           "train_memory_bytes": max(0, r["peak_memory_bytes"] - cb.baseline), "device": r["device"]}
+           "train_memory_bytes": max(0, r["peak_memory_bytes"] - cb.baseline), "device": r["device"],
+           "teacher_cache": r.get("teacher_cache")}
     Path(ARGS.result).write_text(json.dumps(res))
 
 
@@ -169,6 +172,9 @@ def main() -> None:
                 r = json.loads(res_file.read_text())
                 print(f"  {m} (run {rep + 1}): {r['epoch1_tokens_per_s']:.1f} tokens/s in epoch 1, "
                       f"{r['tokens_per_s']:.1f} over the run ({time.perf_counter() - t:.0f} s)", flush=True)
+                if m in results and m == "distill" and (r.get("teacher_cache") or {}).get("hit"):
+                    results[m] = r  # a warm teacher cache: this run is the one that counts
+                    continue
                 if m in results:  # the fastest of the repeats, per speed; memory of the first run
                     for key in ("epoch1_tokens_per_s", "tokens_per_s"):
                         r[key] = max(r[key], results[m][key])
@@ -202,6 +208,12 @@ def main() -> None:
         if pc.get("used"):
             print(f"{m}: frozen-prefix cache {pc['bytes'] / 2**20:.0f} MiB for {pc['samples']} samples, "
                   f"{pc['micro_batches_replayed']} micro-batches replayed, {pc['micro_batches_computed']} computed")
+    d, p = results.get("distill"), results.get("partial")
+    if d and p:
+        tc = d.get("teacher_cache") or {}
+        print(f"distill ({'warm teacher cache' if tc.get('hit') else 'teacher cache filled in this run' if tc else 'live teacher'}) "
+              f"/ partial tokens/s: epoch 1 {d['epoch1_tokens_per_s'] / p['epoch1_tokens_per_s']:.3f}, "
+              f"run {d['tokens_per_s'] / p['tokens_per_s']:.3f} (goal >= 0.95 from a warm cache)")
     if ARGS.json:
         Path(ARGS.json).write_text(json.dumps({"args": vars(ARGS), "results": results}, indent=2))
 

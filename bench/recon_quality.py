@@ -42,8 +42,6 @@ def parse() -> argparse.Namespace:
 
 
 def main() -> None:
-    import yaml
-
     from layerprune.compensation import compensate
     from layerprune.compensation.methods import ReconSpec, make_method
     from layerprune.data.calibration import CalibSpec, build_calibration
@@ -60,8 +58,13 @@ def main() -> None:
         return float(perplexity(m, tok, "wikitext2", data_dir=args.data_dir, max_tokens=args.ppl_tokens,
                                 progress=False)["ppl"])
 
-    specs = [{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in s.split(",") if kv)}
-             for s in (args.recon or [""])]
+    def value(v: str) -> object:
+        try:
+            return float(v) if "e" in v.lower() or "." in v else int(v)  # YAML 1.1 reads 1e-3 as a string
+        except ValueError:
+            return v
+
+    specs = [{k: value(v) for k, v in (kv.split("=", 1) for kv in s.split(",") if kv)} for s in (args.recon or [""])]
     print(f"dense wikitext-2 PPL {ppl(dense):.2f}")
     for cut in args.cuts.split(","):
         removed = parse_layer_list(CUTS.get(cut, cut))
