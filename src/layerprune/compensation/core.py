@@ -352,4 +352,5 @@ def fit_summary(fits: list[BlockFit], adapter: Any, method: CompMethod, calib: A
     return out
 
 
-__all__ = ["BlockFit", "fit_in_memory", "recorded_captures", "fit_layerwise", "fit_summary", "fold_in_memory", "fold_overrides"]
+__all__ = ["BlockFit", "fit_in_memory", "fit_layerwise", "fit_summary", "fold_in_memory", "fold_overrides",
+           "recorded_captures"]
