@@ -12,7 +12,7 @@ Prints a table with ratios to LoRA (goal: partial >= 2.0x LoRA tokens/s; the see
     python bench/heal_speed.py --device cuda --batch-size 64
     python bench/heal_speed.py --model CONFIG_DIR --random-init   # same shapes, random weights
     # distillation from the teacher cache against partial (its second run reads the cache the first filled):
-    python bench/heal_speed.py --methods partial,distill --repeats 2 --epochs 1 --steps 8 --data c4
+    python bench/heal_speed.py --methods partial,distill --repeats 2 --epochs 1 --steps 8
 """
 
 from __future__ import annotations
