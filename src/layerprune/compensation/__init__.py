@@ -84,37 +84,34 @@ def compensate(model: Any, remove: list[int], calib: Any, *, method: str | CompM
     """
     from ..arch import parts
     from ..prune.surgery import prune_layers, validate_removal
-    from .core import fit_in_memory, fit_summary, fold_in_memory
-    from .reconstruct import InMemoryLayers, Reconstruction
+    from .core import fit_in_memory, fit_summary
+    from .reconstruct import Reconstruction
 
     t0 = time.perf_counter()
     m = method if isinstance(method, CompMethod) else make_method(method, **params)
     p = parts(model)
     removed = validate_removal(remove, p.num_layers)
-    trained: list[dict[str, Any]] | None
-    if m.trains:  # one dense pass records reconstruct's targets and gives the first block's lstsq fit
-        rec = Reconstruction.in_memory(model, calib, removed, m.recon, progress)
-        fits = fit_in_memory(model, removed, calib, m, batch_size=batch_size, progress=progress,
-                             first=rec.first_block)
-        fold_in_memory(model, fits, removed)
-        trained = rec.run(InMemoryLayers(p.layers))
-    else:
-        fits = fit_in_memory(model, removed, calib, m, batch_size=batch_size, progress=progress)
-        trained = fold_and_train(model, removed, fits, m, calib, progress)
+    # One dense pass records reconstruct's targets and gives the first block's lstsq fit.
+    rec = Reconstruction.in_memory(model, calib, removed, m.recon, progress) if m.trains else None
+    fits = fit_in_memory(model, removed, calib, m, batch_size=batch_size, progress=progress,
+                         first=rec.first_block if rec is not None else None)
+    trained = fold_and_train(model, removed, fits, m, calib, progress, rec)
     record = prune_layers(model, removed)
     summary = fit_summary(fits, p.adapter, m, calib, "in-memory", time.perf_counter() - t0, trained)
     return {"record": record, "compensation": summary}
 
 
 def fold_and_train(model: Any, removed: list[int], fits: list[Any], method: CompMethod, calib: Any,
-                   progress: bool = True) -> list[dict[str, Any]] | None:
+                   progress: bool = True, rec: Any = None) -> list[dict[str, Any]] | None:
     """Fold ``fits`` into the (not yet pruned) model; a training method (``reconstruct``) then trains the kept
-    layers beside each block, on targets taken from the dense weights before the fold. Returns its reports."""
+    layers beside each block, on targets taken from the dense weights before the fold (``rec``: that recording
+    when already made). Returns its reports."""
     from ..arch import parts
     from .core import fold_in_memory
     from .reconstruct import InMemoryLayers, Reconstruction
 
-    rec = Reconstruction.in_memory(model, calib, removed, method.recon, progress) if method.trains else None
+    if rec is None and method.trains:
+        rec = Reconstruction.in_memory(model, calib, removed, method.recon, progress)
     fold_in_memory(model, fits, removed)
     return rec.run(InMemoryLayers(parts(model).layers)) if rec is not None else None
 
