@@ -13,13 +13,15 @@ export LAYERPRUNE_DATA ?= $(wildcard $(abspath ../shared/data))
 # The demo: `layerprune search` at the size of the paper's cut (recipes/search.yaml: candidates, proxy, probe,
 # then the winner compensated and healed on C4 text), at CPU-sized settings chosen from measured pilots
 # (docs/healing.md, "CPU settings"): 100 steps of batch 8, lr 2e-3 (tied head frozen), a limited evaluation
-# (workers=2: the dense, pruned and compensated models are evaluated in a second process meanwhile).
+# (workers=2: the dense, pruned and compensated models are evaluated in a second process while the winner is
+# compensated and healed; cores=2: the search, the heal and the last evaluation use both cores when that
+# process is idle).
 # The paper's own recipe stays runnable: layerprune run recipes/best-practice.yaml --model default $(DEMO_SET).
 DEMO_SET ?= --set heal.max_steps=100 --set heal.batch_size=8 --set heal.micro_batch_size=4 \
 	--set heal.cutoff_len=128 --set heal.lr=2e-3 --set heal.warmup_steps=10 --set heal.eval_steps=50 \
 	--set heal.val_size=100 --set 'evaluate.tasks=[piqa,arc_easy,arc_challenge,hellaswag,winogrande,openbookqa]' \
 	--set evaluate.limit=40 --set evaluate.ppl_max_tokens=16384 --set evaluate.batch_size=16 \
-	--set measure.new_tokens=32 --set 'measure.batch=[1]' --set measure.repeats=3 --set workers=2
+	--set measure.new_tokens=32 --set 'measure.batch=[1]' --set measure.repeats=3 --set workers=2 --set cores=2
 
 .PHONY: setup post-install lock demo test test-latest test-slow test-all lint bench reproduce clean gguf
 

@@ -130,13 +130,14 @@ def test_compensation_stage_between_prune_and_heal(tiny_smol, tmp_path, data_dir
 
 
 def test_workers_evaluate_in_background_with_equal_results(tiny_smol, tmp_path, data_dir, monkeypatch):
-    """workers: 2 evaluates dense/pruned/compensated in a worker process beside healing: same numbers."""
+    """workers: 2 evaluates dense/pruned/compensated in a worker process beside healing: same numbers, also
+    when the main process takes the cores the worker leaves free (cores: 2)."""
     monkeypatch.setenv("LAYERPRUNE_DATA", str(data_dir))
     r = _recipe(tiny_smol, prune={"metric": "reverse"}, compensate={"method": "lstsq", "nsamples": 4, "seqlen": 32},
                 measure={"enabled": False})
     one = run_recipe(r, tmp_path / "one", log=lambda s: None)
     logs: list[str] = []
-    two = run_recipe({**r, "workers": 2}, tmp_path / "two", log=logs.append)
+    two = run_recipe({**r, "workers": 2, "cores": 2}, tmp_path / "two", log=logs.append)
     assert {line.split()[-1] for line in logs if line.startswith("[bg  ]")} == {"process)"} and \
         sum(line.startswith("[bg  ]") for line in logs) == 3, logs
     for which in ("dense", "pruned", "compensated", "healed"):
@@ -148,7 +149,7 @@ def test_workers_evaluate_in_background_with_equal_results(tiny_smol, tmp_path, 
     assert (tmp_path / "two" / "eval-dense" / "eval.json").is_file()
     # Resumed with nothing changed: nothing is started in the background.
     logs.clear()
-    run_recipe({**r, "workers": 2}, tmp_path / "two", resume=True, log=logs.append)
+    run_recipe({**r, "workers": 2, "cores": 2}, tmp_path / "two", resume=True, log=logs.append)
     assert all(line.startswith("[skip]") for line in logs), logs
 
 

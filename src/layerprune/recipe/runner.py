@@ -20,7 +20,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -30,6 +30,9 @@ from ..models import MANIFEST, library_versions, resolve_model
 from ..run_manifest import COMPENSATED, DENSE, HEALED, PRUNED, STAGES, RunManifest
 from .schema import SEARCH, load_recipe
 from .state import RunState, folder_fingerprint
+
+if TYPE_CHECKING:
+    from .cores import CoreShare
 
 FINAL = "model"
 BACKGROUND = ".background"  # worker processes write here; the stage then moves the files in
@@ -112,7 +115,11 @@ def _timed_evaluate_model(*args: Any) -> tuple[dict[str, Any], float]:
     return evaluate_model(*args), time.perf_counter() - t0
 
 
-def _worker_init() -> None:
+def _worker_init(threads: int | None = None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
     # Worker output would interleave with the main process's progress bars (lm-eval passes disable=False to
     # its bars, so TQDM_DISABLE alone is not enough): the main process reports the job, and a worker's error
     # comes back to it as the job's exception. Its stderr goes nowhere.
@@ -134,14 +141,15 @@ def _worker_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which terminates the pool
 
 
-def _start_pool(processes: int) -> Any:
-    """A spawn-context pool whose workers show no progress bars (tqdm reads TQDM_DISABLE when imported)."""
+def _start_pool(processes: int, threads: int | None = None) -> Any:
+    """A spawn-context pool whose workers show no progress bars (tqdm reads TQDM_DISABLE when imported) and
+    use ``threads`` torch threads each (None: torch's default)."""
     import multiprocessing
 
     before = os.environ.get("TQDM_DISABLE")
     os.environ["TQDM_DISABLE"] = "1"  # the workers inherit the environment at start
     try:
-        return multiprocessing.get_context("spawn").Pool(processes, _worker_init)
+        return multiprocessing.get_context("spawn").Pool(processes, _worker_init, (threads,))
     finally:
         if before is None:
             del os.environ["TQDM_DISABLE"]
@@ -183,6 +191,7 @@ class RecipeRun:
         self.heal_stage: str | None = None  # the stage whose heal.json the manifest reports (None: FINAL)
         self._pool: Any = None  # multiprocessing pool for evaluations beside the main path (workers > 1)
         self._jobs: dict[str, Any] = {}
+        self._cores: CoreShare | None = None  # the main process's share of recipe.cores (workers > 1)
 
     def _check_inputs(self) -> None:
         """What later stages read, checked before the first one runs: task names and files, perplexity text,
@@ -352,6 +361,11 @@ class RecipeRun:
     def _dense_for(self, which: str) -> str | None:
         return None if which == DENSE else self.source
 
+    def _busy_workers(self) -> int:
+        """Workers running an evaluation now (queued jobs wait for a free worker)."""
+        running = sum(not job.ready() for job in self._jobs.values())
+        return min(running, self.r["workers"] - 1)
+
     def _eval_inputs(self, fp: str) -> dict[str, Any]:
         return {"model": fp, "evaluate": self.r["evaluate"], "data_dir": self.data_dir}
 
@@ -399,13 +413,15 @@ class RecipeRun:
         def fn(tmp: Path) -> dict[str, Any]:
             from ..measurement import measure, speedup
             from ..models import load_model
+            from .cores import no_share
 
             out: dict[str, Any] = {}
-            for which, path in paths.items():
-                model = load_model(path, dtype=self.r["dtype"])
-                out[which] = measure(model, seq_len=m["seqlen"], batches=tuple(m["batch"]),
-                                     new_tokens=m["new_tokens"], repeats=m["repeats"])
-                del model
+            with self._cores.paused() if self._cores else no_share():  # timings at the process's own threads
+                for which, path in paths.items():
+                    model = load_model(path, dtype=self.r["dtype"])
+                    out[which] = measure(model, seq_len=m["seqlen"], batches=tuple(m["batch"]),
+                                         new_tokens=m["new_tokens"], repeats=m["repeats"])
+                    del model
             final = HEALED if HEALED in out else PRUNED
             if DENSE in out and final in out:
                 out["speedup"] = speedup(out[DENSE], out[final])
@@ -434,14 +450,23 @@ class RecipeRun:
         compensated run in worker processes beside compensation and healing (measurement waits for them)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.dir / BACKGROUND, ignore_errors=True)  # a killed run's leftovers
-        if self.r["workers"] > 1:
-            self._pool = _start_pool(self.r["workers"] - 1)
+        workers, cores = self.r["workers"], self.r["cores"]
+        worker_threads = max(1, cores // workers) if cores else None
+        if workers > 1:
+            self._pool = _start_pool(workers - 1, worker_threads)
         done = False
         try:
-            manifest = self._execute()
+            if self._pool is not None and cores:
+                from .cores import CoreShare
+
+                with CoreShare(cores, self._busy_workers, worker_threads=worker_threads or 1) as self._cores:
+                    manifest = self._execute()
+            else:
+                manifest = self._execute()
             done = True
             return manifest
         finally:
+            self._cores = None
             if self._pool is not None:
                 # After success the workers exit on their own, running their finalizers (a terminated worker
                 # leaves its semaphores to the resource tracker, which warns about them at exit); after a
@@ -457,8 +482,10 @@ class RecipeRun:
     def _execute(self) -> RunManifest:
         t0 = time.perf_counter()
         (self.dir / "recipe.yaml").write_text(yaml.safe_dump(self.r, sort_keys=False))
-        self._submit_eval(DENSE, self.source, self.source_fp)
         p, h = self.r["prune"], self.r["heal"]
+        searching = p["metric"] == SEARCH
+        if not searching:  # beside scoring; a search is longer and on the critical path: dense waits for it
+            self._submit_eval(DENSE, self.source, self.source_fp)
         heal_on = h["method"] != NO_HEAL
         comp_on = self.r["compensate"]["method"] != "none"
         comp_path: str | None = None
@@ -469,11 +496,11 @@ class RecipeRun:
         if not p["iterative"]:
             base = {"model": self.source_fp, "prune": p, "seed": self.r["seed"], "dtype": self.r["dtype"],
                     "k": self.k, "data_dir": self.data_dir}
-            searching = p["metric"] == SEARCH
             sc = self._search({**base, "search": self.r["search"], "heal": h}) if searching else \
                 self._score(self.source, "score", self.k, base)
             if searching:
                 comp_on = sc["compensate"]
+                self._submit_eval(DENSE, self.source, self.source_fp)
             removed = sc["removed"]
             target_info = sc.get("target")
             stability = sc.get("stability")

@@ -32,6 +32,9 @@ SCHEMA: dict[str, Any] = {
     # Processes: with 2 or more, the evaluations of dense, pruned and compensated run in worker processes
     # beside compensation and healing (give each process one thread: OMP_NUM_THREADS=1 on 2 cores).
     "workers": (int, 1),
+    # Cores the run may use (null: leave torch's thread count alone). With workers >= 2 the main process takes
+    # the cores the evaluation workers leave free, re-checked at forward passes (recipe/cores.py).
+    "cores": (OPT_INT, None),
     "prune": {
         "metric": (str, "reverse"),
         "num_layers": (OPT_INT, None),  # how many layers to remove ...
@@ -222,6 +225,8 @@ def validate(data: Any) -> dict[str, Any]:
             raise LayerpruneError(f"recipe: 'export.gguf' must be one of {', '.join(OUTTYPES)}")
     if rec["workers"] < 1:
         raise LayerpruneError("recipe: 'workers' must be >= 1")
+    if rec["cores"] is not None and rec["cores"] < 1:
+        raise LayerpruneError("recipe: 'cores' must be >= 1 (or null)")
     p = rec["prune"]
     if p["target"] is not None:
         from ..budget import ANALYTIC, Target
