@@ -88,13 +88,13 @@ def main() -> int:
         _summary(merged, budgets)
         return 0
     import torch
-    import yaml
     from transformers import TrainerCallback
 
     from layerprune.compensation import CompensationConfig, compensate_checkpoint
     from layerprune.evaluation import perplexity
     from layerprune.healing import heal
     from layerprune.models import load
+    from layerprune.options import parse_scalar
     from layerprune.prune import prune_checkpoint
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -118,7 +118,7 @@ def main() -> int:
     pruned = work / "pruned"
     if not pruned.exists():
         prune_checkpoint(args.model, pruned, **cut)
-    recon = {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in args.recon.split(",") if x)}
+    recon = {k: parse_scalar(v) for k, v in (x.split("=", 1) for x in args.recon.split(",") if x)}
     methods = sorted({c.split(":")[1] for c in args.cells.split(",")} - {"none"})
     comp_dirs: dict[str, Path] = {"none": pruned}
     comp_s: dict[str, float] = {"none": 0.0}
@@ -194,7 +194,7 @@ def main() -> int:
             opts["layers"] = args.layers
             if args.tie_mode:
                 opts["tie_mode"] = args.tie_mode
-        opts.update({k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in args.heal_opt)})
+        opts.update({k: parse_scalar(v) for k, v in (o.split("=", 1) for o in args.heal_opt)})
         if method == "distill":
             opts["teacher"] = str(_default() if args.model == "default" else args.model)
         tag = (f"-{args.tie_mode}" if args.tie_mode else "") + (f"-{args.tag}" if args.tag else "")

@@ -47,6 +47,7 @@ def main() -> None:
     from layerprune.data.calibration import CalibSpec, build_calibration
     from layerprune.evaluation.perplexity import perplexity
     from layerprune.models import load, resolve_model
+    from layerprune.options import parse_scalar
     from layerprune.prune.surgery import parse_layer_list
 
     args = parse()
@@ -58,13 +59,7 @@ def main() -> None:
         return float(perplexity(m, tok, "wikitext2", data_dir=args.data_dir, max_tokens=args.ppl_tokens,
                                 progress=False)["ppl"])
 
-    def value(v: str) -> object:
-        try:
-            return float(v) if "e" in v.lower() or "." in v else int(v)  # YAML 1.1 reads 1e-3 as a string
-        except ValueError:
-            return v
-
-    specs = [{k: value(v) for k, v in (kv.split("=", 1) for kv in s.split(",") if kv)} for s in (args.recon or [""])]
+    specs = [{k: parse_scalar(v) for k, v in (kv.split("=", 1) for kv in s.split(",") if kv)} for s in (args.recon or [""])]
     print(f"dense wikitext-2 PPL {ppl(dense):.2f}")
     for cut in args.cuts.split(","):
         removed = parse_layer_list(CUTS.get(cut, cut))

@@ -250,3 +250,15 @@ def test_numeric_minimums_are_checked_before_any_stage(key, value):
     node[leaf] = value
     with pytest.raises(LayerpruneError, match=f"'{key}' must be >= "):
         validate(data)
+
+
+def test_set_values_are_read_as_users_mean_them(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string; --set reads it as the float a user means (strings stay strings)."""
+    from layerprune.options import parse_scalar
+
+    f = tmp_path / "r.yaml"
+    f.write_text("name: r\n")
+    r = load_recipe(f, ["heal.lr=1e-3", "heal.data=1e3x", "workers=2"])
+    assert r["heal"]["lr"] == 1e-3 and isinstance(r["heal"]["lr"], float)
+    assert r["heal"]["data"] == "1e3x" and r["workers"] == 2
+    assert parse_scalar("-2E+1") == -20.0 and parse_scalar(".5e2") == 50.0 and parse_scalar("") == ""

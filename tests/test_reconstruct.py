@@ -34,6 +34,11 @@ def test_plan_spans():
     # Spans that would share a layer merge (one span, the later target).
     assert plan_spans([3, 5], 8, "both") == [Span((2, 4, 6), 6, "3,5", False)]
     assert plan_spans([3, 5], 8, "before") == [Span((2,), 3, "3", False), Span((4,), 5, "5", False)]
+    # depth: that many kept layers on each chosen side (a tail block's two layers before it).
+    assert plan_spans([6, 7], 8, "before", depth=2) == [Span((4, 5), 7, "6-7", True)]
+    assert plan_spans([3, 4], 8, "both", depth=2) == [Span((1, 2, 5, 6), 6, "3-4", False)]
+    assert plan_spans([0], 8, "before", depth=2) == [Span((1, 2), 2, "0", False)]
+    assert plan_spans([3, 5], 8, "before", depth=2) == [Span((1, 2, 4), 5, "3,5", False)]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -90,6 +90,20 @@ def test_cached_top_k_loss_is_the_renormalised_kl():
     assert torch.allclose(kd_loss_sum(s, v, temp, ix), manual, atol=1e-5)
 
 
+def test_kd_gradient_is_the_kl_divs():
+    """kd_loss_sum splits the KL into the teacher's constant part and a cross term: same gradient as kl_div."""
+    torch.manual_seed(0)
+    t = torch.randn(6, 50)
+    for temp in (1.0, 2.0):
+        a = torch.randn(6, 50, requires_grad=True)
+        b = a.detach().clone().requires_grad_(True)
+        kd_loss_sum(a, torch.log_softmax(t, -1), temp).backward()
+        ref = torch.nn.functional.kl_div(torch.log_softmax(b / temp, -1), torch.log_softmax(t / temp, -1),
+                                         log_target=True, reduction="sum") * temp * temp
+        ref.backward()
+        assert torch.allclose(a.grad, b.grad, atol=1e-6)
+
+
 def test_keys_follow_weights_and_data(tmp_path):
     a = save_tiny(tmp_path / "a", "llama")
     b = save_tiny(tmp_path / "b", "llama", seed=1)

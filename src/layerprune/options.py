@@ -6,8 +6,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import field
 from typing import Any
+
+# YAML 1.1 (PyYAML) reads 1e-3 as a string: a float needs a dot there (1.0e-3). Users type 1e-3.
+_EXP_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def parse_scalar(text: str) -> Any:
+    """A ``key=value`` value from the command line as YAML reads it, with ``1e-3`` a float as users mean it."""
+    import yaml
+
+    if _EXP_FLOAT.match(text.strip()):
+        return float(text)
+    return yaml.safe_load(text) if text.strip() else ""
 
 
 def opt(default: Any, help: str, group: str = "training", choices: tuple[str, ...] | None = None,

@@ -49,6 +49,8 @@ class CompensationConfig:
     recon_loss: str = opt(ReconSpec.loss, "reconstruct: mse or cosine distance to the dense hidden state (after "
                                           "the final norm for a tail block)", "compensation", RECON_LOSSES)
     recon_batch: int = opt(ReconSpec.batch, "reconstruct: calibration windows per training step", "compensation")
+    recon_depth: int = opt(ReconSpec.depth, "reconstruct: kept layers trained on each chosen side of a block",
+                           "compensation")
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -64,7 +66,8 @@ class CompensationConfig:
         self.recon_spec().validate()
 
     def recon_spec(self) -> ReconSpec:
-        return ReconSpec(self.recon_steps, self.recon_lr, self.recon_layers, self.recon_loss, self.recon_batch)
+        return ReconSpec(self.recon_steps, self.recon_lr, self.recon_layers, self.recon_loss, self.recon_batch,
+                         self.recon_depth)
 
     def make_method(self) -> CompMethod:
         self.validate()
@@ -91,10 +94,10 @@ def compensate(model: Any, remove: list[int], calib: Any, *, method: str | CompM
     m = method if isinstance(method, CompMethod) else make_method(method, **params)
     p = parts(model)
     removed = validate_removal(remove, p.num_layers)
-    # One dense pass records reconstruct's targets and gives the first block's lstsq fit.
+    # One dense pass records reconstruct's targets and gives the lstsq fits their dense side.
     rec = Reconstruction.in_memory(model, calib, removed, m.recon, progress) if m.trains else None
     fits = fit_in_memory(model, removed, calib, m, batch_size=batch_size, progress=progress,
-                         first=rec.first_block if rec is not None else None)
+                         rec=rec.rec if rec is not None else None)
     trained = fold_and_train(model, removed, fits, m, calib, progress, rec)
     record = prune_layers(model, removed)
     summary = fit_summary(fits, p.adapter, m, calib, "in-memory", time.perf_counter() - t0, trained)
@@ -108,7 +111,8 @@ def fold_and_train(model: Any, removed: list[int], fits: list[Any], method: Comp
     when already made). Returns its reports."""
     from ..arch import parts
     from .core import fold_in_memory
-    from .reconstruct import InMemoryLayers, Reconstruction
+    from .reconstruct import Reconstruction
+    from .stream import InMemoryLayers
 
     if rec is None and method.trains:
         rec = Reconstruction.in_memory(model, calib, removed, method.recon, progress)
@@ -174,7 +178,8 @@ def compensate_checkpoint(model: str | os.PathLike, out_dir: str | os.PathLike, 
     if cfg.mode == "layerwise":
         from ..metrics.layerwise import LayerwiseModel
         from ..prune.streaming import prune_checkpoint_streaming
-        from .reconstruct import DiskLayers, Reconstruction
+        from .reconstruct import Reconstruction
+        from .stream import DiskLayers
 
         tok = load_tokenizer(path)
         cal = build_calibration(tok, spec)

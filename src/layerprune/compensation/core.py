@@ -4,10 +4,11 @@ Blocks are fitted in order on the progressively compensated model, with targets 
 ``b``'s statistics are taken on the pruned model that already carries the maps of blocks ``< b``, so each map
 corrects what actually reaches it (a map fitted on the dense model would assume its input is still dense).
 
-* In memory (batch-major): per block one pass over the calibration batches through the dense model (stopping
-  after the block) and, from the second block on, one through the pruned model (removed layers skipped in
-  place, earlier maps applied by hooks; stopping at the fold layer). Only the O(d²) sums of :class:`Stats`
-  are kept.
+* In memory: one recorded dense pass (:mod:`.stream`: each layer's arguments, the input of the first fold layer,
+  the dense output at every block's end), then one pruned stream from the first fold layer, layer by layer
+  (removed layers skipped, each map applied as soon as it is fitted). A multi-block cut costs one dense pass and
+  one partial pruned pass instead of a dense and a pruned pass per block. Memory: the calibration hidden states
+  at each block's end and two copies in flight.
 * Layer by layer (layer-major, :class:`~layerprune.metrics.layerwise.LayerwiseModel`): one read of each layer,
   a dense and a pruned stream of the calibration hidden states side by side; the fold site's output is held
   from the fold layer to the block's end. Memory: one layer + three copies of the calibration hidden states.
@@ -16,7 +17,6 @@ corrects what actually reaches it (a map fitted on the dense model would assume 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,19 +32,18 @@ from ..metrics._forward import (
     layer_input,
     layer_output,
     model_inputs,
-    skipped,
 )
 from .fold import (
     apply_map,
     fold_into_model,
     fold_targets,
     fold_tensors,
-    map_hooks,
     map_tensor,
     residual_scale,
 )
 from .methods import CompMethod, Fit, Stats
 from .plan import EMBED, MODULE, RESIDUAL, Block, Site, module_kind, plan_blocks, resolve_site
+from .stream import InMemoryLayers, Recorded, record_in_memory
 
 
 @dataclass
@@ -148,82 +147,76 @@ class _Capture:
 
 
 @torch.no_grad()
-def recorded_captures(layers: nn.ModuleList, block: Block, site: Site, inputs: list[torch.Tensor], calls: list[Any],
-                      ends: Any, masks: list[torch.Tensor]) -> Iterator[tuple[dict[str, torch.Tensor],
-                                                                                     torch.Tensor]]:
-    """A first block's captures per batch from a dense pass recorded before (``first`` of
-    :func:`fit_in_memory`): ``inputs``/``calls`` are the fold layer's dense inputs and arguments (layer 0's
-    input when the block starts the model), ``ends`` the dense outputs at the block's end. Rerunning the fold
-    layer gives its output ``h`` and the fold site's ``m``."""
-    fold = block.fold_layer
-    mod = get_module(layers[fold], str(site.path)) if fold is not None and site.kind == MODULE else None
-    for b, x in enumerate(inputs):
-        got: dict[str, torch.Tensor] = {"y": ends[b].to(x.dtype)}
-        if fold is None:
-            got["h"] = x
-            if site.kind == EMBED:
-                got["m"] = x
-        else:
-            handle = mod.register_forward_hook(lambda mo, a, o, g=got: g.__setitem__("m", o)) if mod else None
-            try:
-                got["h"] = call_layer(layers[fold], x, calls[b])
-            finally:
-                if handle is not None:
-                    handle.remove()
-        yield got, masks[b]
-
-
-@torch.no_grad()
 def fit_in_memory(model: nn.Module, removed: list[int], calib: Any, method: CompMethod, *,
-                  batch_size: int | None = None, progress: bool = True, first: Any = None) -> list[BlockFit]:
-    """Fit each block's map on a loaded model (not modified: maps act through hooks while fitting).
+                  batch_size: int | None = None, progress: bool = True, rec: Recorded | None = None) -> list[BlockFit]:
+    """Fit each block's map on a loaded model (not modified: the pruned stream runs the kept layers one by one).
 
-    ``first(block, site)``, when given, yields ``(captures, mask)`` per batch for the first block from a dense
-    pass already made (``reconstruct``'s recording), instead of a new one."""
+    ``rec``: a recording of ``calib``'s dense pass that starts at or before the first block's fold layer and
+    holds the dense output at every block's end (``reconstruct``'s, or the search's shared one); without it,
+    one is made here."""
     p = parts(model)
     layers = p.layers
     blocks = plan_blocks(removed, len(layers))
     sites = _sites(blocks, p.adapter, model, layers, p.tied, method)
     dim = int(p.embed.weight.shape[1])
     check_calibration(method, sites, int(calib.attention_mask.sum()), dim)
-    batches = calib.batches(batch_size)
-    fits: list[BlockFit] = []
+    if method.map_shape == "none":
+        return [BlockFit(b, s, method.fit(Stats(dim, method.keep_activations()), s.shape, b.label()))
+                for b, s in zip(blocks, sites)]
     was_training = model.training
     model.eval()
     try:
-        for b, (block, site) in enumerate(zip(blocks, sites)):
-            stats = Stats(dim, method.keep_activations())
-            if method.map_shape != "none" and b == 0 and first is not None:
-                for got, mask in first(block, site):
-                    sel = _valid(mask)
-                    m = _flat(got["m"], sel) if "m" in got else None
-                    stats.update(m, _flat(got["h"], sel), _flat(got["y"], sel))
-            elif method.map_shape != "none":
-                first_block = b == 0  # nothing before the first block is compensated: one dense pass gives it all
-                dense = _Capture(layers, block, site, want_y=True, want_mh=first_block)
-                pruned = None if first_block else _Capture(layers, block, site, want_y=False, want_mh=True)
-                maps = [(f.block, f.site, f.tensor()) for f in fits]
-                try:
-                    for ids, mask in tqdm(batches, desc=f"compensate block {block.label()}", leave=False,
-                                          disable=not progress):
-                        got = dense.run(model, ids, mask)
-                        if pruned is not None:
-                            with contextlib.ExitStack() as stack:
-                                for i in removed:
-                                    stack.enter_context(skipped(layers, i))
-                                stack.enter_context(map_hooks(model, layers, maps))
-                                got = {**got, **pruned.run(model, ids, mask)}
-                        sel = _valid(mask)
-                        m = _flat(got["m"], sel) if "m" in got else None
-                        stats.update(m, _flat(got["h"], sel), _flat(got["y"], sel))
-                finally:
-                    dense.remove()
-                    if pruned is not None:
-                        pruned.remove()
-            fits.append(BlockFit(block, site, method.fit(stats, site.shape, block.label())))
+        if rec is None:
+            rec = record_in_memory(model, calib, batch_size, {b.end for b in blocks},
+                                   blocks[0].fold_layer or 0, progress)
+        return _fit_stream(InMemoryLayers(layers), rec, blocks, sites, removed, method, dim, progress)
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def _fit_stream(src: Any, rec: Recorded, blocks: list[Block], sites: list[Site], removed: list[int],
+                method: CompMethod, dim: int, progress: bool) -> list[BlockFit]:
+    """The pruned stream from ``rec.begin`` (removed layers skipped, each map applied once fitted), fitting
+    every block where the stream reaches its end against the recorded dense output there."""
+    assert rec.begin <= (blocks[0].fold_layer or 0), "the recording starts after the first fold layer"
+    skip = set(removed)
+    by_end = {blk.end: (blk, site) for blk, site in zip(blocks, sites)}
+    fold_of = {blk.fold_layer: (blk, site) for blk, site in zip(blocks, sites) if site.kind == MODULE}
+    masks = [m for _, m in rec.prep.batches]
+    xs = list(rec.inputs)
+    parked: list[torch.Tensor] = []
+    fits: list[BlockFit] = []
+    for pos in tqdm(range(rec.begin, blocks[-1].end + 1), desc="compensate: pruned stream", disable=not progress,
+                    leave=False):
+        if pos not in skip:
+            with src.layer(pos) as layer:
+                xs = _run_layer(layer, xs, rec.prep.calls[pos], fold_of.get(pos), parked)
+        if pos in by_end:
+            fit, xs = _fit_block(*by_end[pos], method, dim, masks, xs, parked, rec.targets[pos])
+            fits.append(fit)
+            parked = []
     return fits
+
+
+def _fit_block(blk: Block, site: Site, method: CompMethod, dim: int, masks: list[torch.Tensor],
+               h: list[torch.Tensor], parked: list[torch.Tensor], dense: Any) -> tuple[BlockFit, list[torch.Tensor]]:
+    """Fit one block from the pruned stream ``h`` at its end (``parked``: the fold site's outputs) against the
+    dense outputs there; returns the fit and the stream with the map applied."""
+    stats = Stats(dim, method.keep_activations())
+    for b, mask in enumerate(masks):
+        sel = _valid(mask)
+        m = parked[b] if site.kind == MODULE else h[b] if site.kind == EMBED else None
+        stats.update(_flat(m, sel) if m is not None else None, _flat(h[b], sel),
+                     _flat(dense[b].to(h[b].device, h[b].dtype), sel))
+    fit = BlockFit(blk, site, method.fit(stats, site.shape, blk.label()))
+    if fit.fit.shape != "none":
+        t = fit.tensor()
+        if site.kind == MODULE:  # (OPT's MLP runs on flattened tokens: its output is [B*T, d])
+            h = [x + (apply_map(m, t) - m).view_as(x) for x, m in zip(h, parked)]
+        elif not blk.tail:
+            h = [apply_map(x, t) for x in h]
+    return fit, h
 
 
 def fold_in_memory(model: nn.Module, fits: list[BlockFit], removed: list[int]) -> None:
@@ -269,21 +262,9 @@ def fit_layerwise(lw: Any, removed: list[int], calib: Any, method: CompMethod, *
                 pruned = _run_layer(layer, pruned, prep.calls[pos], fold, parked)
                 dense = [call_layer(layer, x, prep.calls[pos][b]) for b, x in enumerate(dense)]
         if pos in by_end:
-            blk, site = by_end[pos]
-            h = pruned if pruned is not None else dense  # always parted by now: the block was removed
-            stats = Stats(dim, method.keep_activations())
-            for b, (_ids, mask) in enumerate(prep.batches):
-                sel = _valid(mask)
-                m = parked[b] if site.kind == MODULE else h[b] if site.kind == EMBED else None
-                stats.update(_flat(m, sel) if m is not None else None, _flat(h[b], sel), _flat(dense[b], sel))
-            fit = BlockFit(blk, site, method.fit(stats, site.shape, blk.label()))
+            assert pruned is not None  # parted by now: the block was removed
+            fit, pruned = _fit_block(*by_end[pos], method, dim, [m for _, m in prep.batches], pruned, parked, dense)
             fits.append(fit)
-            if pruned is not None and fit.fit.shape != "none":
-                t = fit.tensor()
-                if site.kind == MODULE:
-                    pruned = [x + apply_map(m, t) - m for x, m in zip(pruned, parked)]
-                elif not blk.tail:
-                    pruned = [apply_map(x, t) for x in pruned]
             parked = []
     return fits
 
@@ -352,5 +333,4 @@ def fit_summary(fits: list[BlockFit], adapter: Any, method: CompMethod, calib: A
     return out
 
 
-__all__ = ["BlockFit", "fit_in_memory", "fit_layerwise", "fit_summary", "fold_in_memory", "fold_overrides",
-           "recorded_captures"]
+__all__ = ["BlockFit", "fit_in_memory", "fit_layerwise", "fit_summary", "fold_in_memory", "fold_overrides"]

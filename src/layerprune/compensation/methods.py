@@ -124,10 +124,12 @@ class ReconSpec:
     layers: str = "before"
     loss: str = "mse"
     batch: int = 2  # calibration windows per step (only the trained layers run: small steps, many of them)
+    depth: int = 1  # kept layers trained on each chosen side of a block
 
     def validate(self) -> None:
-        if self.steps < 0 or not self.lr > 0 or self.batch < 1:
-            raise LayerpruneError("reconstruct needs --recon-steps >= 0, --recon-lr > 0 and --recon-batch >= 1")
+        if self.steps < 0 or not self.lr > 0 or self.batch < 1 or self.depth < 1:
+            raise LayerpruneError("reconstruct needs --recon-steps >= 0, --recon-lr > 0, --recon-batch >= 1 and "
+                                  "--recon-depth >= 1")
         if self.layers not in RECON_LAYERS:
             raise LayerpruneError(f"unknown --recon-layers '{self.layers}'; choose one of {', '.join(RECON_LAYERS)}")
         if self.loss not in RECON_LOSSES:
@@ -277,7 +279,7 @@ class ReconstructMethod(LstsqMethod):
 
     def params(self) -> dict[str, Any]:
         return {"ridge": self.ridge, "steps": self.recon.steps, "lr": self.recon.lr, "layers": self.recon.layers,
-                "loss": self.recon.loss, "batch": self.recon.batch}
+                "loss": self.recon.loss, "batch": self.recon.batch, "depth": self.recon.depth}
 
 
 METHODS: dict[str, type[CompMethod]] = {}

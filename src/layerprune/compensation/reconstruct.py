@@ -19,28 +19,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..metrics._forward import (
-    StopForward,
-    call_layer,
-    layer_hooks,
-    layer_input,
-    layer_output,
-    model_inputs,
-    record_call,
-)
+from ..metrics._forward import call_layer
 from .plan import plan_blocks
-
-SPILL_BYTES = 2 << 30  # dense targets beyond this go to a temporary folder (one file per tensor)
+from .stream import DiskLayers, Recorded, Store, dense_targets, record_in_memory
 
 
 @dataclass(frozen=True)
@@ -54,14 +42,15 @@ class Span:
     final: bool  # no kept layer follows: the loss is taken after the final norm
 
 
-def plan_spans(removed: list[int], num_layers: int, layers: str) -> list[Span]:
-    """One span per removed block (merged where they would overlap)."""
+def plan_spans(removed: list[int], num_layers: int, layers: str, depth: int = 1) -> list[Span]:
+    """One span per removed block (merged where they would overlap): ``depth`` kept layers before the block,
+    after it, or both (where one side has none, the other)."""
     kept = [i for i in range(num_layers) if i not in set(removed)]
     spans: list[Span] = []
     for blk in plan_blocks(removed, num_layers):
-        after = next((i for i in kept if i > blk.end), None)
-        want = {"before": [blk.fold_layer], "after": [after], "both": [blk.fold_layer, after]}[layers]
-        chosen = [i for i in want if i is not None] or [i for i in (blk.fold_layer, after) if i is not None]
+        before = [i for i in kept if i < blk.removed[0]][-depth:]
+        after = [i for i in kept if i > blk.end][:depth]
+        chosen = {"before": before, "after": after, "both": before + after}[layers] or before or after
         target = blk.end if chosen[-1] < blk.end else chosen[-1]
         span = Span(tuple(chosen), target, blk.label(), final=not any(i > target for i in kept))
         if spans and span.layers[0] <= spans[-1].layers[-1]:
@@ -72,154 +61,12 @@ def plan_spans(removed: list[int], num_layers: int, layers: str) -> list[Span]:
     return spans
 
 
-class Store:
-    """A list of tensors kept in memory up to ``limit`` bytes, then spilled to a temporary folder."""
-
-    def __init__(self, limit: int = SPILL_BYTES):
-        self.limit, self.used = limit, 0
-        self.items: list[torch.Tensor | Path] = []
-        self._dir: tempfile.TemporaryDirectory | None = None
-
-    def append(self, t: torch.Tensor) -> None:
-        t = t.detach().float().cpu()
-        size = t.numel() * 4
-        if self.used + size <= self.limit:
-            self.items.append(t)
-            self.used += size
-            return
-        if self._dir is None:
-            self._dir = tempfile.TemporaryDirectory(prefix="layerprune-reconstruct-")
-        path = Path(self._dir.name) / f"{len(self.items)}.pt"
-        torch.save(t, path)
-        self.items.append(path)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        item = self.items[i]
-        return item if isinstance(item, torch.Tensor) else torch.load(item)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    @property
-    def spilled(self) -> bool:
-        return self._dir is not None
-
-    def close(self) -> None:
-        if self._dir is not None:
-            self._dir.cleanup()
-
-
-# --------------------------------------------------------------------------------------------- layer sources
-
-
-class InMemoryLayers:
-    """The decoder layers of a loaded model (original indices; changes stay in the model)."""
-
-    def __init__(self, layers: nn.ModuleList):
-        self.layers = layers
-
-    @contextlib.contextmanager
-    def layer(self, pos: int) -> Iterator[nn.Module]:
-        yield self.layers[pos]
-
-    def commit(self, pos: int, module: nn.Module) -> None:
-        pass
-
-
-class DiskLayers:
-    """Layers read one at a time by a :class:`~layerprune.metrics.layerwise.LayerwiseModel`, with ``overrides``
-    (checkpoint name -> tensor) applied on top; :meth:`commit` adds a trained layer's tensors to them."""
-
-    def __init__(self, lw: Any, overrides: dict[str, torch.Tensor]):
-        self.lw, self.overrides = lw, overrides
-
-    @contextlib.contextmanager
-    def layer(self, pos: int) -> Iterator[nn.Module]:
-        from accelerate.utils import set_module_tensor_to_device
-
-        with self.lw.layer(pos) as mod:
-            for rel, full in self.lw.layer_tensor_names(pos).items():
-                if full in self.overrides:
-                    set_module_tensor_to_device(mod, rel, self.lw.device, value=self.overrides[full].to(self.lw.dtype))
-            yield mod
-
-    def commit(self, pos: int, module: nn.Module) -> None:
-        names = self.lw.layer_tensor_names(pos)
-        for rel, t in module.state_dict().items():
-            self.overrides[names[rel]] = t.detach().cpu().clone()
-
-
 def first_changed(removed: list[int], num_layers: int, spec: Any) -> int:
     """The first layer the fold or the training changes (or skips): every layer before it computes what the
     dense model does, so the pruned stream starts there from the dense input."""
     blk = plan_blocks(removed, num_layers)[0]
-    span = plan_spans(removed, num_layers, spec.layers)[0]
+    span = plan_spans(removed, num_layers, spec.layers, spec.depth)[0]
     return min(span.layers[0], blk.removed[0] if blk.fold_layer is None else blk.fold_layer)
-
-
-@dataclass
-class Recorded:
-    """What one dense pass leaves for training: the recorded layer arguments (``prep``), the dense inputs at
-    layer ``begin`` (where the pruned stream starts) and the dense outputs at each target position."""
-
-    prep: Any
-    begin: int
-    inputs: list[torch.Tensor]
-    targets: dict[int, Store]
-
-
-@torch.no_grad()
-def record_in_memory(model: nn.Module, calib: Any, batch_size: int | None, positions: set[int], begin: int,
-                     progress: bool = True) -> Recorded:
-    """One forward per calibration batch, stopped after the last of ``positions``: the embeddings output,
-    every layer's other arguments (as the layer-by-layer recording pass gives them), the input of layer
-    ``begin`` and the dense outputs at ``positions``."""
-    from ..arch import parts
-    from ..metrics.layerwise import Prepared
-
-    layers = parts(model).layers
-    last = max(positions)
-    batches = calib.batches(batch_size)
-    x0: list[torch.Tensor] = []
-    inputs: list[torch.Tensor] = []
-    calls: list[list[Any]] = [[] for _ in range(len(layers))]
-    out = {p: Store() for p in positions}
-
-    def hook(pos: int, args: tuple, kwargs: dict, output: Any) -> None:
-        if pos == 0:
-            x0.append(layer_input(args, kwargs).detach())
-        if pos == begin:
-            inputs.append(layer_input(args, kwargs).detach())
-        calls[pos].append(record_call(args, kwargs))
-        if pos in out:
-            out[pos].append(layer_output(output))
-        if pos == last:
-            raise StopForward
-
-    with layer_hooks(layers, hook):
-        for ids, mask in tqdm(batches, desc="reconstruct: dense targets", disable=not progress, leave=False):
-            with contextlib.suppress(StopForward):
-                model(**model_inputs(model, ids, mask))
-    return Recorded(Prepared(batches, x0, calls), begin, inputs, out)
-
-
-@torch.no_grad()
-def dense_targets(src: Any, prep: Any, positions: set[int], begin: int, progress: bool = True) -> Recorded:
-    """The dense model's output at each of ``positions`` (and input at ``begin``), per calibration batch,
-    streamed layer by layer."""
-    out = {p: Store() for p in positions}
-    xs = list(prep.x0)
-    inputs: list[torch.Tensor] = xs
-    for pos in tqdm(range(max(positions) + 1), desc="reconstruct: dense targets", disable=not progress,
-                    leave=False):
-        if pos == begin:
-            inputs = xs
-        with src.layer(pos) as layer:
-            xs = [call_layer(layer, x, prep.calls[pos][b]) for b, x in enumerate(xs)]
-        if pos in out:
-            for x in xs:
-                out[pos].append(x)
-    return Recorded(prep, begin, inputs, out)
 
 
 def _run_span(mods: list[nn.Module], span: Span, x: torch.Tensor, calls: Any, b: int) -> torch.Tensor:
@@ -307,7 +154,7 @@ def reconstruct(src: Any, rec: Recorded, removed: list[int], num_layers: int, sp
     """Stream the calibration hidden states through the pruned model (removed layers skipped) from the first
     changed layer, training each span on the stream that reaches it; returns one report per span. ``src``
     holds the start (lstsq-folded)."""
-    spans = {s.layers[0]: s for s in plan_spans(removed, num_layers, spec.layers)}
+    spans = {s.layers[0]: s for s in plan_spans(removed, num_layers, spec.layers, spec.depth)}
     skip = set(removed)
     reports: list[dict[str, Any]] = []
     prep = rec.prep
@@ -342,27 +189,16 @@ class Reconstruction:
     :meth:`run` trains on the lstsq-folded layers. Build it with :meth:`in_memory` or :meth:`layerwise`."""
 
     def __init__(self, rec: Recorded, removed: list[int], num_layers: int, spec: Any, norm: nn.Module | None,
-                 progress: bool = True, layers: nn.ModuleList | None = None):
+                 progress: bool = True):
         self.rec, self.removed, self.num_layers = rec, removed, num_layers
-        self.spec, self.norm, self.progress, self.layers = spec, norm, progress, layers
+        self.spec, self.norm, self.progress = spec, norm, progress
 
     @staticmethod
     def positions(removed: list[int], num_layers: int, spec: Any) -> set[int]:
-        """Where dense outputs are recorded: every span's target, and the first block's end (the first
-        ``lstsq`` map is fitted from this same pass: :meth:`first_block`)."""
-        return {s.target for s in plan_spans(removed, num_layers, spec.layers)} | {
-            plan_blocks(removed, num_layers)[0].end}
-
-    def first_block(self, block: Any, site: Any) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-        """The first block's ``lstsq`` captures from the recording (no second dense pass): the recording
-        starts at the first block's fold layer and holds the dense output at the block's end."""
-        from .core import recorded_captures
-
-        rec = self.rec
-        assert self.layers is not None, "first_block needs the loaded model's layers (Reconstruction.in_memory)"
-        assert rec.begin == (block.fold_layer or 0), "the recording starts at the first block's fold layer"
-        return recorded_captures(self.layers, block, site, rec.inputs, rec.prep.calls[rec.begin],
-                                 rec.targets[block.end], [m for _, m in rec.prep.batches])
+        """Where dense outputs are recorded: every span's target and every block's end (the ``lstsq`` maps are
+        fitted from this same pass: ``fit_in_memory(rec=...)``)."""
+        return {s.target for s in plan_spans(removed, num_layers, spec.layers, spec.depth)} | {
+            b.end for b in plan_blocks(removed, num_layers)}
 
     @classmethod
     def in_memory(cls, model: nn.Module, calib: Any, removed: list[int], spec: Any,
@@ -373,7 +209,7 @@ class Reconstruction:
         n = p.num_layers
         rec = record_in_memory(model, calib, spec.batch, cls.positions(removed, n, spec),
                                first_changed(removed, n, spec), progress)
-        return cls(rec, removed, n, spec, p.norm, progress, p.layers)
+        return cls(rec, removed, n, spec, p.norm, progress)
 
     @classmethod
     def layerwise(cls, lw: Any, calib: Any, removed: list[int], spec: Any, progress: bool = True
@@ -400,5 +236,4 @@ class Reconstruction:
         return reports
 
 
-__all__ = ["DiskLayers", "InMemoryLayers", "Reconstruction", "Recorded", "Span", "dense_targets",
-           "first_changed", "plan_spans", "reconstruct", "record_in_memory"]
+__all__ = ["Reconstruction", "Span", "first_changed", "plan_spans", "reconstruct"]

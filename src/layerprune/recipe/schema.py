@@ -7,8 +7,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import LayerpruneError
 from ..options import field_default
 
@@ -305,7 +303,9 @@ def check_search_section(rec: dict[str, Any]) -> None:
 
 
 def _parse_scalar(text: str) -> Any:
-    return yaml.safe_load(text) if text.strip() else ""
+    from ..options import parse_scalar
+
+    return parse_scalar(text)
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

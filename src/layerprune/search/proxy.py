@@ -124,11 +124,10 @@ FIT_CAPTURE_BYTES = 2 << 30  # the fitting windows' dense pass is recorded once 
 
 
 class FitCapture:
-    """The dense pass over the fitting windows, recorded once: every candidate's first block is fitted from
-    it (:func:`~layerprune.compensation.core.recorded_captures`) instead of a dense pass of its own."""
+    """The dense pass over the fitting windows, recorded once at every layer: each candidate's fit reads its
+    dense side from it (:meth:`recording`) and only runs its own pruned stream."""
 
     def __init__(self, model: Any, fit: Calibration, batch_size: int):
-        self.layers = parts(model).layers
         self.batches = fit.batches(batch_size)
         self.cap = capture(model, self.batches)
 
@@ -137,14 +136,19 @@ class FitCapture:
         p = parts(model)
         return (p.num_layers + 1) * fit.input_ids.numel() * int(p.embed.weight.shape[1]) * 4 <= FIT_CAPTURE_BYTES
 
-    def first(self, block: Any, site: Any) -> Any:
-        from ..compensation.core import recorded_captures
+    def recording(self, removed: list[int]) -> Any:
+        """A :class:`~layerprune.compensation.stream.Recorded` for the cut ``removed``: from its first fold layer,
+        with the dense output at each block's end."""
+        from ..compensation.plan import plan_blocks
+        from ..compensation.stream import Recorded
+        from ..metrics.layerwise import Prepared
 
-        src = block.fold_layer or 0
-        end = block.end + 1
-        ends = self.cap.inputs[end] if end < len(self.layers) else self.cap.final
-        return recorded_captures(self.layers, block, site, self.cap.inputs[src], self.cap.calls[src], ends,
-                                 [m for _, m in self.batches])
+        n = len(self.cap.inputs)
+        blocks = plan_blocks(removed, n)
+        begin = blocks[0].fold_layer or 0
+        ends = {b.end: self.cap.inputs[b.end + 1] if b.end + 1 < n else self.cap.final for b in blocks}
+        return Recorded(Prepared(self.batches, self.cap.inputs[0], self.cap.calls), begin, self.cap.inputs[begin],
+                        ends)
 
 
 def fit_maps(model: Any, removed: list[int], fit: Calibration, method: Any, batch_size: int,
@@ -156,7 +160,7 @@ def fit_maps(model: Any, removed: list[int], fit: Calibration, method: Any, batc
 
     try:
         fits = fit_in_memory(model, list(removed), fit, method, batch_size=batch_size, progress=False,
-                             first=shared.first if shared is not None else None)
+                             rec=shared.recording(list(removed)) if shared is not None else None)
     except LayerpruneError as e:
         return None, str(e)
     return [(f.block, f.site, f.tensor()) for f in fits], fits
