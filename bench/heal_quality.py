@@ -26,6 +26,7 @@ PPL and validation loss; then, as ratios measured in this run:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -115,25 +116,28 @@ def main() -> int:
     from layerprune.prune import parse_layer_list
 
     cut = dict(remove=parse_layer_list(args.remove)) if args.remove else dict(tail=args.tail)
-    pruned = work / "pruned"
+    recon = {k: parse_scalar(v) for k, v in (x.split("=", 1) for x in args.recon.split(",") if x)}
+    # The cut's models live in a folder of their own (a cached model of another cut or setting is never read);
+    # compensation is redone every run, so its seconds are this run's and this code's.
+    key = json.dumps([args.model, cut, args.comp_nsamples, args.comp_seqlen, recon], sort_keys=True)
+    cut_dir = work / (f"cut-{hashlib.sha256(key.encode()).hexdigest()[:10]}" + (f"-{args.tag}" if args.tag else ""))
+    pruned = cut_dir / "pruned"
     if not pruned.exists():
         prune_checkpoint(args.model, pruned, **cut)
-    recon = {k: parse_scalar(v) for k, v in (x.split("=", 1) for x in args.recon.split(",") if x)}
     methods = sorted({c.split(":")[1] for c in args.cells.split(",")} - {"none"})
     comp_dirs: dict[str, Path] = {"none": pruned}
     comp_s: dict[str, float] = {"none": 0.0}
     for name in methods:
-        comp_dirs[name] = work / name
-        if not comp_dirs[name].exists():
-            compensate_checkpoint(args.model, comp_dirs[name], calib_data_dir=args.data_dir, progress=False, **cut,
-                                  config=CompensationConfig(method=name, nsamples=args.comp_nsamples,
-                                                            seqlen=args.comp_seqlen, **recon))
+        comp_dirs[name] = cut_dir / name
+        compensate_checkpoint(args.model, comp_dirs[name], calib_data_dir=args.data_dir, progress=False, **cut,
+                              overwrite=True, config=CompensationConfig(method=name, nsamples=args.comp_nsamples,
+                                                                        seqlen=args.comp_seqlen, **recon))
         comp_s[name] = json.loads((comp_dirs[name] / "layerprune.json").read_text())["compensation"]["seconds"]
     results["compensation_seconds"] = comp_s
-    cached = work / f"ppl-{args.ppl_tokens}.json"  # the reference numbers depend on nothing else
+    cached = cut_dir / f"ppl-{args.ppl_tokens}.json"
     results["ppl"] = json.loads(cached.read_text()) if cached.is_file() else {}
     for name, d in [("dense", args.model if args.model != "default" else _default()), *comp_dirs.items()]:
-        if name not in results["ppl"]:
+        if name not in results["ppl"] or name not in ("dense", "none"):  # compensated models were just redone
             results["ppl"][name] = ppl_of(d)
     cached.write_text(json.dumps(results["ppl"]))
     print("PPL " + "  ".join(f"{k} {v:.4g}" for k, v in results["ppl"].items())

@@ -47,6 +47,14 @@ def test_generation_agreement(tiny_long, data_dir):
     prune_layers(other, [1, 2, 3])
     diff = generation_agreement(other, model, tok, prompts, new_tokens=8, progress=False)
     assert diff["mean_common_prefix_tokens"] < 8 and len(diff["samples"]) == 3
+    # A memo of the teacher's continuations: filled once, then read (a wrecked teacher is never run again).
+    memo: dict = {}
+    first = generation_agreement(other, model, tok, prompts, new_tokens=8, progress=False, memo=memo)
+    assert len(memo) == 3 and first == diff
+    wrecked, _ = load(str(tiny_long))
+    prune_layers(wrecked, [0, 1, 2, 3, 4])
+    again = generation_agreement(other, wrecked, tok, prompts, new_tokens=8, progress=False, memo=memo)
+    assert again == diff
 
 
 def test_compare_generate_cli(tiny_long, data_dir, tmp_path, capsys):

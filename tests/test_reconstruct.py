@@ -66,8 +66,21 @@ def test_training_that_does_not_help_is_undone():
                      method=make_method("reconstruct", recon=ReconSpec(steps=5, lr=50.0)))
     rep = out["compensation"]["reconstruct"][0]
     assert not rep["kept_training"] and rep["loss_after"] == rep["loss_before"]
+    assert [t["lr"] for t in rep["tried"]] == [50.0, 12.5] and rep["lr"] is None  # retried once, smaller
     for (ka, ta), (kb, tb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(ta, tb), ka
+
+
+def test_a_failed_rate_is_retried_smaller(monkeypatch):
+    """The retry starts from the restored start and keeps its result when it lowers the fit."""
+    import layerprune.compensation.reconstruct as rc
+
+    monkeypatch.setattr(rc, "RETRY_DIVISOR", 5e4)  # 50 wrecks the layer, 1e-3 trains it
+    out = compensate(make_tiny("llama"), [2, 3], _calib(), progress=False,
+                     method=make_method("reconstruct", recon=ReconSpec(steps=20, lr=50.0)))
+    rep = out["compensation"]["reconstruct"][0]
+    assert rep["kept_training"] and rep["lr"] == pytest.approx(1e-3) and len(rep["tried"]) == 2
+    assert rep["tried"][0]["loss_after"] > rep["loss_before"] > rep["loss_after"]
 
 
 @pytest.mark.parametrize("arch,removed", [("qwen2", [4, 5]), ("gpt2", [1, 2, 4]), ("gemma3_text", [2, 4, 5]),

@@ -102,20 +102,16 @@ def _evaluate(mods: list[nn.Module], span: Span, xs: list[torch.Tensor], ys: Sto
     return {"loss": tot / max(n, 1), "mse": sq / max(n, 1), "relative_error": sq / ref if ref else math.nan}
 
 
-def train_span(mods: list[nn.Module], span: Span, xs: list[torch.Tensor], ys: Store, prep: Any, spec: Any,
-               norm: Any) -> dict[str, Any]:
-    """Adam on the span's parameters (float32), one calibration batch per step, cosine learning-rate decay;
-    the start is restored if the calibration fit error did not go down."""
-    dtypes = [next(m.parameters()).dtype for m in mods]
-    for m in mods:
-        m.float().eval()
-    before = _evaluate(mods, span, xs, ys, prep, spec.loss, norm)
-    start = [copy.deepcopy(m.state_dict()) for m in mods]
+RETRY_DIVISOR = 4  # a learning rate that does not lower the fit is tried once more, this much smaller
+
+
+def _adam(mods: list[nn.Module], span: Span, xs: list[torch.Tensor], ys: Store, prep: Any, spec: Any, norm: Any,
+          lr: float) -> None:
     params = [p for m in mods for p in m.parameters()]
     flags = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=spec.lr)
+    opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(spec.steps, 1))))
     try:
         with torch.enable_grad():
@@ -132,16 +128,35 @@ def train_span(mods: list[nn.Module], span: Span, xs: list[torch.Tensor], ys: St
     finally:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
-    after = _evaluate(mods, span, xs, ys, prep, spec.loss, norm)
-    kept = after["loss"] <= before["loss"]
-    if not kept:
+
+
+def train_span(mods: list[nn.Module], span: Span, xs: list[torch.Tensor], ys: Store, prep: Any, spec: Any,
+               norm: Any) -> dict[str, Any]:
+    """Adam on the span's parameters (float32), one calibration batch per step, cosine learning-rate decay.
+    If the calibration fit error did not go down, the start is restored and training retried once at a
+    learning rate ``RETRY_DIVISOR`` times smaller; if that fails too, the start stays."""
+    dtypes = [next(m.parameters()).dtype for m in mods]
+    for m in mods:
+        m.float().eval()
+    before = _evaluate(mods, span, xs, ys, prep, spec.loss, norm)
+    start = [copy.deepcopy(m.state_dict()) for m in mods]
+    tried: list[dict[str, float]] = []
+    kept, after = False, before
+    for lr in (spec.lr, spec.lr / RETRY_DIVISOR):
+        _adam(mods, span, xs, ys, prep, spec, norm, lr)
+        after = _evaluate(mods, span, xs, ys, prep, spec.loss, norm)
+        tried.append({"lr": lr, "loss_after": after["loss"]})
+        kept = after["loss"] <= before["loss"]
+        if kept:
+            break
         for m, sd in zip(mods, start):
             m.load_state_dict(sd)
     for m, dt in zip(mods, dtypes):
         m.to(dt)
     end = after if kept else before
     return {"block": span.label, "trained_layers": list(span.layers), "target_layer": span.target,
-            "loss": spec.loss, "after_final_norm": norm is not None, "steps": spec.steps, "lr": spec.lr,
+            "loss": spec.loss, "after_final_norm": norm is not None, "steps": spec.steps,
+            "lr": tried[-1]["lr"] if kept else None, "tried": tried,
             "tokens": int(sum(int(m.sum()) for _, m in prep.batches)),
             "loss_before": before["loss"], "loss_after": end["loss"],
             "mse_before": before["mse"], "mse_after": end["mse"],

@@ -95,9 +95,13 @@ def choice_changes(pruned: nn.Module, teacher: Any, tokenizer: Any, tasks: Seque
 
 
 def generation_agreement(pruned: nn.Module, teacher: Any, tokenizer: Any, prompts: Sequence[str], *,
-                         new_tokens: int = 64, samples: int = 3, progress: bool = True) -> dict[str, Any]:
+                         new_tokens: int = 64, samples: int = 3, progress: bool = True,
+                         memo: dict[tuple[str, int], list[int]] | None = None) -> dict[str, Any]:
     """Greedy continuations of ``prompts`` by the teacher (dense) and the pruned model: exact-match rate, mean
-    common-prefix length in tokens, and ROUGE-L (F1, ``rouge-score``) of the pruned text against the dense."""
+    common-prefix length in tokens, and ROUGE-L (F1, ``rouge-score``) of the pruned text against the dense.
+
+    ``memo``: the teacher's continuations by (prompt, new_tokens), filled on first use, so that several models
+    compared with one teacher (the search's probes) generate the teacher's side once."""
     from rouge_score import rouge_scorer
 
     from ..generate import greedy_ids
@@ -108,7 +112,11 @@ def generation_agreement(pruned: nn.Module, teacher: Any, tokenizer: Any, prompt
     exact, prefix, rouge = [], [], []
     shown: list[dict[str, str]] = []
     for p in tqdm(prompts, desc="generation agreement", disable=not progress, leave=False):
-        d = greedy_ids(teacher, tokenizer, p, new_tokens)
+        d = memo.get((p, new_tokens)) if memo is not None else None
+        if d is None:
+            d = greedy_ids(teacher, tokenizer, p, new_tokens)
+            if memo is not None:
+                memo[(p, new_tokens)] = d
         q = greedy_ids(pruned, tokenizer, p, new_tokens)
         common = next((i for i, (a, b) in enumerate(zip(d, q)) if a != b), min(len(d), len(q)))
         dt = tokenizer.decode(d, skip_special_tokens=True)

@@ -146,6 +146,7 @@ def _probe_stage(model: Any, tok: Any, source: str, proxy: Proxy, rows: list[dic
     from ..models import load_model
 
     out = []
+    dense_text: dict[tuple[str, int], list[int]] = {}  # the dense model's continuations, generated once
     for r in rows[:cfg.probe_top]:
         key = cut_key(r["removed"])
         tag = hashlib.sha256(key.encode()).hexdigest()[:8]
@@ -162,7 +163,7 @@ def _probe_stage(model: Any, tok: Any, source: str, proxy: Proxy, rows: list[dic
         healed = load_model(work / f"probe-{tag}", dtype="float32")
         q = proxy.other(healed)
         agree = generation_agreement(healed, model, tok, prompts, new_tokens=cfg.probe_new_tokens, samples=1,
-                                     progress=False) if prompts else None
+                                     progress=False, memo=dense_text) if prompts else None
         del healed
         out.append({"removed": r["removed"], "sources": r["sources"], "proxy_rank": r["proxy_rank"],
                     "kl": q["kl"], "ppl": q["ppl"], "val_loss": res.get("final_val_loss"), "steps": steps,
