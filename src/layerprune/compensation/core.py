@@ -16,7 +16,6 @@ corrects what actually reaches it (a map fitted on the dense model would assume 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,21 +25,8 @@ from tqdm.auto import tqdm
 
 from ..arch import get_module, parts
 from ..errors import LayerpruneError
-from ..metrics._forward import (
-    StopForward,
-    call_layer,
-    layer_input,
-    layer_output,
-    model_inputs,
-)
-from .fold import (
-    apply_map,
-    fold_into_model,
-    fold_targets,
-    fold_tensors,
-    map_tensor,
-    residual_scale,
-)
+from ..metrics._forward import call_layer
+from .fold import apply_map, fold_into_model, fold_targets, fold_tensors, map_tensor, residual_scale
 from .methods import CompMethod, Fit, Stats
 from .plan import EMBED, MODULE, RESIDUAL, Block, Site, module_kind, plan_blocks, resolve_site
 from .stream import InMemoryLayers, Recorded, record_in_memory
@@ -82,68 +68,6 @@ def _flat(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ in memory
-
-
-class _Capture:
-    """Hooks recording what a block's fit needs from one forward pass; stops the pass when done."""
-
-    def __init__(self, layers: nn.ModuleList, block: Block, site: Site, want_y: bool, want_mh: bool):
-        self.out: dict[str, torch.Tensor] = {}
-        self.active = False  # another capture's pass must not fill (or stop on) this one
-        self.handles: list[Any] = []
-        self.need = set()
-        last = -1
-        if want_y:
-            self.need.add("y")
-            self._on_output(layers[block.end], "y")
-            last = block.end
-        if want_mh:
-            if block.fold_layer is None:
-                self.need |= {"h", "m"} if site.kind == EMBED else {"h"}
-                self.handles.append(layers[0].register_forward_pre_hook(self._pre_x0, with_kwargs=True))
-                last = max(last, 0)
-            else:
-                self.need.add("h")
-                self._on_output(layers[block.fold_layer], "h")
-                if site.kind == MODULE:
-                    self.need.add("m")
-                    mod = get_module(layers[block.fold_layer], str(site.path))
-                    assert mod is not None
-                    self.handles.append(mod.register_forward_hook(lambda mo, a, o: self._put("m", o)))
-                last = max(last, block.fold_layer)
-        self.last = last
-
-    def _on_output(self, layer: nn.Module, key: str) -> None:
-        self.handles.append(layer.register_forward_hook(lambda mo, a, o: self._put(key, layer_output(o))))
-
-    def _pre_x0(self, mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = layer_input(args, kwargs)
-        self._put("h", x)
-        if "m" in self.need:
-            self._put("m", x)
-
-    def _put(self, key: str, value: torch.Tensor) -> None:
-        if not self.active:
-            return
-        self.out[key] = value.detach()
-        if self.need <= set(self.out):
-            raise StopForward
-
-    def run(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        self.out = {}
-        self.active = True
-        try:
-            with contextlib.suppress(StopForward):
-                model(**model_inputs(model, ids, mask))
-        finally:
-            self.active = False
-        if not self.need <= set(self.out):
-            raise LayerpruneError("compensation: the forward pass did not reach the layers it needs")
-        return self.out
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 @torch.no_grad()
