@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from layerprune.errors import LayerpruneError
 from layerprune.evaluation.harness import _spread, evaluate, markdown_table, predictions
 from layerprune.evaluation.tasks import SUITE
 
@@ -122,6 +123,20 @@ def test_eight_tasks_few_rows_offline(tiny_llama, data_dir, no_network):
     assert s["tasks"]["mmlu"]["subtasks"] == 3  # 3 documents spread over 3 of the 57 subjects
     assert "acc_norm" in s["tasks"]["cmmlu"]      # the CMMLU group aggregates acc_norm too
     assert s["config"]["limit_semantics"].startswith("per requested task")
+
+
+def test_per_task_limits_override_the_limit(tiny_llama, data_dir, no_network):
+    """The study's budget: 2 documents per task, but MMLU 5 (spread over its subjects)."""
+    model, tok = tiny_llama
+    s = evaluate(model, tok, ["piqa", "mmlu"], data_dir=data_dir, limit=2, limits={"mmlu": 5}, batch_size=8)
+    assert s["tasks"]["piqa"]["n"] == 2 and s["tasks"]["mmlu"]["n"] == 5 and s["tasks"]["mmlu"]["subtasks"] == 5
+    assert s["config"]["limits"] == {"mmlu": 5}
+    only = evaluate(model, tok, ["piqa"], data_dir=data_dir, limits={"piqa": 3}, batch_size=8)  # no `limit`
+    assert only["tasks"]["piqa"]["n"] == 3
+    with pytest.raises(LayerpruneError, match="not evaluated: mmlu"):
+        evaluate(model, tok, ["piqa"], data_dir=data_dir, limits={"mmlu": 5})
+    with pytest.raises(LayerpruneError, match="integers >= 1"):
+        evaluate(model, tok, ["piqa"], data_dir=data_dir, limits={"piqa": 0})
 
 
 def test_limit_per_subtask_is_lm_eval_semantics(tiny_llama, data_dir, no_network):

@@ -262,3 +262,22 @@ def test_set_values_are_read_as_users_mean_them(tmp_path):
     assert r["heal"]["lr"] == 1e-3 and isinstance(r["heal"]["lr"], float)
     assert r["heal"]["data"] == "1e3x" and r["workers"] == 2
     assert parse_scalar("-2E+1") == -20.0 and parse_scalar(".5e2") == 50.0 and parse_scalar("") == ""
+
+
+def test_task_limits_and_compare_in_a_recipe(tiny_smol, tmp_path, data_dir, monkeypatch):
+    """The study's evaluation as recipe keys: a per-task limit over `limit`, and agreement with the dense model
+    on held-out text (KL, top-1) for every non-dense model, in the manifest and the summary table."""
+    monkeypatch.setenv("LAYERPRUNE_DATA", str(data_dir))
+    r = _recipe(tiny_smol, heal={"method": "none"}, measure={"enabled": False},
+                evaluate={"tasks": ["piqa", "arc_easy"], "task_limits": {"arc_easy": 3}, "compare": ["wikitext2"],
+                          "compare_max_tokens": 256, "models": ["dense", "pruned"]})
+    m = run_recipe(r, tmp_path / "run", log=lambda s: None)
+    pr = m["results"]["pruned"]
+    assert pr["zero_shot"]["piqa"]["n"] == 2 and pr["zero_shot"]["arc_easy"]["n"] == 3
+    c = pr["compare"]["wikitext2"]
+    assert c["kl_teacher_pruned"] > 0 and 0 <= c["top1_agreement"] <= 1 and "compare" not in m["results"]["dense"]
+    assert "KL(dense‖model) wikitext2" in (tmp_path / "run" / "report.md").read_text()
+    with pytest.raises(LayerpruneError, match="not in evaluate.tasks"):
+        validate({"evaluate": {"tasks": ["piqa"], "task_limits": {"mmlu": 5}}})
+    with pytest.raises(LayerpruneError, match="integer >= 1"):
+        validate({"evaluate": {"tasks": ["piqa"], "task_limits": {"piqa": 0.5}}})

@@ -1,8 +1,9 @@
 """recipe.cores: the main process takes the cores the evaluation workers leave free, without changing results."""
 import torch
 
-from conftest import make_tiny
 from layerprune.recipe.cores import CoreShare
+
+from conftest import make_tiny
 
 
 def _forward_backward(model, x):

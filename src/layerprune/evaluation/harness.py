@@ -150,22 +150,28 @@ def _spread(n: int, sizes: list[int]) -> list[int]:
     return take
 
 
-def sample_plan(loaded: dict[str, Any], names: Sequence[str], limit: int) -> dict[str, list[int]]:
-    """Doc indices per leaf task so that each *requested* task (or group) scores ``limit`` documents."""
+def sample_plan(loaded: dict[str, Any], names: Sequence[str], limit: int | None,
+                per_task: dict[str, int] | None = None) -> dict[str, list[int]]:
+    """Doc indices per leaf task so that each *requested* task (or group) scores ``limit`` documents, or
+    ``per_task[name]`` where given (None: all of them)."""
     plan: dict[str, list[int]] = {}
     groups = loaded.get("groups", {})
+
+    def first(n: int | None, size: int) -> list[int]:
+        return list(range(size if n is None else min(n, size)))
+
     for name in names:
+        n = (per_task or {}).get(name, limit)
         if name in groups:
             leaves = sorted(groups[name].get_all_tasks(), key=lambda t: t.task_name)
             sizes = [len(t.eval_docs) for t in leaves]
-            for t, k in zip(leaves, _spread(limit, sizes), strict=True):
+            for t, k in zip(leaves, _spread(sum(sizes) if n is None else n, sizes), strict=True):
                 plan[t.task_name] = list(range(k))
         elif name in loaded["tasks"]:
-            t = loaded["tasks"][name]
-            plan[name] = list(range(min(limit, len(t.eval_docs))))
+            plan[name] = first(n, len(loaded["tasks"][name].eval_docs))
     # lm-eval treats a task missing from `samples` as "all documents": give leftovers (tags) the limit too.
     for tname, t in loaded["tasks"].items():
-        plan.setdefault(tname, list(range(min(limit, len(t.eval_docs)))))
+        plan.setdefault(tname, first(limit, len(t.eval_docs)))
     return plan
 
 
@@ -284,8 +290,9 @@ def predictions(res: dict[str, Any]) -> dict[str, dict[int, dict[str, int]]]:
 
 
 def evaluate(model: nn.Module | str, tokenizer: Any = None, tasks: str | Sequence[str] | None = None, *,
-             num_fewshot: int = 0, limit: int | float | None = None, limit_per_subtask: bool = False,
-             batch_size: int | str = "auto", data_dir: str | os.PathLike | None = None,
+             num_fewshot: int = 0, limit: int | float | None = None, limits: dict[str, int] | None = None,
+             limit_per_subtask: bool = False, batch_size: int | str = "auto",
+             data_dir: str | os.PathLike | None = None,
              model_args: dict[str, Any] | None = None, log_samples: bool = False, bootstrap_iters: int = 100000,
              scoring: str = "auto", verbose: bool = False) -> dict[str, Any]:
     """Run the lm-eval zero-shot suite on ``model`` and return a summary.
@@ -297,6 +304,7 @@ def evaluate(model: nn.Module | str, tokenizer: Any = None, tasks: str | Sequenc
         tasks: comma list or sequence of lm-eval task/group names (default: the seed's 8-task suite).
         num_fewshot: few-shot examples (the seed uses 0).
         limit: documents per requested task (groups spread it over subtasks); a float < 1 is a fraction.
+        limits: per-task document limits that override ``limit`` (e.g. ``{"mmlu": 114}``); integers only.
         limit_per_subtask: apply ``limit`` per leaf subtask instead, as lm-eval's own ``--limit`` does.
         data_dir: local data folder (``eval/<task>/<split>.jsonl``); None reads the Hugging Face Hub.
         log_samples: keep lm-eval's per-document records under ``"samples"`` (needed for :func:`predictions`).
@@ -312,6 +320,9 @@ def evaluate(model: nn.Module | str, tokenizer: Any = None, tasks: str | Sequenc
     from ..data.presets import hub_reachable
 
     names = parse_tasks(tasks)
+    unknown = sorted(set(limits or {}) - set(names))
+    if unknown:
+        raise LayerpruneError(f"per-task limits for tasks not evaluated: {', '.join(unknown)}")
     if data_dir is None and not hub_reachable():
         raise LayerpruneError("no local data folder (--data-dir / $LAYERPRUNE_DATA) and the Hub is off "
                               "(HF_HUB_OFFLINE=1 / HF_DATASETS_OFFLINE=1)")
@@ -321,13 +332,17 @@ def evaluate(model: nn.Module | str, tokenizer: Any = None, tasks: str | Sequenc
         loaded = src.load()
         top = [loaded["groups"][n] if n in loaded.get("groups", {}) else loaded["tasks"].get(n, n) for n in names]
         kwargs: dict[str, Any] = {}
-        if limit is not None:
-            if limit <= 0:
-                raise LayerpruneError("--limit must be positive")
+        if limit is not None or limits:
+            if (limit is not None and limit <= 0) or any(not isinstance(v, int) or v < 1
+                                                         for v in (limits or {}).values()):
+                raise LayerpruneError("--limit must be positive (per-task limits: integers >= 1)")
             if limit_per_subtask or (isinstance(limit, float) and limit < 1):
+                if limits:
+                    raise LayerpruneError("per-task limits take whole documents per requested task: not with a "
+                                          "fractional or per-subtask limit")
                 kwargs["limit"] = limit
             else:
-                kwargs["samples"] = sample_plan(loaded, names, int(limit))
+                kwargs["samples"] = sample_plan(loaded, names, None if limit is None else int(limit), limits)
                 drop_unsampled(loaded, kwargs["samples"])
         t_load = time.perf_counter() - t0
         try:
@@ -340,9 +355,9 @@ def evaluate(model: nn.Module | str, tokenizer: Any = None, tasks: str | Sequenc
                 "config": {"tasks": names}}
     summary = summarize(res, names)
     summary["config"] = {
-        "tasks": names, "num_fewshot": num_fewshot, "limit": limit,
-        "limit_semantics": None if limit is None else ("per subtask (lm-eval)" if "limit" in kwargs
-                                                       else "per requested task; groups spread over subtasks"),
+        "tasks": names, "num_fewshot": num_fewshot, "limit": limit, **({"limits": limits} if limits else {}),
+        "limit_semantics": None if not kwargs else ("per subtask (lm-eval)" if "limit" in kwargs
+                                                    else "per requested task; groups spread over subtasks"),
         "batch_size": getattr(lm, "batch_size_per_gpu", batch_size),
         "scoring": "shared-prefix" if type(lm).__name__ == "SharedPrefixHFLM" else "lm-eval",
         "data": "local" if data_dir is not None else "hub",

@@ -68,7 +68,7 @@ def _check_ppl_data(e: dict[str, Any], run_dir: str | os.PathLike) -> None:
     """Refuse to report perplexity on text this run calibrated on (before loading or computing anything)."""
     from ..evaluation import check_not_calibration, resolve_protocol
 
-    for ds in e["ppl"]:
+    for ds in dict.fromkeys(e["ppl"] + e["compare"]):
         check_not_calibration(ds, resolve_protocol("seed").split_for(ds), run_dir)
 
 
@@ -92,11 +92,18 @@ def evaluate_model(e: dict[str, Any], model_path: str, dtype: str, data_dir: str
                                     max_tokens=e["ppl_max_tokens"], batch_size=e["batch_size"])
     if e["tasks"]:
         res["zero_shot"] = evaluate(model, tok, e["tasks"], num_fewshot=e["num_fewshot"], limit=e["limit"],
-                                    batch_size=e["batch_size"], data_dir=data_dir)
+                                    limits=e["task_limits"] or None, batch_size=e["batch_size"], data_dir=data_dir)
     g = e["generative"]
     if g["tasks"]:
         res["generative"] = evaluate(model, tok, g["tasks"], num_fewshot=e["num_fewshot"], limit=g["limit"],
                                      batch_size=e["batch_size"], data_dir=data_dir)
+    if e["compare"] and dense_path is not None:
+        from ..evaluation.agreement import compare
+
+        dense = load(dense_path, dtype=dtype)[0]
+        res["compare"] = {ds: compare(model, dense, tok, ds, data_dir=data_dir, max_tokens=e["compare_max_tokens"],
+                                      batch_size=e["batch_size"], progress=False)["text"] for ds in e["compare"]}
+        del dense
     if g["agreement"] and dense_path is not None:
         from ..data.instruct import heldout_prompts
         from ..evaluation.agreement import generation_agreement
@@ -209,7 +216,7 @@ class RecipeRun:
         from ..evaluation.perplexity import load_text, resolve_protocol
 
         proto = resolve_protocol("seed")
-        for ds in e["ppl"]:
+        for ds in dict.fromkeys(e["ppl"] + e["compare"]):
             load_text(ds, proto.split_for(ds), self.data_dir, proto.join_for(ds))
         if self.r["heal"]["method"] != NO_HEAL:
             from ..data.instruct import resolve_source
@@ -618,6 +625,9 @@ class RecipeRun:
                 row["generative"] = ev["generative"]["tasks"]
             if ev.get("generation"):
                 row["generation"] = ev["generation"]
+            if ev.get("compare"):
+                row["compare"] = {ds: {k: c.get(k) for k in ("kl_teacher_pruned", "top1_agreement", "tokens")}
+                                  for ds, c in ev["compare"].items()}
             out_results[which] = row
         if bench:
             for which in STAGES:

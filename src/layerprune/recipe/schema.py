@@ -58,11 +58,15 @@ SCHEMA: dict[str, Any] = {
         "tasks": (LIST_STR, ["mmlu", "cmmlu", "piqa", "openbookqa", "winogrande", "hellaswag", "arc_easy",
                              "arc_challenge"]),
         "limit": (OPT_INT, None),
+        "task_limits": (dict, {}),  # per-task limits over `limit`, e.g. {mmlu: 114} (the study's MMLU budget)
         "num_fewshot": (int, 0),
         "batch_size": (int, 8),
         "ppl": (LIST_STR, ["wikitext2"]),
         "ppl_seqlen": (int, 128),
         "ppl_max_tokens": (OPT_INT, None),
+        # Agreement with the dense model on held-out text (KL(dense||model), top-1 agreement), per dataset.
+        "compare": (LIST_STR, []),
+        "compare_max_tokens": (OPT_INT, 16384),
         # Generation: lm-eval generative tasks (gsm8k: exact match after its answer extraction) and greedy
         # agreement with the dense model on held-out instructions (exact match, common prefix, ROUGE-L).
         "generative": {
@@ -191,7 +195,8 @@ MINIMUM: dict[str, int] = {
     "prune.nsamples": 1, "prune.seqlen": 2, "prune.protect_first": 0, "prune.protect_last": 0,
     "evaluate.limit": 1, "evaluate.num_fewshot": 0, "evaluate.batch_size": 1, "evaluate.ppl_seqlen": 2,
     "evaluate.ppl_max_tokens": 2, "evaluate.generative.limit": 1, "evaluate.generative.agreement": 0,
-    "evaluate.generative.new_tokens": 1, "measure.seqlen": 1, "measure.new_tokens": 1, "measure.repeats": 1,
+    "evaluate.generative.new_tokens": 1, "evaluate.compare_max_tokens": 2, "measure.seqlen": 1,
+    "measure.new_tokens": 1, "measure.repeats": 1,
 }
 
 
@@ -208,6 +213,12 @@ def _check_minimums(rec: dict[str, Any]) -> None:
             raise LayerpruneError(f"recipe: '{key}' must be >= {low}, got {v}")
     if any(b < 1 for b in rec["measure"]["batch"]):
         raise LayerpruneError(f"recipe: 'measure.batch' must be >= 1 in every entry, got {rec['measure']['batch']}")
+    e = rec["evaluate"]
+    for task, n in e["task_limits"].items():
+        if task not in e["tasks"]:
+            raise LayerpruneError(f"recipe: 'evaluate.task_limits' names '{task}', which is not in evaluate.tasks")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise LayerpruneError(f"recipe: 'evaluate.task_limits.{task}' must be an integer >= 1, got {n!r}")
 
 
 def validate(data: Any) -> dict[str, Any]:

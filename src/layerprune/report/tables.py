@@ -164,6 +164,10 @@ def summary_table(m: Any) -> Table | None:
     for ds in _ppl_datasets(res):
         add(f"PPL {ds}", functools.partial(lambda s, r, ds: _ppl_value(r, ds), ds=ds), _fmt)
     add("Avg Acc", lambda s, r: _avg_acc(r), lambda v: _fmt(v, 4))
+    for ds in sorted({d for r in res.values() for d in (r.get("compare") or {})}):
+        for key, label in (("kl_teacher_pruned", "KL(dense‖model)"), ("top1_agreement", "Top-1 agreement")):
+            add(f"{label} {ds}", functools.partial(lambda s, r, ds, key: (r.get("compare") or {}).get(ds, {}).get(key),
+                                                   ds=ds, key=key), lambda v: _fmt(v, 4), rel=False)
     if not rows:
         return None
     return Table(["", *stages], rows, caption="Relative change against dense in parentheses.")
