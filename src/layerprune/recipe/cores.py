@@ -78,10 +78,4 @@ class CoreShare:
             self.apply()
 
 
-@contextmanager
-def no_share() -> Iterator[None]:
-    """Stand-in for :meth:`CoreShare.paused` when no share is active."""
-    yield
-
-
-__all__ = ["CoreShare", "no_share"]
+__all__ = ["CoreShare"]

@@ -14,6 +14,7 @@ Run-directory layout (every folder is one stage's atomic output; ``state.json`` 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -420,10 +421,8 @@ class RecipeRun:
         def fn(tmp: Path) -> dict[str, Any]:
             from ..measurement import measure, speedup
             from ..models import load_model
-            from .cores import no_share
-
             out: dict[str, Any] = {}
-            with self._cores.paused() if self._cores else no_share():  # timings at the process's own threads
+            with self._cores.paused() if self._cores else contextlib.nullcontext():  # timings at the process's own threads
                 for which, path in paths.items():
                     model = load_model(path, dtype=self.r["dtype"])
                     out[which] = measure(model, seq_len=m["seqlen"], batches=tuple(m["batch"]),
@@ -463,7 +462,7 @@ class RecipeRun:
             self._pool = _start_pool(workers - 1, worker_threads)
         done = False
         try:
-            if self._pool is not None and cores:
+            if cores:
                 from .cores import CoreShare
 
                 with CoreShare(cores, self._busy_workers, worker_threads=worker_threads or 1) as self._cores:

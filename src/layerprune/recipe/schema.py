@@ -30,8 +30,8 @@ SCHEMA: dict[str, Any] = {
     # Processes: with 2 or more, the evaluations of dense, pruned and compensated run in worker processes
     # beside compensation and healing (give each process one thread: OMP_NUM_THREADS=1 on 2 cores).
     "workers": (int, 1),
-    # Cores the run may use (null: leave torch's thread count alone). With workers >= 2 the main process takes
-    # the cores the evaluation workers leave free, re-checked at forward passes (recipe/cores.py).
+    # Cores the run may use (null: leave torch's thread count alone): the main process's torch threads; with
+    # workers >= 2, the cores the busy evaluation workers leave free, re-checked at forward passes (recipe/cores.py).
     "cores": (OPT_INT, None),
     "prune": {
         "metric": (str, "reverse"),
