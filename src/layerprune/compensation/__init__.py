@@ -184,12 +184,12 @@ def compensate_checkpoint(model: str | os.PathLike, out_dir: str | os.PathLike, 
         tok = load_tokenizer(path)
         cal = build_calibration(tok, spec)
         lw = LayerwiseModel(path, dtype=dtype, device=device)
-        fits = fit_layerwise(lw, removed, cal, comp, batch_size=cfg.batch_size, progress=progress)
+        # As in memory: reconstruct's one recorded dense pass also gives the fits their dense side.
+        rec = Reconstruction.layerwise(lw, cal, removed, comp.recon, progress) if comp.trains else None
+        fits = fit_layerwise(lw, removed, cal, comp, batch_size=cfg.batch_size, progress=progress,
+                             rec=rec.rec if rec is not None else None)
         overrides = fold_overrides(lw, fits, removed)
-        trained = None
-        if comp.trains:  # trained layers join the overrides
-            rec = Reconstruction.layerwise(lw, cal, removed, comp.recon, progress)
-            trained = rec.run(DiskLayers(lw, overrides))
+        trained = rec.run(DiskLayers(lw, overrides)) if rec is not None else None  # trained layers join them
         summary = fit_summary(fits, lw.adapter, comp, cal, "layerwise", time.perf_counter() - t0, trained)
         del lw
         prune_checkpoint_streaming(path, removed, out_dir, overwrite=overwrite, method=method_name,

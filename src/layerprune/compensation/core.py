@@ -12,6 +12,8 @@ corrects what actually reaches it (a map fitted on the dense model would assume 
 * Layer by layer (layer-major, :class:`~layerprune.metrics.layerwise.LayerwiseModel`): one read of each layer,
   a dense and a pruned stream of the calibration hidden states side by side; the fold site's output is held
   from the fold layer to the block's end. Memory: one layer + three copies of the calibration hidden states.
+  With ``reconstruct`` the dense pass is its recording (:func:`.stream.dense_targets`) and only the pruned
+  stream runs here, as in memory.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from ..metrics._forward import call_layer
 from .fold import apply_map, fold_into_model, fold_targets, fold_tensors, map_tensor, residual_scale
 from .methods import CompMethod, Fit, Stats
 from .plan import EMBED, MODULE, RESIDUAL, Block, Site, module_kind, plan_blocks, resolve_site
-from .stream import InMemoryLayers, Recorded, record_in_memory
+from .stream import DiskLayers, InMemoryLayers, Recorded, record_in_memory
 
 
 @dataclass
@@ -157,14 +159,20 @@ def fold_in_memory(model: nn.Module, fits: list[BlockFit], removed: list[int]) -
 
 @torch.no_grad()
 def fit_layerwise(lw: Any, removed: list[int], calib: Any, method: CompMethod, *, batch_size: int | None = None,
-                  progress: bool = True) -> list[BlockFit]:
-    """Fit each block's map reading one layer at a time (``lw``: a LayerwiseModel)."""
+                  progress: bool = True, rec: Recorded | None = None) -> list[BlockFit]:
+    """Fit each block's map reading one layer at a time (``lw``: a LayerwiseModel).
+
+    ``rec``: the dense pass already recorded layer by layer (``reconstruct``'s, holding the dense output at
+    every block's end): then only the pruned stream runs, as in memory. Without it the dense and the pruned
+    stream run side by side, one read of each layer serving both."""
     p = parts(lw.shell)
     n = lw.num_layers
     blocks = plan_blocks(removed, n)
     sites = _sites(blocks, lw.adapter, lw.shell, lw.layers, p.tied, method)
     dim = int(p.embed.weight.shape[1])
     check_calibration(method, sites, int(calib.attention_mask.sum()), dim)
+    if rec is not None and method.map_shape != "none":
+        return _fit_stream(DiskLayers(lw, {}), rec, blocks, sites, removed, method, dim, progress)
     removed_set = set(removed)
     prep = lw.prepare(calib, batch_size)
     dense = [x for x in prep.x0]
