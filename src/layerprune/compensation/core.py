@@ -94,7 +94,7 @@ def fit_in_memory(model: nn.Module, removed: list[int], calib: Any, method: Comp
     try:
         if rec is None:
             rec = record_in_memory(model, calib, batch_size, {b.end for b in blocks},
-                                   blocks[0].fold_layer or 0, progress)
+                                   blocks[0].start, progress)
         return _fit_stream(InMemoryLayers(layers), rec, blocks, sites, removed, method, dim, progress)
     finally:
         model.train(was_training)
@@ -105,7 +105,7 @@ def _fit_stream(src: Any, rec: Recorded, blocks: list[Block], sites: list[Site],
                 method: CompMethod, dim: int, progress: bool) -> list[BlockFit]:
     """The pruned stream from ``rec.begin`` (removed layers skipped, each map applied once fitted), fitting
     every block where the stream reaches its end against the recorded dense output there."""
-    assert rec.begin <= (blocks[0].fold_layer or 0), "the recording starts after the first fold layer"
+    assert rec.begin <= blocks[0].start, "the recording starts after the first fold layer"
     skip = set(removed)
     by_end = {blk.end: (blk, site) for blk, site in zip(blocks, sites)}
     fold_of = {blk.fold_layer: (blk, site) for blk, site in zip(blocks, sites) if site.kind == MODULE}

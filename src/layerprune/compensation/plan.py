@@ -36,6 +36,11 @@ class Block:
         return self.removed[-1]
 
     @property
+    def start(self) -> int:
+        """Where a pruned stream fitting this block starts: its fold layer (layer 0 for a block there)."""
+        return 0 if self.fold_layer is None else self.fold_layer
+
+    @property
     def tail(self) -> bool:
         return self.end == self.num_layers - 1
 

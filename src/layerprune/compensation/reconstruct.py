@@ -66,7 +66,7 @@ def first_changed(removed: list[int], num_layers: int, spec: Any) -> int:
     dense model does, so the pruned stream starts there from the dense input."""
     blk = plan_blocks(removed, num_layers)[0]
     span = plan_spans(removed, num_layers, spec.layers, spec.depth)[0]
-    return min(span.layers[0], blk.removed[0] if blk.fold_layer is None else blk.fold_layer)
+    return min(span.layers[0], blk.start)
 
 
 def _run_span(mods: list[nn.Module], span: Span, x: torch.Tensor, calls: Any, b: int) -> torch.Tensor:

@@ -65,11 +65,16 @@ def _flatten(ckpt: Path) -> None:
     ckpt.rmdir()
 
 
+def _text_datasets(e: dict[str, Any]) -> list[str]:
+    """The held-out text the evaluation reads: perplexity and agreement datasets, once each."""
+    return list(dict.fromkeys(e["ppl"] + e["compare"]))
+
+
 def _check_ppl_data(e: dict[str, Any], run_dir: str | os.PathLike) -> None:
     """Refuse to report perplexity on text this run calibrated on (before loading or computing anything)."""
     from ..evaluation import check_not_calibration, resolve_protocol
 
-    for ds in dict.fromkeys(e["ppl"] + e["compare"]):
+    for ds in _text_datasets(e):
         check_not_calibration(ds, resolve_protocol("seed").split_for(ds), run_dir)
 
 
@@ -217,7 +222,7 @@ class RecipeRun:
         from ..evaluation.perplexity import load_text, resolve_protocol
 
         proto = resolve_protocol("seed")
-        for ds in dict.fromkeys(e["ppl"] + e["compare"]):
+        for ds in _text_datasets(e):
             load_text(ds, proto.split_for(ds), self.data_dir, proto.join_for(ds))
         if self.r["heal"]["method"] != NO_HEAL:
             from ..data.instruct import resolve_source

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LayerpruneError
-from ..options import field_default
+from ..options import field_default, parse_scalar
 
 SEARCH = "search"  # prune.metric value that runs the search stage instead of one metric
 
@@ -213,7 +213,9 @@ def _check_minimums(rec: dict[str, Any]) -> None:
             raise LayerpruneError(f"recipe: '{key}' must be >= {low}, got {v}")
     if any(b < 1 for b in rec["measure"]["batch"]):
         raise LayerpruneError(f"recipe: 'measure.batch' must be >= 1 in every entry, got {rec['measure']['batch']}")
-    e = rec["evaluate"]
+
+
+def _check_task_limits(e: dict[str, Any]) -> None:
     for task, n in e["task_limits"].items():
         if task not in e["tasks"]:
             raise LayerpruneError(f"recipe: 'evaluate.task_limits' names '{task}', which is not in evaluate.tasks")
@@ -225,6 +227,7 @@ def validate(data: Any) -> dict[str, Any]:
     """Fill defaults and check every key and type; raises a one-line LayerpruneError naming the key."""
     rec = _validate(data if data is not None else {}, SCHEMA, "")
     _check_minimums(rec)
+    _check_task_limits(rec["evaluate"])
     if rec["prune"]["stability"] == 1 or rec["prune"]["stability"] < 0:
         raise LayerpruneError("recipe: 'prune.stability' is a number of resamples: 0 (off) or at least 2")
     if rec["export"]["gguf"] is not None:
@@ -313,12 +316,6 @@ def check_search_section(rec: dict[str, Any]) -> None:
         raise LayerpruneError(f"recipe: {e}") from None
 
 
-def _parse_scalar(text: str) -> Any:
-    from ..options import parse_scalar
-
-    return parse_scalar(text)
-
-
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides (YAML-parsed values) to raw recipe data."""
     data = copy.deepcopy(data)
@@ -332,7 +329,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise LayerpruneError(f"override '{key}': '{part}' is not a section")
-        node[parts[-1]] = _parse_scalar(value)
+        node[parts[-1]] = parse_scalar(value)
     return data
 
 

@@ -145,7 +145,7 @@ class FitCapture:
 
         n = len(self.cap.inputs)
         blocks = plan_blocks(removed, n)
-        begin = blocks[0].fold_layer or 0
+        begin = blocks[0].start
         ends = {b.end: self.cap.inputs[b.end + 1] if b.end + 1 < n else self.cap.final for b in blocks}
         return Recorded(Prepared(self.batches, self.cap.inputs[0], self.cap.calls), begin, self.cap.inputs[begin],
                         ends)
