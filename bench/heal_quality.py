@@ -48,7 +48,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--remove", default=None, help="removed layers instead of --tail, e.g. 12-15,17,25,26")
     p.add_argument("--budgets", default="2,5,10", help="training minutes at which quality is recorded")
     p.add_argument("--cells", default="partial:none,partial:lstsq,distill:none,distill:lstsq,lora:none,lora:lstsq",
-                   help="method:compensation[:data] cells (compensation none|lstsq|reconstruct, data alpaca|c4)")
+                   help="method:compensation[:data] cells (compensation none|lstsq|reconstruct, optionally /N "
+                        "calibration windows instead of --comp-nsamples, e.g. lstsq/32; data alpaca|c4)")
     p.add_argument("--lr", default="partial=3e-4,distill=3e-4,lora=1e-3,full=5e-5",
                    help="learning rate per method (constant after --warmup-steps)")
     p.add_argument("--layers", default="last3")
@@ -128,10 +129,13 @@ def main() -> int:
     comp_dirs: dict[str, Path] = {"none": pruned}
     comp_s: dict[str, float] = {"none": 0.0}
     for name in methods:
-        comp_dirs[name] = cut_dir / name
+        # "lstsq/32": the method fitted on 32 calibration windows instead of --comp-nsamples
+        method, _, windows = name.partition("/")
+        comp_dirs[name] = cut_dir / name.replace("/", "-")
         compensate_checkpoint(args.model, comp_dirs[name], calib_data_dir=args.data_dir, progress=False, **cut,
-                              overwrite=True, config=CompensationConfig(method=name, nsamples=args.comp_nsamples,
-                                                                        seqlen=args.comp_seqlen, **recon))
+                              overwrite=True, config=CompensationConfig(
+                                  method=method, nsamples=int(windows or args.comp_nsamples),
+                                  seqlen=args.comp_seqlen, **recon))
         comp_s[name] = json.loads((comp_dirs[name] / "layerprune.json").read_text())["compensation"]["seconds"]
     results["compensation_seconds"] = comp_s
     cached = cut_dir / f"ppl-{args.ppl_tokens}.json"
@@ -202,7 +206,7 @@ def main() -> int:
         if method == "distill":
             opts["teacher"] = str(_default() if args.model == "default" else args.model)
         tag = (f"-{args.tie_mode}" if args.tie_mode else "") + (f"-{args.tag}" if args.tag else "")
-        r = heal(src, work / f"healed-{method}-{c}-{data}{tag}", callbacks=[cb], **opts)
+        r = heal(src, work / f"healed-{method}-{c.replace('/', '-')}-{data}{tag}", callbacks=[cb], **opts)
         results["cells"][cell] = {"points": cb.points, "val_loss_before": r["val_loss_before"],
                                   "tokens_per_s": r["tokens_per_s"], "steps": r["steps"],
                                   "compensation_s": comp_s[c], "data": data,

@@ -281,3 +281,26 @@ def test_task_limits_and_compare_in_a_recipe(tiny_smol, tmp_path, data_dir, monk
         validate({"evaluate": {"tasks": ["piqa"], "task_limits": {"mmlu": 5}}})
     with pytest.raises(LayerpruneError, match="integer >= 1"):
         validate({"evaluate": {"tasks": ["piqa"], "task_limits": {"piqa": 0.5}}})
+
+
+def test_given_cut_skips_scoring_and_is_refused_when_out_of_range(tiny_smol, tmp_path, data_dir, monkeypatch):
+    """prune.remove names the cut (e.g. a search's winner): no score stage, that exact cut, compensated and
+    recorded as 'given'; bad lists are refused before any stage."""
+    monkeypatch.setenv("LAYERPRUNE_DATA", str(data_dir))
+    r = _recipe(tiny_smol, prune={"remove": [3, 1], "num_layers": None},
+                compensate={"method": "lstsq", "nsamples": 4, "seqlen": 32}, heal={"method": "none"},
+                evaluate={"tasks": [], "ppl": [], "models": ["compensated"]}, measure={"enabled": False})
+    m = run_recipe(r, tmp_path / "run", log=lambda s: None)
+    assert m["removed_layers"] == [1, 3] and m["kept_layers"] == [0, 2, 4, 5]
+    assert not (tmp_path / "run" / "score").exists() and "score" not in m["stages"]
+    assert [b["removed"] for b in m["compensation"]["blocks"]] == [[1], [3]]
+    pruned = json.loads((tmp_path / "run" / "pruned" / "layerprune.json").read_text())
+    assert pruned["method"] == "given"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").config.num_hidden_layers == 4
+    with pytest.raises(LayerpruneError, match="out of range"):
+        run_recipe({**r, "prune": {**r["prune"], "remove": [1, 6]}}, tmp_path / "bad", log=lambda s: None)
+    assert not (tmp_path / "bad").exists()
+    for bad, msg in [({"remove": [1, 1]}, "distinct"), ({"remove": [1], "num_layers": 2}, "differs"),
+                     ({"remove": [1], "metric": "search", "target": "params=0.8"}, "names the cut itself")]:
+        with pytest.raises(LayerpruneError, match=msg):
+            validate({"prune": bad})

@@ -29,7 +29,7 @@ from ..errors import LayerpruneError
 from ..io import check_out_dir, read_json, write_json
 from ..models import MANIFEST, library_versions, resolve_model
 from ..run_manifest import COMPENSATED, DENSE, HEALED, PRUNED, STAGES, RunManifest
-from .schema import SEARCH, load_recipe
+from .schema import GIVEN, SEARCH, load_recipe
 from .state import RunState, folder_fingerprint
 
 if TYPE_CHECKING:
@@ -198,6 +198,10 @@ class RecipeRun:
             self.sizes = Sizes.of_checkpoint(self.source, recipe["dtype"])
             self.k = self.n0 - 1 - p["protect_first"] - p["protect_last"]  # the most that may go
             check_reachable(self.target, self.sizes, self.k)
+        elif p["remove"]:
+            from ..prune import validate_removal
+
+            self.k = len(validate_removal(p["remove"], self.n0))  # out-of-range layers: refused before any work
         else:
             self.k = resolve_k(self.n0, p["num_layers"], None if p["num_layers"] is not None else p["ratio"])
         self._check_inputs()
@@ -326,12 +330,16 @@ class RecipeRun:
 
         return self.state.run("search", inputs, fn)
 
+    def _cut_label(self) -> str:
+        """What chose the cut, as the checkpoints record it."""
+        return GIVEN if self.r["prune"]["remove"] else self.r["prune"]["metric"]
+
     def _prune(self, model_path: str, remove_positions: list[int], name: str, inputs: dict) -> dict[str, Any]:
         def fn(tmp: Path) -> dict[str, Any]:
             from ..prune import prune_checkpoint
 
             rec = prune_checkpoint(model_path, tmp / "ckpt", remove=remove_positions, dtype=self.r["dtype"],
-                                   method=self.r["prune"]["metric"])
+                                   method=self._cut_label())
             _flatten(tmp / "ckpt")
             return rec.to_dict()
 
@@ -348,7 +356,7 @@ class RecipeRun:
             man = compensate_checkpoint(self.source, tmp / "ckpt", remove=removed,
                                         config=CompensationConfig.from_kwargs(**c), calib_data_dir=self.data_dir,
                                         seed=self.r["seed"], dtype=self.r["dtype"],
-                                        method_name=self.r["prune"]["metric"])
+                                        method_name=self._cut_label())
             _flatten(tmp / "ckpt")
             return man["compensation"]
 
@@ -507,8 +515,12 @@ class RecipeRun:
         if not p["iterative"]:
             base = {"model": self.source_fp, "prune": p, "seed": self.r["seed"], "dtype": self.r["dtype"],
                     "k": self.k, "data_dir": self.data_dir}
-            sc = self._search({**base, "search": self.r["search"], "heal": h}) if searching else \
-                self._score(self.source, "score", self.k, base)
+            if searching:
+                sc = self._search({**base, "search": self.r["search"], "heal": h})
+            elif p["remove"]:
+                sc = {"metric": GIVEN, "removed": sorted(p["remove"]), "scores": {"removed": sorted(p["remove"])}}
+            else:
+                sc = self._score(self.source, "score", self.k, base)
             if searching:
                 comp_on = sc["compensate"]
                 self._submit_eval(DENSE, self.source, self.source_fp)

@@ -11,6 +11,7 @@ from ..errors import LayerpruneError
 from ..options import field_default, parse_scalar
 
 SEARCH = "search"  # prune.metric value that runs the search stage instead of one metric
+GIVEN = "given"  # what chose the cut when prune.remove names it
 
 # Marker types for the schema table.
 OPT_STR = (str, type(None))
@@ -38,6 +39,8 @@ SCHEMA: dict[str, Any] = {
         "num_layers": (OPT_INT, None),  # how many layers to remove ...
         "ratio": (OPT_NUM, 0.25),  # ... or which fraction (rounded down: 25% of 26 layers is 6, as in the paper)
         "target": (OPT_STR, None),  # ... or a budget: params=0.8, macs=5G, kv_cache=18KB (analytic kinds)
+        # ... or the layers themselves, chosen elsewhere (e.g. a search's winner): no scoring; the metric is unused
+        "remove": (LIST_INT, []),
         "metric_params": (dict, {}),  # e.g. {p: 1, seed_compat: false}
         "protect_first": (int, 0),
         "protect_last": (int, 0),
@@ -255,6 +258,7 @@ def validate(data: Any) -> dict[str, Any]:
         raise LayerpruneError("recipe: 'prune.ratio' must be in (0, 1) when prune.num_layers is not set")
     if p["step"] < 1:
         raise LayerpruneError("recipe: 'prune.step' must be >= 1")
+    _check_given_cut(p)
     if p["metric"] == SEARCH:
         _validate_search(rec)
     else:
@@ -290,6 +294,20 @@ def validate(data: Any) -> dict[str, Any]:
         raise LayerpruneError("recipe: compensation after iterative pruning is not supported (set "
                               "compensate.method: none or prune.iterative: false)")
     return rec
+
+
+def _check_given_cut(p: dict[str, Any]) -> None:
+    """``prune.remove`` names the cut itself: no metric chooses, so no budget or iteration may ask one to."""
+    if not p["remove"]:
+        return
+    if p["metric"] == SEARCH or p["iterative"] or p["target"] is not None:
+        raise LayerpruneError("recipe: prune.remove names the cut itself; it does not go with prune.metric: search, "
+                              "prune.iterative or prune.target")
+    if p["num_layers"] is not None and p["num_layers"] != len(p["remove"]):
+        raise LayerpruneError(f"recipe: prune.num_layers ({p['num_layers']}) differs from the {len(p['remove'])} "
+                              "layers of prune.remove")
+    if len(set(p["remove"])) != len(p["remove"]) or min(p["remove"]) < 0:
+        raise LayerpruneError("recipe: prune.remove must list distinct layer indices >= 0")
 
 
 def _validate_search(rec: dict[str, Any]) -> None:
