@@ -176,3 +176,41 @@ def test_slurm_executor_through_submitit_local(tiny, tmp_path, data_dir, serial_
     assert all(r["status"] == "done" for r in s["cells"])
     assert (tmp_path / "slurm" / "submitit").is_dir()
     assert _table(tmp_path / "slurm") == serial_ref
+
+
+def test_report_states_accuracy_groups_agreement_and_the_noise_rule(tiny, tmp_path):
+    """The report reads finished cells only: Avg Acc ± stderr over the single tasks (MMLU, a group, beside it),
+    KL/top-1, the protocol card, and the noise rule's verdicts on log-PPL and Avg Acc."""
+    from layerprune.sweep.report import verdict, write_report
+
+    sw = build_sweep({"base": _base(tiny), "grid": {"prune.metric": ["reverse", "bi", "angular"]},
+                      "compare": [{"axis": "prune.metric", "baseline": "reverse"}]}, tmp_path, [])
+    card = {"dataset": "wikitext2", "split": "test", "preset": "seed", "seq_len": 128, "windows": 256}
+
+    def result(ppl, se, accs):
+        tasks = {f"t{i}": {"kind": "task", "acc": a, "acc_stderr": 0.05} for i, a in enumerate(accs)}
+        tasks["mmlu"] = {"kind": "group", "acc": 0.3, "acc_stderr": 0.04}
+        return {"healed": {"ppl": {"wikitext2": {"ppl": ppl, "ppl_stderr": se, "card": card}}, "zero_shot": tasks,
+                           "compare": {"wikitext2": {"kl_teacher_pruned": 1.5, "top1_agreement": 0.4}}}}
+
+    values = {"reverse": result(400.0, 16.0, [0.5, 0.3]), "bi": result(120.0, 4.0, [0.52, 0.31]),
+              "angular": result(390.0, 16.0, [0.8, 0.7])}
+    for c in sw.cells:
+        d = tmp_path / "out" / "cells" / c.key
+        d.mkdir(parents=True)
+        (d / "cell.json").write_text(json.dumps({"ok": True, "seconds": 10.0,
+                                                 "results": values[c.axes["prune.metric"]]}))
+    s = write_report(sw, tmp_path / "out", {}, None, "local")
+    row = next(r for r in s["cells"] if r["axes"]["prune.metric"] == "reverse")
+    assert row["avg_acc"] == pytest.approx(0.4) and row["avg_tasks"] == 2  # MMLU is not in the average
+    assert row["avg_acc_stderr"] == pytest.approx((2 * 0.05 ** 2) ** 0.5 / 2)
+    assert row["groups"]["mmlu"] == (0.3, 0.04) and row["kl"] == 1.5
+    bi, ang = s["findings"][0], s["findings"][1]
+    assert "prune.metric=bi" in bi and "PPL 120 vs 400" in bi and "**better**" in bi.split(";")[0]
+    assert "**within noise**" in bi.split(";")[1]  # +1.5 points against 2σ of 10
+    assert "**within noise**" in ang.split(";")[0] and "**better**" in ang.split(";")[1]  # 390 vs 400; +35 points
+    md = (tmp_path / "out" / "sweep.md").read_text()
+    assert "| prune.metric | model | PPL | Avg Acc % (2 tasks) | mmlu % | KL | top-1 % |" in md
+    assert "| reverse | healed | 400 ± 16 | 40.0 ± 3.5 | 30.0 ± 4.0 | 1.5 | 40.0 |" in md
+    assert "preset seed, seq_len 128" in md and "Noise rule" in md
+    assert (verdict(0.11, 0.05), verdict(-0.11, 0.05), verdict(0.09, 0.05)) == ("better", "worse", "within noise")

@@ -1,6 +1,12 @@
-"""The sweep's results as a product: one table of every cell (axes, final PPL ± stderr, Avg Acc, parameters,
-wall time), the work the cells shared, the comparisons the sweep file asks for, and an accuracy-against-
-perplexity plot. Written to ``OUT/sweep.md``, ``sweep.json`` and ``sweep.png``."""
+"""The sweep's results as a product: one table of every cell (axes, final PPL ± stderr, Avg Acc ± stderr over
+the tasks, each task group such as MMLU beside it, KL and top-1 agreement with dense, parameters, wall time),
+the perplexity protocol card, the work the cells shared, the comparisons the sweep file asks for with the noise
+rule's verdicts, and an accuracy-against-perplexity plot. Written to ``OUT/sweep.md``, ``sweep.json`` and
+``sweep.png``.
+
+Noise rule: a difference is within noise when it is smaller than twice the combined standard error
+``sqrt(se1² + se2²)``; for perplexity it is applied to log-perplexity (the mean NLL, whose stderr is
+``ppl_stderr / ppl``)."""
 
 from __future__ import annotations
 
@@ -43,6 +49,32 @@ def _fmt(v: float | None, se: float | None = None, digits: int = 4) -> str:
     return f"{v:.{digits}g}" + (f" ± {se:.2g}" if se else "")
 
 
+def _accuracy(stage: dict[str, Any]) -> dict[str, Any]:
+    """Avg Acc ± stderr over the single tasks (their stderrs combined as for a mean of independent estimates);
+    each task group (MMLU) on its own, as the paper reports it."""
+    tasks = stage.get("zero_shot") or {}
+    single = [t for t in tasks.values() if t.get("kind") != "group" and t.get("acc") is not None]
+    out: dict[str, Any] = {"groups": {name: (t.get("acc"), t.get("acc_stderr")) for name, t in tasks.items()
+                                      if t.get("kind") == "group"}}
+    if single:
+        n = len(single)
+        out["avg"] = sum(t["acc"] for t in single) / n
+        out["avg_stderr"] = math.sqrt(sum((t.get("acc_stderr") or 0) ** 2 for t in single)) / n
+        out["avg_tasks"] = n
+    return out
+
+
+def _compare(stage: dict[str, Any]) -> tuple[float | None, float | None]:
+    for c in (stage.get("compare") or {}).values():
+        return c.get("kl_teacher_pruned"), c.get("top1_agreement")
+    return None, None
+
+
+def verdict(diff: float, se: float) -> str:
+    """The noise rule on a difference (positive: better) with combined stderr ``se``."""
+    return "better" if diff > 2 * se else "worse" if -diff > 2 * se else "within noise"
+
+
 def rows(sw: Sweep, out: Path, failed: dict[str, Any]) -> list[dict[str, Any]]:
     table = []
     for c in sw.cells:
@@ -56,8 +88,12 @@ def rows(sw: Sweep, out: Path, failed: dict[str, Any]) -> list[dict[str, Any]]:
             fin = _final(res)
             if fin:
                 p, se, ds = _ppl(res[fin])
-                row.update(stage=fin, ppl=p, ppl_stderr=se, ppl_data=ds, avg_acc=res[fin].get("avg_acc"),
-                           params=res[fin].get("params"))
+                acc = _accuracy(res[fin])
+                kl, top1 = _compare(res[fin])
+                row.update(stage=fin, ppl=p, ppl_stderr=se, ppl_data=ds, avg_acc=acc.get("avg"),
+                           avg_acc_stderr=acc.get("avg_stderr"), avg_tasks=acc.get("avg_tasks"),
+                           groups=acc["groups"], kl=kl, top1=top1, params=res[fin].get("params"),
+                           card=(res[fin].get("ppl") or {}).get(ds, {}).get("card") if ds else None)
             if DENSE in res:
                 row["dense_ppl"], _, _ = _ppl(res[DENSE])
                 row["dense_avg_acc"] = res[DENSE].get("avg_acc")
@@ -66,7 +102,8 @@ def rows(sw: Sweep, out: Path, failed: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def findings(sw: Sweep, table: list[dict[str, Any]]) -> list[str]:
-    """Per ``compare`` entry: the baseline value's best cell against each other value's best (lower PPL)."""
+    """Per ``compare`` entry: the baseline value's best cell (lowest PPL) against each other value's best, by
+    perplexity and by Avg Acc, with the noise rule's verdicts."""
     out = []
     for cmp in sw.compare:
         axis, base = cmp["axis"], cmp["baseline"]
@@ -82,12 +119,21 @@ def findings(sw: Sweep, table: list[dict[str, Any]]) -> list[str]:
             if value == base:
                 continue
             best = min(cells, key=lambda r: r["ppl"])
-            se = math.hypot(best.get("ppl_stderr") or 0, b.get("ppl_stderr") or 0)
-            diff = b["ppl"] - best["ppl"]
-            verdict = ("beats" if diff > 2 * se else "is worse than" if -diff > 2 * se else "ties with")
-            out.append(f"{axis}={value} {verdict} {axis}={base}: best PPL {best['ppl']:.4g} vs {b['ppl']:.4g} "
-                       f"(difference {diff:+.4g}, 2×stderr {2 * se:.2g})")
+            text = f"{axis}={value} against {axis}={base} (best cell of each): " + _ppl_verdict(best, b)
+            if best.get("avg_acc") is not None and b.get("avg_acc") is not None:
+                se = math.hypot(best.get("avg_acc_stderr") or 0, b.get("avg_acc_stderr") or 0)
+                diff = best["avg_acc"] - b["avg_acc"]
+                text += (f"; Avg Acc {100 * best['avg_acc']:.1f} vs {100 * b['avg_acc']:.1f} ({100 * diff:+.1f} "
+                         f"points, 2σ = {200 * se:.1f}): **{verdict(diff, se)}**")
+            out.append(text)
     return out
+
+
+def _ppl_verdict(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """Perplexity of ``a`` against ``b`` by the noise rule on log-perplexity."""
+    se = math.hypot((a.get("ppl_stderr") or 0) / a["ppl"], (b.get("ppl_stderr") or 0) / b["ppl"])
+    diff = math.log(b["ppl"]) - math.log(a["ppl"])  # positive: a is better (lower)
+    return (f"PPL {a['ppl']:.4g} vs {b['ppl']:.4g} (ratio {a['ppl'] / b['ppl']:.2f}): **{verdict(diff, se)}**")
 
 
 def write_report(sw: Sweep, out: Path, failed: dict[str, Any], wall: float | None, executor: str) -> dict[str, Any]:
@@ -102,15 +148,15 @@ def write_report(sw: Sweep, out: Path, failed: dict[str, Any], wall: float | Non
     dense = next((r.get("dense_ppl") for r in table if r.get("dense_ppl") is not None), None)
     if dense is not None:
         lines += [f"Dense model: PPL {dense:.4g}", ""]
-    axes = sw.axes
-    lines += ["| " + " | ".join([*axes, "model", "PPL", "Avg Acc", "params", "seconds", "status"]) + " |",
-              "|" + "---|" * len(axes) + "---|---:|---:|---:|---:|---|"]
-    for r in table:
-        lines.append("| " + " | ".join([*(str(r["axes"].get(a, "")) for a in axes), str(r.get("stage", "–")),
-                                        _fmt(r.get("ppl"), r.get("ppl_stderr")), _fmt(r.get("avg_acc"), None, 3),
-                                        f"{r['params']:,}" if r.get("params") else "–",
-                                        f"{r['seconds']:.0f}" if r.get("seconds") is not None else "–",
-                                        r["status"]]) + " |")
+    lines += _table(sw.axes, table)
+    card = next((r["card"] for r in table if r.get("card")), None)
+    if card:
+        lines += ["", "Perplexity protocol card (the first finished cell's; every cell's is in its eval.json): "
+                  + ", ".join(f"{k} {card[k]}" for k in ("dataset", "split", "preset", "seq_len", "stride",
+                                                         "bos_resolved", "windows", "tokens_scored", "max_tokens",
+                                                         "file_sha256") if k in card)
+                  + ". Noise rule: a difference is within noise below 2 × the combined stderr (on log-PPL for "
+                  "perplexity)."]
     if shared:
         lines += ["", "## Work shared between cells", "", "| stage | computed | reused |", "|---|---:|---:|"]
         lines += [f"| {k} | {v['computed']} | {v['shared']} |" for k, v in sorted(shared.items())]
@@ -121,6 +167,31 @@ def write_report(sw: Sweep, out: Path, failed: dict[str, Any], wall: float | Non
         lines += ["", "![accuracy against perplexity](sweep.png)"]
     write_text(out / "sweep.md", "\n".join(lines) + "\n")
     return summary
+
+
+def _pct(v: float | None, se: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}" + (f" ± {100 * se:.1f}" if se else "")
+
+
+def _table(axes: list[str], table: list[dict[str, Any]]) -> list[str]:
+    groups = sorted({g for r in table for g in (r.get("groups") or {})})
+    n = sorted({r["avg_tasks"] for r in table if r.get("avg_tasks")})
+    avg = "Avg Acc %" + (f" ({'/'.join(map(str, n))} tasks)" if n else "")
+    compare = any(r.get("kl") is not None for r in table)
+    head = [*axes, "model", "PPL", avg, *(f"{g} %" for g in groups), *(["KL", "top-1 %"] if compare else []),
+            "params", "seconds", "status"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "---|" * (len(axes) + 1) + "---:|" * (len(head) - len(axes) - 2) + "---|"]
+    for r in table:
+        cells = [*(str(r["axes"].get(a, "")) for a in axes), str(r.get("stage", "–")),
+                 _fmt(r.get("ppl"), r.get("ppl_stderr")), _pct(r.get("avg_acc"), r.get("avg_acc_stderr")),
+                 *(_pct(*(r.get("groups") or {}).get(g, (None, None))) for g in groups)]
+        if compare:
+            cells += [_fmt(r.get("kl")), _pct(r.get("top1"), None)]
+        cells += [f"{r['params']:,}" if r.get("params") else "–",
+                  f"{r['seconds']:.0f}" if r.get("seconds") is not None else "–", r["status"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _plot(table: list[dict[str, Any]], path: Path) -> Path | None:
@@ -145,4 +216,4 @@ def _plot(table: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
-__all__ = ["findings", "rows", "write_report"]
+__all__ = ["findings", "rows", "verdict", "write_report"]
