@@ -543,14 +543,13 @@ def _nll(p: dict | None) -> tuple[float | None, float | None]:
 
 
 def verdict(a: tuple, b: tuple, higher_better: bool = True) -> str:
-    """The noise rule: a difference is real when larger than 2 x the combined stderr."""
+    """The noise rule (the sweep report's) on (value, stderr) pairs."""
+    from layerprune.sweep.report import verdict as noise_rule
+
     if a[0] is None or b[0] is None:
         return "n/a"
     diff = a[0] - b[0]
-    se = math.sqrt((a[1] or 0) ** 2 + (b[1] or 0) ** 2)
-    if abs(diff) < 2 * se:
-        return "within noise"
-    return "better" if (diff > 0) == higher_better else "worse"
+    return noise_rule(diff if higher_better else -diff, math.hypot(a[1] or 0, b[1] or 0))
 
 
 def _verdicts(res: dict, a: str, b: str) -> tuple[str, str] | None:
