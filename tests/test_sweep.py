@@ -91,6 +91,10 @@ def test_local_sweep_shares_work_reports_and_resumes(tiny, tmp_path, data_dir):
     assert s["shared_work"]["eval-dense"] == {"computed": 1, "shared": 3} or \
         s["shared_work"]["eval-dense"]["computed"] <= 2  # two workers may both start it before either publishes
     assert sum(s["shared_work"]["eval-dense"].values()) == 4
+    # A shared stage's files are hard links to the one stored copy, not a copy per cell.
+    stored = next((out / "shared").glob("eval-dense-*")) / "eval.json"
+    linked = [d / "run" / "eval-dense" / "eval.json" for d in (out / "cells").iterdir()]
+    assert sum(f.stat().st_ino == stored.stat().st_ino for f in linked) >= 3
     md = (out / "sweep.md").read_text()
     assert "| prune.metric | prune.num_layers |" in md and "## Findings" in md
     assert len(s["findings"]) == 1 and "prune.metric=magnitude" in s["findings"][0]

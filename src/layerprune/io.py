@@ -167,6 +167,17 @@ def replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Hard-link a file (free, same bytes and mtime), falling back to a copy across file systems. For stage
+    outputs, which are never written in place once finished (a file that must change is unlinked and
+    rewritten), so every run that links one reads the same bytes. Usable as ``shutil.copytree``'s
+    ``copy_function``."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def write_json(path: str | os.PathLike, data: Any) -> None:
     """Write JSON atomically (temp file + rename), UTF-8, indented."""
     path = Path(path)

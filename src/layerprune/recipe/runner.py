@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from ..errors import LayerpruneError
-from ..io import check_out_dir, read_json, write_json
+from ..io import check_out_dir, link_or_copy, read_json, write_json
 from ..models import MANIFEST, library_versions, resolve_model
 from ..run_manifest import COMPENSATED, DENSE, HEALED, PRUNED, STAGES, RunManifest
 from .schema import GIVEN, SEARCH, load_recipe
@@ -52,10 +52,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.is_file():
-            try:
-                os.link(f, dst / f.name)
-            except OSError:
-                shutil.copy2(f, dst / f.name)
+            link_or_copy(f, dst / f.name)
 
 
 def _flatten(ckpt: Path) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_dir, read_json, write_json
+from ..io import atomic_dir, link_or_copy, read_json, write_json
 
 STATE_FILE = "state.json"
 
@@ -84,7 +84,9 @@ class RunState:
         if store is not None and (store / SHARED_RESULT).is_file():
             self.log(f"[shared] {name} (computed by another run, fingerprint {fp})")
             with atomic_dir(out, overwrite=True) as tmp:
-                shutil.copytree(store, tmp, dirs_exist_ok=True)  # copy2: mtimes kept, so fingerprints match
+                # Hard links: a sweep's cells hold one copy of a shared model, not one each (mtimes kept, so
+                # fingerprints match).
+                shutil.copytree(store, tmp, dirs_exist_ok=True, copy_function=link_or_copy)
                 result = read_json(tmp / SHARED_RESULT)
                 (tmp / SHARED_RESULT).unlink()
             shared = True
@@ -114,7 +116,7 @@ def _publish(out: Path, store: Path, result: dict[str, Any]) -> None:
     store.parent.mkdir(parents=True, exist_ok=True)
     tmp = store.with_name(f".{store.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(out, tmp)
+    shutil.copytree(out, tmp, copy_function=link_or_copy)
     write_json(tmp / SHARED_RESULT, result)
     try:
         tmp.rename(store)
