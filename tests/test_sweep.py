@@ -59,6 +59,14 @@ def test_plan_expands_the_grid_and_dedups(tiny, tmp_path):
     ({"base": {}, "executor": {"nosuch": 1}}, "unknown executor key"),
     ({"base": {}, "compare": [{"axis": "prune.metric"}]}, "compare"),
     ({"base": "/nonexistent.yaml"}, "base recipe not found"),
+    ({"base": {}, "pilot": {"lrs": []}}, "pilot.lrs"),
+    ({"base": {}, "pilot": {"lrs": [1e-3], "scope": "run"}}, "pilot.scope"),
+    ({"base": {}, "pilot": {"lrs": [1e-3], "steps": 0}}, "pilot.steps"),
+    ({"base": {}, "pilot": {"lrs": [1e-3, 1e-4], "max_candidates": 1}}, "max_candidates"),
+    ({"base": {}, "pilot": {"lrs": [1e-3], "nosuch": 1}}, "unknown pilot key"),
+    ({"base": {}, "grid": {"prune.metric": ["bi"]}, "compare": [{"axis": "prune.metric", "baseline": "bi",
+                                                                  "stage": "nosuch"}]}, "compare 'stage'"),
+    ({"base": {}, "cells": {"Table 1": {"prune.metric": "bi"}}}, "group names"),
 ])
 def test_bad_sweep_files_refused_before_any_cell(data, needle, tiny, tmp_path):
     if isinstance(data.get("base"), dict):
@@ -218,3 +226,70 @@ def test_report_states_accuracy_groups_agreement_and_the_noise_rule(tiny, tmp_pa
     assert "| reverse | healed | 400 ± 16 | 40.0 ± 3.5 | 30.0 ± 4.0 | 1.5 | 40.0 |" in md
     assert "preset seed, seq_len 128" in md and "Noise rule" in md
     assert (verdict(0.11, 0.05), verdict(-0.11, 0.05), verdict(0.09, 0.05)) == ("better", "worse", "within noise")
+
+
+def test_pilot_grows_the_grid_to_a_tested_optimum():
+    from layerprune.sweep.pilot import Group, PilotSpec
+
+    spec = PilotSpec([1e-3, 3e-3], max_candidates=4)
+    g = Group("k", "k", {})
+    g.losses = {1e-3: 4.0}
+    assert g.next_rate(spec) is None  # a candidate of the grid is still to run
+    g.losses[3e-3] = 3.5
+    assert g.next_rate(spec) == 9e-3  # the best is the largest rate: try the next one up
+    g.losses[9e-3] = 3.9
+    assert g.next_rate(spec) is None and g.best() == 3e-3  # an interior optimum stands
+    g.losses = {1e-3: 3.0, 3e-3: 3.5}
+    assert g.next_rate(spec) == pytest.approx(3.33e-4)  # the smallest is best: one step down
+    g.losses = {1e-3: None, 3e-3: None}
+    assert g.best() is None and g.next_rate(spec) is None  # every candidate failed: no choice
+
+
+@pytest.fixture(scope="module")
+def tiny_smol(tmp_path_factory, smollm2_path):
+    """A tiny random llama with the real SmolLM2 tokenizer (real healing text is meaningful to it)."""
+    return save_tiny_smol(tmp_path_factory.mktemp("ts") / "tiny-smol", smollm2_path)
+
+
+def _healing_sweep(folder: Path, model: Path, scope: str) -> Path:
+    base = {**_base(model), "heal": {"method": "partial", "layers": "last1", "max_steps": 2, "batch_size": 2,
+                                      "micro_batch_size": 2, "eval_steps": 2, "val_size": 4,
+                                      "max_train_samples": 8, "warmup_steps": 1, "cutoff_len": 48}}
+    data = {"name": "p", "base": base, "grid": {"prune.metric": ["reverse", "magnitude"]},
+            "cells": {"fixed rate": [{"prune.metric": "reverse", "heal.lr": 5.0e-3}]},
+            "pilot": {"lrs": [1.0e-4, 1.0e-2], "steps": 2, "warmup_steps": 1, "max_candidates": 3, "scope": scope}}
+    f = folder / f"pilot-{scope}.yaml"
+    f.write_text(yaml.safe_dump(data))
+    return f
+
+
+@pytest.mark.parametrize("scope", ["cell", "method"])
+def test_learning_rate_pilot_chooses_per_cell_or_method_and_resumes(tiny_smol, tmp_path, data_dir, scope):
+    """Each piloted cell heals at its group's lowest-validation-loss rate; the grid grows past an edge optimum;
+    a cell whose rate the file fixes is not piloted; a re-launch runs no candidate again."""
+    f = _healing_sweep(tmp_path, tiny_smol, scope)
+    out = tmp_path / "out"
+    logs: list[str] = []
+    s = sweep(f, out, executor="serial", overrides=[f"data_dir={data_dir}"], log=logs.append)
+    pilot = json.loads((out / "pilot.json").read_text())
+    assert len(pilot["groups"]) == (2 if scope == "cell" else 1)
+    for g in pilot["groups"].values():
+        losses = {float(k): v for k, v in g["losses"].items()}
+        assert len(losses) == 3  # two rates, and a third beyond whichever edge won
+        ok = {k: v for k, v in losses.items() if v is not None}  # (a rate of 1 diverges: a failed candidate)
+        assert g["chosen"] == min(ok, key=ok.get) and g["val_loss_before"] is not None
+    chosen = {c["axes"]["prune.metric"]: c["pilot_lr"] for c in s["cells"] if "heal.lr" not in c["axes"]}
+    assert set(chosen.values()) <= {g["chosen"] for g in pilot["groups"].values()} and None not in chosen.values()
+    for c in s["cells"]:
+        ran = yaml.safe_load((out / "cells" / c["key"] / "run" / "recipe.yaml").read_text())["heal"]["lr"]
+        assert c["status"] == "done" and ran == (5.0e-3 if "heal.lr" in c["axes"] else c["pilot_lr"])
+    assert not any((d / "run").exists() for d in (out / "pilot").iterdir())  # only the records are kept
+    md = (out / "sweep.md").read_text()
+    assert "## Learning-rate pilot" in md and "lr (pilot)" in md and "## fixed rate" in md
+    assert (out / "sweep-curves.png").is_file()
+    logs.clear()
+    s2 = sweep(f, out, executor="serial", resume=True, overrides=[f"data_dir={data_dir}"], log=logs.append)
+    assert not any(m.startswith("pilot:") for m in logs) and "0 to run" in " ".join(logs)
+    assert [c["pilot_lr"] for c in s2["cells"]] == [c["pilot_lr"] for c in s["cells"]]
+    s3 = sweep(f, out, report_only=True, overrides=[f"data_dir={data_dir}"], log=logs.append)
+    assert [c["status"] for c in s3["cells"]] == ["done"] * 3

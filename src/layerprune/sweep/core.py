@@ -16,11 +16,13 @@ from typing import Any
 
 from ..errors import LayerpruneError
 from ..io import write_json
-from .executors import make_executor
+from .executors import Executor, make_executor
+from .pilot import groups, read_choices, run_pilot
 from .report import CELL_FILE, write_report
 from .spec import Cell, Sweep, load_sweep
 
 PLAN_FILE = "plan.json"
+HEAL_KEYS = ("method", "steps", "val_loss_before", "final_val_loss", "best_step", "wall_s", "tokens_per_s")
 
 
 def run_cell(recipe: dict[str, Any], cell_dir: str, shared: str, axes: dict[str, Any]) -> dict[str, Any]:
@@ -38,8 +40,10 @@ def run_cell(recipe: dict[str, Any], cell_dir: str, shared: str, axes: dict[str,
                 fh.flush()
 
             manifest = run_recipe(recipe, out / "run", resume=True, log=log, shared=shared)
+        heal = manifest.get("heal") or {}
         rec = {"key": out.name, "axes": axes, "ok": True, "seconds": round(time.perf_counter() - t0, 1),
-               "results": manifest.get("results", {}), "removed_layers": manifest.get("removed_layers")}
+               "results": manifest.get("results", {}), "removed_layers": manifest.get("removed_layers"),
+               "heal": {k: heal.get(k) for k in HEAL_KEYS} if heal else None}
         write_json(out / CELL_FILE, rec)  # the marker of a finished cell
         return rec
     except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - a cell fails alone
@@ -72,30 +76,64 @@ def sweep(path: str | os.PathLike, out_dir: str | os.PathLike, *, executor: str 
             check_out_dir(out, overwrite)  # refuses a non-empty folder without --overwrite
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
-        cells = plan(sw, out)
+        t0 = time.perf_counter()
+        failed = _pilot(sw, out, ex, log)
+        cells = [(c, d, done_) for c, d, done_ in plan(sw, out) if c.key not in failed]
         write_json(out / PLAN_FILE, {"name": sw.name, "source": sw.source, "executor": executor,
                                      "cells": [{"key": c.key, "axes": c.axes} for c, _, _ in cells]})
         todo = [(c, d) for c, d, finished in cells if not finished]
+        if failed:
+            log(f"  {len(failed)} cell(s) not run: their learning-rate pilot failed (see {out / 'pilot'})")
         log(f"sweep {sw.name}: {len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run "
             f"({executor}, {n_workers} worker{'s' if n_workers > 1 else ''})")
         jobs = [{"recipe": c.recipe, "cell_dir": str(d), "shared": str(out / "shared"), "axes": c.axes}
                 for c, d in todo]
-
-        def done(r: dict[str, Any]) -> None:
-            what = ", ".join(f"{k}={v}" for k, v in r["axes"].items()) or "base"
-            log(f"  [{'done' if r['ok'] else 'FAILED'}] {what} ({r['seconds']:.0f} s)"
-                + ("" if r["ok"] else f": {r['error']}"))
-
-        t0 = time.perf_counter()
-        results = ex.map(run_cell, jobs, done) if jobs else []
+        results = ex.map(run_cell, jobs, _done(log)) if jobs else []
         wall = time.perf_counter() - t0
-        failed = {r["key"]: r for r in results if not r["ok"]}
+        failed.update({r["key"]: r for r in results if not r["ok"]})
     else:
         if not (out / PLAN_FILE).is_file():
             raise LayerpruneError(f"{out} holds no sweep (no {PLAN_FILE}): run the sweep first")
-        wall, failed = None, {}
+        wall = None
+        failed = _apply(sw, groups(sw.cells, sw.pilot, lambda c: c.lr_fixed), read_choices(out)) if sw.pilot else {}
     summary = write_report(sw, out, failed, wall, executor)
     return summary
+
+
+def _done(log: Any) -> Any:
+    def done(r: dict[str, Any]) -> None:
+        what = ", ".join(f"{k}={v}" for k, v in r["axes"].items()) or "base"
+        log(f"  [{'done' if r['ok'] else 'FAILED'}] {what} ({r['seconds']:.0f} s)"
+            + ("" if r["ok"] else f": {r['error']}"))
+
+    return done
+
+
+def _pilot(sw: Sweep, out: Path, ex: Executor, log: Any) -> dict[str, Any]:
+    """Run the learning-rate pilots (if the sweep file asks for them) and give each piloted cell its rate;
+    returns the failure records of the cells whose every candidate failed (they are not run)."""
+    if sw.pilot is None:
+        return {}
+    gs = groups(sw.cells, sw.pilot, lambda c: c.lr_fixed)
+    if not gs:
+        return {}
+    chosen = run_pilot(gs, sw.pilot, out, lambda jobs: ex.map(run_cell, jobs, _done(log)), log)
+    return _apply(sw, gs, chosen)
+
+
+def _apply(sw: Sweep, gs: dict[str, Any], chosen: dict[str, float | None]) -> dict[str, Any]:
+    by_cell = {key: k for k, g in gs.items() for key in g.cells}
+    failed = {}
+    for c in sw.cells:
+        k = by_cell.get(c.key)
+        if k is None or k not in chosen:
+            continue
+        if chosen[k] is None:
+            failed[c.key] = {"key": c.key, "axes": c.axes, "ok": False, "seconds": 0.0,
+                             "error": "learning-rate pilot: every candidate failed (see OUT/pilot/*/run.log)"}
+            continue
+        c.recipe["heal"]["lr"] = c.pilot_lr = chosen[k]
+    return failed
 
 
 __all__ = ["CELL_FILE", "run_cell", "sweep"]

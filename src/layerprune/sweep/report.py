@@ -1,8 +1,9 @@
-"""The sweep's results as a product: one table of every cell (axes, final PPL ± stderr, Avg Acc ± stderr over
-the tasks, each task group such as MMLU beside it, KL and top-1 agreement with dense, parameters, wall time),
-the perplexity protocol card, the work the cells shared, the comparisons the sweep file asks for with the noise
-rule's verdicts, and an accuracy-against-perplexity plot. Written to ``OUT/sweep.md``, ``sweep.json`` and
-``sweep.png``.
+"""The sweep's results as a product: one table per group of cells (axes, the pilot's learning rate, final PPL ±
+stderr, Avg Acc ± stderr over the tasks, each task group such as MMLU beside it, KL and top-1 agreement with
+dense, parameters, wall time), the perplexity protocol card, the learning-rate pilot's candidates and choices,
+the work the cells shared, the comparisons the sweep file asks for with the noise rule's verdicts, a plot of
+accuracy against perplexity and one of the validation curves per healing method. Written to ``OUT/sweep.md``,
+``sweep.json``, ``sweep.png`` and ``sweep-curves.png``.
 
 Noise rule: a difference is within noise when it is smaller than twice the combined standard error
 ``sqrt(se1² + se2²)``; for perplexity it is applied to log-perplexity (the mean NLL, whose stderr is
@@ -16,6 +17,7 @@ from typing import Any
 
 from ..io import read_json, write_json, write_text
 from ..run_manifest import DENSE, STAGES
+from .pilot import PILOT_FILE
 from .spec import Sweep
 
 CELL_FILE = "cell.json"
@@ -80,7 +82,8 @@ def rows(sw: Sweep, out: Path, failed: dict[str, Any]) -> list[dict[str, Any]]:
     for c in sw.cells:
         d = out / "cells" / c.key
         rec = read_json(d / CELL_FILE) if (d / CELL_FILE).is_file() else failed.get(c.key)
-        row: dict[str, Any] = {"key": c.key, "axes": c.axes, "status": "missing"}
+        row: dict[str, Any] = {"key": c.key, "axes": c.axes, "group": c.group, "status": "missing",
+                               "pilot_lr": c.pilot_lr, "method": c.recipe["heal"]["method"]}
         if rec:
             row["status"] = "done" if rec.get("ok") else f"failed: {rec.get('error')}"
             row["seconds"] = rec.get("seconds")
@@ -106,20 +109,22 @@ def findings(sw: Sweep, table: list[dict[str, Any]]) -> list[str]:
     perplexity and by Avg Acc, with the noise rule's verdicts."""
     out = []
     for cmp in sw.compare:
-        axis, base = cmp["axis"], cmp["baseline"]
+        axis, base, where, stage = cmp["axis"], cmp["baseline"], cmp.get("where") or {}, cmp.get("stage")
         by: dict[Any, list[dict[str, Any]]] = {}
         for r in table:
-            if r.get("ppl") is not None and axis in r["axes"]:
+            if r.get("ppl") is not None and axis in r["axes"] and (stage is None or r.get("stage") == stage) \
+                    and all(r["axes"].get(k) == v for k, v in where.items()):
                 by.setdefault(r["axes"][axis], []).append(r)
+        scope = "".join(f", {k}={v}" for k, v in where.items()) + (f", {stage} models" if stage else "")
         if base not in by:
-            out.append(f"{axis}: no finished cell with the baseline {base}")
+            out.append(f"{axis}: no finished cell with the baseline {base}{scope}")
             continue
         b = min(by[base], key=lambda r: r["ppl"])
         for value, cells in by.items():
             if value == base:
                 continue
             best = min(cells, key=lambda r: r["ppl"])
-            text = f"{axis}={value} against {axis}={base} (best cell of each): " + _ppl_verdict(best, b)
+            text = f"{axis}={value} against {axis}={base} (best cell of each{scope}): " + _ppl_verdict(best, b)
             if best.get("avg_acc") is not None and b.get("avg_acc") is not None:
                 se = math.hypot(best.get("avg_acc_stderr") or 0, b.get("avg_acc_stderr") or 0)
                 diff = best["avg_acc"] - b["avg_acc"]
@@ -148,7 +153,13 @@ def write_report(sw: Sweep, out: Path, failed: dict[str, Any], wall: float | Non
     dense = next((r.get("dense_ppl") for r in table if r.get("dense_ppl") is not None), None)
     if dense is not None:
         lines += [f"Dense model: PPL {dense:.4g}", ""]
-    lines += _table(sw.axes, table)
+    by_group: dict[str, list[dict[str, Any]]] = {}
+    for r in table:
+        by_group.setdefault(r["group"], []).append(r)
+    for group, cells in by_group.items():
+        if len(by_group) > 1:
+            lines += [f"## {group}", ""]
+        lines += [*_table([a for a in sw.axes if any(a in r["axes"] for r in cells)], cells), ""]
     card = next((r["card"] for r in table if r.get("card")), None)
     if card:
         lines += ["", "Perplexity protocol card (the first finished cell's; every cell's is in its eval.json): "
@@ -157,6 +168,10 @@ def write_report(sw: Sweep, out: Path, failed: dict[str, Any], wall: float | Non
                                                          "file_sha256") if k in card)
                   + ". Noise rule: a difference is within noise below 2 × the combined stderr (on log-PPL for "
                   "perplexity)."]
+    pilot = read_json(out / PILOT_FILE) if sw.pilot and (out / PILOT_FILE).is_file() else None
+    if pilot:
+        summary["pilot"] = pilot
+        lines += ["", *_pilot_lines(pilot)]
     if shared:
         lines += ["", "## Work shared between cells", "", "| stage | computed | reused |", "|---|---:|---:|"]
         lines += [f"| {k} | {v['computed']} | {v['shared']} |" for k, v in sorted(shared.items())]
@@ -165,8 +180,32 @@ def write_report(sw: Sweep, out: Path, failed: dict[str, Any], wall: float | Non
     png = _plot(table, out / "sweep.png")
     if png:
         lines += ["", "![accuracy against perplexity](sweep.png)"]
+    if _plot_curves(sw, out, out / "sweep-curves.png"):
+        lines += ["", "![validation loss during healing, per method](sweep-curves.png)"]
     write_text(out / "sweep.md", "\n".join(lines) + "\n")
     return summary
+
+
+def _pilot_lines(pilot: dict[str, Any]) -> list[str]:
+    """The pilot's candidates and choices, one row per group; says when no rate lowers the starting loss."""
+    rates = sorted({float(lr) for g in pilot["groups"].values() for lr in g["losses"]})
+    lines = ["## Learning-rate pilot", "",
+             f"Each candidate healed {pilot['steps']} steps ({pilot['warmup_steps']} warm-up), scope "
+             f"{pilot['scope']}; final validation loss per rate, the lowest chosen.", "",
+             "| pilot | cells | val loss before | " + " | ".join(f"lr {lr:g}" for lr in rates) + " | chosen |",
+             "|---|---:|---:|" + "---:|" * len(rates) + "---|"]
+    notes = []
+    for g in pilot["groups"].values():
+        losses = {float(k): v for k, v in g["losses"].items()}
+        vals = [("failed" if losses[lr] is None else f"{losses[lr]:.4f}") if lr in losses else "" for lr in rates]
+        chosen = g["chosen"]
+        lines.append(f"| {g['label']} | {len(g['cells'])} | {_fmt(g.get('val_loss_before'))} | "
+                     + " | ".join(vals) + f" | {'–' if chosen is None else f'{chosen:g}'} |")
+        before, best = g.get("val_loss_before"), losses.get(chosen) if chosen is not None else None
+        if before is not None and best is not None and best >= before:
+            notes.append(f"{g['label']}: no rate lowers the validation loss it starts from ({before:.4f}): "
+                         "healing at any of these rates makes this model worse on its healing data")
+    return lines + (["", *[f"- {n}" for n in notes]] if notes else [])
 
 
 def _pct(v: float | None, se: float | None) -> str:
@@ -178,12 +217,15 @@ def _table(axes: list[str], table: list[dict[str, Any]]) -> list[str]:
     n = sorted({r["avg_tasks"] for r in table if r.get("avg_tasks")})
     avg = "Avg Acc %" + (f" ({'/'.join(map(str, n))} tasks)" if n else "")
     compare = any(r.get("kl") is not None for r in table)
-    head = [*axes, "model", "PPL", avg, *(f"{g} %" for g in groups), *(["KL", "top-1 %"] if compare else []),
+    piloted = any(r.get("pilot_lr") is not None for r in table)
+    head = [*axes, *(["lr (pilot)"] if piloted else []), "model", "PPL", avg, *(f"{g} %" for g in groups), *(["KL", "top-1 %"] if compare else []),
             "params", "seconds", "status"]
-    lines = ["| " + " | ".join(head) + " |",
-             "|" + "---|" * (len(axes) + 1) + "---:|" * (len(head) - len(axes) - 2) + "---|"]
+    lead = len(axes) + 1 + piloted
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * lead + "---:|" * (len(head) - lead - 1) + "---|"]
     for r in table:
-        cells = [*(str(r["axes"].get(a, "")) for a in axes), str(r.get("stage", "–")),
+        cells = [*(str(r["axes"].get(a, "")) for a in axes),
+                 *([f"{r['pilot_lr']:g}" if r.get("pilot_lr") is not None else ""] if piloted else []),
+                 str(r.get("stage", "–")),
                  _fmt(r.get("ppl"), r.get("ppl_stderr")), _pct(r.get("avg_acc"), r.get("avg_acc_stderr")),
                  *(_pct(*(r.get("groups") or {}).get(g, (None, None))) for g in groups)]
         if compare:
@@ -212,6 +254,38 @@ def _plot(table: list[dict[str, Any]], path: Path) -> Path | None:
     ax.set_ylabel("Avg Acc")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _plot_curves(sw: Sweep, out: Path, path: Path) -> Path | None:
+    """Validation loss against step for every healed cell, one panel per healing method."""
+    curves: dict[str, list[tuple[str, list[tuple[int, float]]]]] = {}
+    for c in sw.cells:
+        man = out / "cells" / c.key / "run" / "layerprune.json"
+        if not (out / "cells" / c.key / CELL_FILE).is_file() or not man.is_file():
+            continue
+        hist = (read_json(man).get("heal") or {}).get("log_history") or []
+        pts = [(h["step"], h["eval_loss"]) for h in hist if "eval_loss" in h]
+        if len(pts) > 1:
+            curves.setdefault(c.recipe["heal"]["method"], []).append((c.label(), pts))
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axs = plt.subplots(1, len(curves), figsize=(5 * len(curves), 3.8), squeeze=False)
+    for ax, (method, lines) in zip(axs[0], sorted(curves.items())):
+        for label, pts in lines:
+            ax.plot(*zip(*pts), marker=".", label=label)
+        ax.set_title(f"heal.method={method}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation loss")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

@@ -8,12 +8,13 @@ executor resources and the comparisons to state.
     grid:                                 # every combination is a cell
       prune.metric: [reverse, bi, taylor]
       heal.method: [partial, lora]
-    cells:                                # more cells, each a mapping of overrides
-      - {prune.metric: angular}
+    cells:                                # more cells, each a mapping of overrides (or a mapping of
+      - {prune.metric: angular}           # group names to such lists: one report table per group)
     set: {evaluate.tasks: [piqa]}         # applied to every cell
+    pilot: {lrs: [1.0e-4, 1.0e-3], steps: 20, scope: cell}   # learning-rate pilots (sweep/pilot.py)
     executor: {workers: 2, cpus_per_cell: 1, gpus_per_cell: 0, slurm: {partition: gpu, time_min: 120}}
     compare:                              # findings stated in the report
-      - {axis: prune.metric, baseline: reverse}
+      - {axis: prune.metric, baseline: reverse, where: {heal.method: lora}, stage: healed}
 
 Each cell is a validated recipe; its folder is named by the recipe's fingerprint, so a re-launch finds the
 cells already run, and two cells that resolve to the same recipe are one.
@@ -30,8 +31,11 @@ from typing import Any
 import yaml
 
 from ..errors import LayerpruneError
+from .pilot import PilotSpec
 
-TOP_KEYS = {"name", "base", "grid", "cells", "set", "executor", "compare"}
+TOP_KEYS = {"name", "base", "grid", "cells", "set", "executor", "compare", "pilot"}
+COMPARE_KEYS = {"axis", "baseline", "where", "stage"}
+GRID = "grid"  # the report group of the grid's cells
 EXECUTOR_KEYS = {"workers", "cpus_per_cell", "gpus_per_cell", "address", "slurm"}
 SLURM_KEYS = {"partition", "time_min", "gpus_per_node", "cpus_per_task", "mem_gb", "cluster"}
 
@@ -42,6 +46,9 @@ class Cell:
 
     axes: dict[str, Any]
     recipe: dict[str, Any]
+    group: str = GRID  # the report table it is listed in
+    lr_fixed: bool = False  # the sweep file sets its heal.lr (no pilot)
+    pilot_lr: float | None = None  # the rate the pilot chose for it
 
     @property
     def key(self) -> str:
@@ -60,14 +67,27 @@ class Sweep:
     executor: dict[str, Any] = field(default_factory=dict)
     compare: list[dict[str, Any]] = field(default_factory=list)
     source: str = ""
+    pilot: PilotSpec | None = None
 
     @property
     def axes(self) -> list[str]:
-        seen: dict[str, None] = {}
+        return _axes(self.cells)
+
+    @property
+    def groups(self) -> dict[str, list[Cell]]:
+        """Report groups in file order (the grid's cells first)."""
+        out: dict[str, list[Cell]] = {}
         for c in self.cells:
-            for k in c.axes:
-                seen.setdefault(k, None)
-        return list(seen)
+            out.setdefault(c.group, []).append(c)
+        return out
+
+
+def _axes(cells: list[Cell]) -> list[str]:
+    seen: dict[str, None] = {}
+    for c in cells:
+        for k in c.axes:
+            seen.setdefault(k, None)
+    return list(seen)
 
 
 def _override(key: str, value: Any) -> str:
@@ -112,15 +132,15 @@ def build_sweep(data: dict[str, Any], root: Path, overrides: list[str], source: 
     for k, v in grid.items():
         if not isinstance(v, list) or not v:
             raise LayerpruneError(f"sweep: grid axis '{k}' must be a non-empty list of values")
-    extra = data.get("cells") or []
-    if not isinstance(extra, list) or not all(isinstance(c, dict) for c in extra):
-        raise LayerpruneError("sweep: 'cells' must be a list of mappings of recipe keys to values")
-    common = [_override(k, v) for k, v in _mapping(data.get("set"), "set").items()] + list(overrides)
-    combos = [dict(zip(grid, vals)) for vals in itertools.product(*grid.values())] if grid else []
+    extra = _cell_groups(data.get("cells"))
+    common_set = _mapping(data.get("set"), "set")
+    common = [_override(k, v) for k, v in common_set.items()] + list(overrides)
+    lr_set = "heal.lr" in common_set or any(o.split("=", 1)[0].strip() == "heal.lr" for o in overrides)
+    combos = [(GRID, dict(zip(grid, vals))) for vals in itertools.product(*grid.values())] if grid else []
     if not combos and not extra:
-        combos = [{}]
+        combos = [(GRID, {})]
     cells: dict[str, Cell] = {}
-    for axes in combos + extra:
+    for group, axes in combos + extra:
         try:
             rec = validate(apply_overrides(base, common + [_override(k, v) for k, v in axes.items()]))
         except LayerpruneError as e:
@@ -129,7 +149,7 @@ def build_sweep(data: dict[str, Any], root: Path, overrides: list[str], source: 
         if rec["heal"].get("report_to") and not rec["heal"].get("run_name"):
             # Tracked runs are named (tagged) by the cell's axes.
             rec["heal"]["run_name"] = ", ".join(f"{k}={v}" for k, v in axes.items()) or "base"
-        cell = Cell(dict(axes), rec)
+        cell = Cell(dict(axes), rec, group, lr_set or "heal.lr" in axes)
         cells.setdefault(cell.key, cell)  # two cells that resolve to the same recipe run once
     ex = _mapping(data.get("executor"), "executor")
     bad = sorted(set(ex) - EXECUTOR_KEYS) + sorted(set(_mapping(ex.get("slurm"), "executor.slurm")) - SLURM_KEYS)
@@ -141,15 +161,45 @@ def build_sweep(data: dict[str, Any], root: Path, overrides: list[str], source: 
             raise LayerpruneError(f"sweep: executor.{k} must be a whole number >= 1")
     if "gpus_per_cell" in ex and (not isinstance(ex["gpus_per_cell"], (int, float)) or ex["gpus_per_cell"] < 0):
         raise LayerpruneError("sweep: executor.gpus_per_cell must be >= 0")
-    compare = data.get("compare") or []
+    compare = _compare(data.get("compare"), {k for cell in cells.values() for k in cell.axes})
+    pilot = PilotSpec.parse(data.get("pilot"))
+    name = str(data.get("name") or Path(source).stem)
+    return Sweep(name, list(cells.values()), ex, compare, source, pilot)
+
+
+def _cell_groups(value: Any) -> list[tuple[str, dict[str, Any]]]:
+    """``cells``: a list of override mappings, or a mapping of group names to such lists."""
+    if value is None:
+        return []
+    named = value.items() if isinstance(value, dict) else [("cells", value)]
+    out = []
+    for group, items in named:
+        if not isinstance(items, list) or not all(isinstance(c, dict) for c in items):
+            raise LayerpruneError("sweep: 'cells' must be a list of mappings of recipe keys to values, or a mapping "
+                                  "of group names to such lists")
+        out += [(str(group), c) for c in items]
+    return out
+
+
+def _compare(value: Any, axes: set[str]) -> list[dict[str, Any]]:
+    """``compare``: a list of {axis, baseline, where (axis values the cells must have), stage (final model)}."""
+    from ..run_manifest import STAGES
+
+    compare = value or []
     if not isinstance(compare, list) or any(not isinstance(c, dict) or "axis" not in c or "baseline" not in c
                                             for c in compare):
         raise LayerpruneError("sweep: 'compare' must be a list of {axis: KEY, baseline: VALUE}")
     for c in compare:
-        if c["axis"] not in {k for cell in cells.values() for k in cell.axes}:
+        bad = sorted(set(c) - COMPARE_KEYS)
+        if bad:
+            raise LayerpruneError(f"sweep: unknown compare key(s) {bad}; valid: {', '.join(sorted(COMPARE_KEYS))}")
+        if c["axis"] not in axes:
             raise LayerpruneError(f"sweep: compare axis '{c['axis']}' is not an axis of the sweep")
-    name = str(data.get("name") or Path(source).stem)
-    return Sweep(name, list(cells.values()), ex, compare, source)
+        if not isinstance(c.get("where", {}), dict):
+            raise LayerpruneError("sweep: compare 'where' must be a mapping of axes to values")
+        if c.get("stage") is not None and c["stage"] not in STAGES:
+            raise LayerpruneError(f"sweep: compare 'stage' must be one of {', '.join(STAGES)}")
+    return compare
 
 
 __all__ = ["Cell", "Sweep", "build_sweep", "load_sweep"]
