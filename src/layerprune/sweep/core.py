@@ -17,7 +17,7 @@ from typing import Any
 from ..errors import LayerpruneError
 from ..io import write_json
 from .executors import Executor, make_executor
-from .pilot import groups, read_choices, run_pilot
+from .pilot import groups, read_choices, recorded_choices, run_pilot
 from .report import CELL_FILE, write_report
 from .spec import Cell, Sweep, load_sweep
 
@@ -95,7 +95,7 @@ def sweep(path: str | os.PathLike, out_dir: str | os.PathLike, *, executor: str 
         if not (out / PLAN_FILE).is_file():
             raise LayerpruneError(f"{out} holds no sweep (no {PLAN_FILE}): run the sweep first")
         wall = None
-        failed = _apply(sw, groups(sw.cells, sw.pilot, lambda c: c.lr_fixed), read_choices(out)) if sw.pilot else {}
+        failed = resolve_pilot(sw, out)
     summary = write_report(sw, out, failed, wall, executor)
     return summary
 
@@ -118,10 +118,21 @@ def _pilot(sw: Sweep, out: Path, ex: Executor, log: Any) -> dict[str, Any]:
     if not gs:
         return {}
     chosen = run_pilot(gs, sw.pilot, out, lambda jobs: ex.map(run_cell, jobs, _done(log)), log)
-    return _apply(sw, gs, chosen)
+    return apply_pilot(sw, gs, chosen)
 
 
-def _apply(sw: Sweep, gs: dict[str, Any], chosen: dict[str, float | None]) -> dict[str, Any]:
+def resolve_pilot(sw: Sweep, out: Path) -> dict[str, Any]:
+    """Give the piloted cells the rates of the pilot already run into ``out`` (else the sweep file's recorded
+    ones), without running anything; returns the failure records of cells whose pilot found no rate."""
+    if sw.pilot is None:
+        return {}
+    gs = groups(sw.cells, sw.pilot, lambda c: c.lr_fixed)
+    chosen: dict[str, float | None] = {**recorded_choices(sw.pilot, gs), **read_choices(out)}
+    return apply_pilot(sw, gs, chosen)
+
+
+def apply_pilot(sw: Sweep, gs: dict[str, Any], chosen: dict[str, float | None]) -> dict[str, Any]:
+    """Give each piloted cell its group's chosen rate; returns failure records for the groups without one."""
     by_cell = {key: k for k, g in gs.items() for key in g.cells}
     failed = {}
     for c in sw.cells:
@@ -136,4 +147,4 @@ def _apply(sw: Sweep, gs: dict[str, Any], chosen: dict[str, float | None]) -> di
     return failed
 
 
-__all__ = ["CELL_FILE", "run_cell", "sweep"]
+__all__ = ["CELL_FILE", "apply_pilot", "resolve_pilot", "run_cell", "sweep"]

@@ -8,6 +8,8 @@ budget and the rate with the lowest final validation loss is the one its cells h
       steps: 20                        # every candidate's budget (warmup_steps of them warm up)
       scope: cell                      # cell: each cell its own rate; method: one rate per heal.method
       max_candidates: 5                # while the best rate is an edge of the grid, the grid grows that way
+      recorded: {model: default, rates: {partial: 3.0e-3, lora: 9.0e-3}}   # scope method: an earlier pilot's
+                                       # choices, used while the cells' model is that model (else: pilot anew)
 
 Which cells are piloted: every healing cell whose rate the sweep file does not fix (``heal.lr`` neither among
 the cell's own keys nor in ``set``). ``scope: cell`` pilots each cell on its own cut and compensation (cells
@@ -35,7 +37,7 @@ from ..io import read_json, write_json
 
 PILOT_FILE = "pilot.json"
 SCOPES = ("cell", "method")
-PILOT_KEYS = {"lrs", "steps", "warmup_steps", "scope", "max_candidates"}
+PILOT_KEYS = {"lrs", "steps", "warmup_steps", "scope", "max_candidates", "recorded"}
 
 
 @dataclass
@@ -47,6 +49,7 @@ class PilotSpec:
     warmup_steps: int = 2
     scope: str = "cell"
     max_candidates: int = 5
+    recorded: dict[str, Any] | None = None
 
     @classmethod
     def parse(cls, data: Any) -> PilotSpec | None:
@@ -73,6 +76,13 @@ class PilotSpec:
             raise LayerpruneError(f"sweep: pilot.scope must be one of {', '.join(SCOPES)}, not {spec.scope!r}")
         if spec.max_candidates < len(spec.lrs):
             raise LayerpruneError("sweep: pilot.max_candidates must be at least the number of pilot.lrs")
+        rec = spec.recorded
+        if rec is not None and (spec.scope != "method" or not isinstance(rec, dict) or set(rec) != {"model", "rates"}
+                                or not isinstance(rec["rates"], dict) or
+                                any(isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0
+                                    for v in rec["rates"].values())):
+            raise LayerpruneError("sweep: pilot.recorded must be {model: M, rates: {METHOD: LR, ...}} with "
+                                  "scope: method")
         return spec
 
 
@@ -147,14 +157,23 @@ def groups(cells: list[Any], spec: PilotSpec, fixed: Callable[[Any], bool]) -> d
     return out
 
 
+def recorded_choices(spec: PilotSpec, gs: dict[str, Group]) -> dict[str, float]:
+    """The recorded rates that apply: those of ``pilot.recorded`` for the groups whose cells use its model."""
+    rec = spec.recorded or {}
+    return {k: float(rec["rates"][k]) for k, g in gs.items()
+            if k in rec.get("rates", {}) and g.recipe["model"] == rec["model"]}
+
+
 def run_pilot(gs: dict[str, Group], spec: PilotSpec, out: Path, mapper: Callable[[list[dict[str, Any]]],
               list[dict[str, Any]]], log: Callable[[str], None]) -> dict[str, float | None]:
-    """Run every group's candidates (through the sweep's executor, ``mapper``) until each choice stands; returns
-    group key -> chosen rate (None where every candidate failed) and writes ``OUT/pilot.json``."""
+    """Run every group's candidates (through the sweep's executor, ``mapper``) until each choice stands (groups
+    with a recorded rate for their model take it without running); returns group key -> chosen rate (None where
+    every candidate failed) and writes ``OUT/pilot.json``."""
     from ..recipe.state import fingerprint
 
     folder = out / "pilot"
-    todo_rates = {k: list(g.grid(spec)) for k, g in gs.items()}
+    recorded = recorded_choices(spec, gs)
+    todo_rates = {k: list(g.grid(spec)) for k, g in gs.items() if k not in recorded}
     while any(todo_rates.values()):
         jobs, where = [], []
         for k, rates in todo_rates.items():
@@ -177,19 +196,22 @@ def run_pilot(gs: dict[str, Group], spec: PilotSpec, out: Path, mapper: Callable
             gs[k].val_before = h.get("val_loss_before", gs[k].val_before)
             if rec:  # only the record (and run.log) is kept; the shared stages stay in OUT/shared
                 shutil.rmtree(d / "run", ignore_errors=True)
-        todo_rates = {k: [r] for k, g in gs.items() if (r := g.next_rate(spec)) is not None}
-    chosen = {k: g.best() for k, g in gs.items()}
-    write_pilot(out, gs, spec, chosen)
+        todo_rates = {k: [nxt] for k, g in gs.items()
+                      if k not in recorded and (nxt := g.next_rate(spec)) is not None}
+    chosen: dict[str, float | None] = {k: recorded.get(k, g.best()) for k, g in gs.items()}
+    write_pilot(out, gs, spec, chosen, set(recorded))
     for k, g in gs.items():
         log(f"pilot {g.label}: " + (f"lr {chosen[k]:g}" if chosen[k] is not None else "every candidate failed"))
     return chosen
 
 
-def write_pilot(out: Path, gs: dict[str, Group], spec: PilotSpec, chosen: dict[str, float | None]) -> None:
+def write_pilot(out: Path, gs: dict[str, Group], spec: PilotSpec, chosen: dict[str, float | None],
+                recorded: set[str]) -> None:
     write_json(out / PILOT_FILE, {
         "scope": spec.scope, "steps": spec.steps, "warmup_steps": spec.warmup_steps,
         "groups": {k: {"label": g.label, "cells": g.cells, "val_loss_before": g.val_before, "chosen": chosen[k],
-                       "losses": {f"{lr:g}": v for lr, v in sorted(g.losses.items())}} for k, g in gs.items()}})
+                       "recorded": k in recorded, "losses": {f"{lr:g}": v for lr, v in sorted(g.losses.items())}}
+                   for k, g in gs.items()}})
 
 
 def read_choices(out: Path) -> dict[str, float | None]:
@@ -198,4 +220,5 @@ def read_choices(out: Path) -> dict[str, float | None]:
     return {k: g["chosen"] for k, g in read_json(p)["groups"].items()} if p.is_file() else {}
 
 
-__all__ = ["PILOT_FILE", "Group", "PilotSpec", "candidate_recipe", "groups", "read_choices", "run_pilot"]
+__all__ = ["PILOT_FILE", "Group", "PilotSpec", "candidate_recipe", "groups", "read_choices", "recorded_choices",
+           "run_pilot"]

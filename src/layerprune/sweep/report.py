@@ -110,10 +110,12 @@ def findings(sw: Sweep, table: list[dict[str, Any]]) -> list[str]:
     out = []
     for cmp in sw.compare:
         axis, base, where, stage = cmp["axis"], cmp["baseline"], cmp.get("where") or {}, cmp.get("stage")
+        # ``where`` is matched against the cells' recipes, so it also selects on values a cell inherits.
+        keep = {c.key for c in sw.cells if all(_get(c.recipe, k) == v for k, v in where.items())}
         by: dict[Any, list[dict[str, Any]]] = {}
         for r in table:
             if r.get("ppl") is not None and axis in r["axes"] and (stage is None or r.get("stage") == stage) \
-                    and all(r["axes"].get(k) == v for k, v in where.items()):
+                    and r["key"] in keep:
                 by.setdefault(r["axes"][axis], []).append(r)
         scope = "".join(f", {k}={v}" for k, v in where.items()) + (f", {stage} models" if stage else "")
         if base not in by:
@@ -132,6 +134,13 @@ def findings(sw: Sweep, table: list[dict[str, Any]]) -> list[str]:
                          f"points, 2σ = {200 * se:.1f}): **{verdict(diff, se)}**")
             out.append(text)
     return out
+
+
+def _get(recipe: dict[str, Any], key: str) -> Any:
+    value: Any = recipe
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def _ppl_verdict(a: dict[str, Any], b: dict[str, Any]) -> str:
@@ -199,8 +208,9 @@ def _pilot_lines(pilot: dict[str, Any]) -> list[str]:
         losses = {float(k): v for k, v in g["losses"].items()}
         vals = [("failed" if losses[lr] is None else f"{losses[lr]:.4f}") if lr in losses else "" for lr in rates]
         chosen = g["chosen"]
+        pick = "–" if chosen is None else f"{chosen:g}" + (" (recorded pilot)" if g.get("recorded") else "")
         lines.append(f"| {g['label']} | {len(g['cells'])} | {_fmt(g.get('val_loss_before'))} | "
-                     + " | ".join(vals) + f" | {'–' if chosen is None else f'{chosen:g}'} |")
+                     + " | ".join(vals) + f" | {pick} |")
         before, best = g.get("val_loss_before"), losses.get(chosen) if chosen is not None else None
         if before is not None and best is not None and best >= before:
             notes.append(f"{g['label']}: no rate lowers the validation loss it starts from ({before:.4f}): "
