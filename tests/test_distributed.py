@@ -84,3 +84,37 @@ def test_accelerate_launch_two_processes_reach_the_single_process_loss(setup, tm
     heal = json.loads((out / "heal.json").read_text())
     assert heal["world_size"] == 2 and heal["global_batch"] == 4 and heal["grad_accum"] == 1
     assert _val(out) == pytest.approx(_single(setup, tmp_path), rel=2e-5)
+
+
+def test_heal_processes_launches_torchrun_itself(setup, tmp_path):
+    """``layerprune heal --processes 2`` runs the same two-process heal without a launcher in front of it."""
+    model, data = setup
+    from layerprune.cli import main
+
+    out = tmp_path / "two"
+    assert main(["heal", str(model), "--out", str(out), "--data", str(data), *HEAL, "--processes", "2"]) == 0
+    heal = json.loads((out / "heal.json").read_text())
+    assert heal["world_size"] == 2 and heal["global_batch"] == 4
+    assert _val(out) == pytest.approx(_single(setup, tmp_path), rel=2e-5)
+
+
+def test_a_recipe_heals_under_torchrun_to_the_same_stage(setup, tmp_path):
+    """A recipe run (a sweep cell) with ``heal_processes=2``: the heal stage has the fingerprint and, within the
+    two-process tolerance, the validation loss of the one-process run; a refusal inside the ranks is one line."""
+    from layerprune.errors import LayerpruneError
+    from layerprune.recipe import run_recipe
+
+    model, data = setup
+    r = {"name": "d", "model": str(model), "prune": {"metric": "reverse", "num_layers": 1},
+         "heal": {"method": "partial", "layers": "last1", "data": str(data), "max_steps": 4, "batch_size": 4,
+                  "micro_batch_size": 2, "eval_steps": 2, "warmup_steps": 0, "lr": 1e-2, "val_size": 8,
+                  "packing": False, "shuffle": False},
+         "evaluate": {"models": []}, "measure": {"enabled": False}}
+    one = run_recipe(r, tmp_path / "one", log=lambda m: None)
+    two = run_recipe(r, tmp_path / "two", log=lambda m: None, heal_processes=2)
+    assert two["heal"]["world_size"] == 2 and one["heal"]["world_size"] == 1
+    assert two["stages"]["model"]["fingerprint"] == one["stages"]["model"]["fingerprint"]
+    assert two["heal"]["final_val_loss"] == pytest.approx(one["heal"]["final_val_loss"], rel=1e-3)
+    with pytest.raises(LayerpruneError, match=r"torchrun \(2 processes\) failed: --fsdp is for full and partial"):
+        run_recipe({**r, "heal": {**r["heal"], "method": "lora", "fsdp": "full_shard"}}, tmp_path / "bad",
+                   log=lambda m: None, heal_processes=2)

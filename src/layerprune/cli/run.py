@@ -18,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", help="offline data folder (default: $LAYERPRUNE_DATA)")
     p.add_argument("--out", help="run directory (default: runs/<recipe name>)")
     p.add_argument("--resume", action="store_true", help="continue a killed run; stages with unchanged inputs are skipped")
+    p.add_argument("--heal-processes", type=int, default=1,
+                   help="heal under torchrun with N processes (one per GPU; CPU processes join with gloo)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     add_verbose(p)
     p.set_defaults(func=run)
@@ -31,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"model={args.model}")
     if args.data_dir:
         overrides.append(f"data_dir={args.data_dir}")
-    manifest = run_recipe(args.recipe, args.out, overrides=overrides, resume=args.resume, overwrite=args.overwrite)
+    manifest = run_recipe(args.recipe, args.out, overrides=overrides, resume=args.resume, overwrite=args.overwrite,
+                          heal_processes=args.heal_processes)
     print(f"\nremoved layers (0-based, original): {manifest['removed_layers']} of {manifest['original_num_layers']}")
     table = summary_table(manifest)
     if table is not None:

@@ -114,6 +114,9 @@ class HealConfig:
     resume: bool = opt(False, "continue from the last checkpoint of an interrupted run", recipe=False)
 
     # Runtime.
+    processes: int = opt(1, "processes to heal with on this machine: above 1 this heal launches itself under "
+                            "torchrun (DDP, or FSDP with --fsdp; one process per GPU, or CPU processes joined "
+                            "with gloo); the same global batch, so the same result", recipe=False)
     fsdp: str | None = opt(None, "FSDP under torchrun for full/partial, e.g. 'full_shard auto_wrap'")
     fsdp_config: str | dict[str, Any] | None = opt(None, "FSDP settings: a JSON file (or a dict) for the Trainer")
     dtype: str = opt("auto", "float32|bfloat16|float16|auto (auto: checkpoint dtype on GPU, float32 on CPU)",
@@ -129,6 +132,8 @@ class HealConfig:
         return options.from_kwargs(cls, "heal", kwargs)
 
     def validate(self) -> None:
+        if self.processes < 1:
+            raise LayerpruneError("processes must be at least 1")
         if self.micro_batch_size < 1 or self.batch_size < 1:
             raise LayerpruneError("batch sizes must be positive")
         if self.batch_size % self.micro_batch_size:

@@ -76,8 +76,39 @@ def heal(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, callbacks:
     ``heal`` section added).
     """
     cfg = HealConfig.from_kwargs(**options)
+    if cfg.processes > 1 and "WORLD_SIZE" not in os.environ:
+        return _launch(model_dir, out_dir, cfg.processes, options, callbacks)
     with _quiet_hf_bars():
         return _Run(model_dir, out_dir, cfg, callbacks or []).execute()
+
+
+def _launch(model_dir: str | os.PathLike, out_dir: str | os.PathLike, processes: int, options: dict[str, Any],
+            callbacks: list | None) -> dict[str, Any]:
+    """This heal under ``torchrun --standalone`` with ``processes`` processes (each runs :func:`heal` with the same
+    options; rank 0 writes the output); returns the heal.json it wrote."""
+    import collections
+    import subprocess
+    import sys
+
+    if callbacks:
+        raise LayerpruneError("callbacks cannot cross into torchrun's processes: heal with processes=1")
+    tail: collections.deque[str] = collections.deque(maxlen=200)
+    with tempfile.TemporaryDirectory(prefix="layerprune-launch-") as tmp:
+        spec = Path(tmp) / "heal.json"
+        spec.write_text(json.dumps({"model_dir": str(model_dir), "out_dir": str(out_dir), "options": options},
+                                   default=str))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "layerprune.healing.launch", str(spec)]
+        with subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) as proc:
+            for line in proc.stderr or ():  # shown as it comes (rank 0's progress), kept for the error
+                sys.stderr.write(line)
+                tail.append(line)
+        code = proc.returncode
+    if code != 0:
+        said = [ln.split("layerprune: ", 1)[1] for ln in tail if "layerprune: " in ln]
+        raise LayerpruneError(f"healing under torchrun ({processes} processes) failed: "
+                              + (said[-1].strip() if said else f"exit {code}; its output is above"))
+    return json.loads((Path(out_dir) / "heal.json").read_text())
 
 
 @contextlib.contextmanager

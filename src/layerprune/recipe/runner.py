@@ -171,9 +171,10 @@ class RecipeRun:
     """One execution of a recipe in a run directory."""
 
     def __init__(self, recipe: dict[str, Any], run_dir: Path, *, resume: bool = False,
-                 log: Callable[[str], None] = print, shared: Path | None = None) -> None:
+                 log: Callable[[str], None] = print, shared: Path | None = None, heal_processes: int = 1) -> None:
         self.r = recipe
         self.dir = run_dir
+        self.heal_processes = heal_processes  # a resource, not part of the recipe: the same result
         self.log = log
         self.state = RunState(run_dir, resume, log, shared)
         from ..data.presets import require_data_source, resolve_data_dir
@@ -370,7 +371,7 @@ class RecipeRun:
                 opts["teacher"] = self.source
             res = heal(model_path, tmp / "ckpt", data_dir=self.data_dir, seed=self.r["seed"],
                        checkpoint_dir=str(self.dir / f".{name.replace('/', '_')}.checkpoints"),
-                       resume=True, **opts)
+                       resume=True, processes=self.heal_processes, **opts)
             _flatten(tmp / "ckpt")
             return res
 
@@ -689,12 +690,14 @@ class RecipeRun:
 
 def run_recipe(recipe: str | os.PathLike | dict[str, Any], out_dir: str | os.PathLike | None = None, *,
                overrides: list[str] | None = None, resume: bool = False, overwrite: bool = False,
-               log: Callable[[str], None] = print, shared: str | os.PathLike | None = None) -> RunManifest:
+               log: Callable[[str], None] = print, shared: str | os.PathLike | None = None,
+               heal_processes: int = 1) -> RunManifest:
     """Run a recipe file (or an already validated dict) into ``out_dir`` (default ``runs/<name>``).
 
     ``shared``: a folder of stage outputs shared with other runs (a sweep's cells): the stages that depend on
     their inputs only (score, dense evaluation, pruned and compensated models) are computed once per
-    fingerprint across every run using it."""
+    fingerprint across every run using it. ``heal_processes`` > 1 heals under torchrun with that many processes
+    (one per GPU), at the recipe's global batch: the same stage, the same fingerprint."""
     from .schema import apply_overrides, validate
 
     rec = validate(apply_overrides(recipe, overrides or [])) if isinstance(recipe, dict) else \
@@ -709,4 +712,7 @@ def run_recipe(recipe: str | os.PathLike | dict[str, Any], out_dir: str | os.Pat
         check_out_dir(out, overwrite, (resolve_model(rec["model"]),) if rec.get("model") else ())
         if out.exists():
             shutil.rmtree(out)
-    return RecipeRun(rec, out, resume=resume, log=log, shared=Path(shared) if shared else None).execute()
+    if heal_processes < 1:
+        raise LayerpruneError("heal processes must be at least 1")
+    return RecipeRun(rec, out, resume=resume, log=log, shared=Path(shared) if shared else None,
+                     heal_processes=heal_processes).execute()

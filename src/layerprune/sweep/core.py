@@ -25,7 +25,8 @@ PLAN_FILE = "plan.json"
 HEAL_KEYS = ("method", "steps", "val_loss_before", "final_val_loss", "best_step", "wall_s", "tokens_per_s")
 
 
-def run_cell(recipe: dict[str, Any], cell_dir: str, shared: str, axes: dict[str, Any]) -> dict[str, Any]:
+def run_cell(recipe: dict[str, Any], cell_dir: str, shared: str, axes: dict[str, Any],
+             heal_processes: int = 1) -> dict[str, Any]:
     """Run one cell (in whatever process the executor gives it); returns its record, never raises."""
     out = Path(cell_dir)
     t0 = time.perf_counter()
@@ -39,7 +40,8 @@ def run_cell(recipe: dict[str, Any], cell_dir: str, shared: str, axes: dict[str,
                 fh.write(msg + "\n")
                 fh.flush()
 
-            manifest = run_recipe(recipe, out / "run", resume=True, log=log, shared=shared)
+            manifest = run_recipe(recipe, out / "run", resume=True, log=log, shared=shared,
+                                  heal_processes=heal_processes)
         heal = manifest.get("heal") or {}
         rec = {"key": out.name, "axes": axes, "ok": True, "seconds": round(time.perf_counter() - t0, 1),
                "results": manifest.get("results", {}), "removed_layers": manifest.get("removed_layers"),
@@ -86,8 +88,8 @@ def sweep(path: str | os.PathLike, out_dir: str | os.PathLike, *, executor: str 
             log(f"  {len(failed)} cell(s) not run: their learning-rate pilot failed (see {out / 'pilot'})")
         log(f"sweep {sw.name}: {len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run "
             f"({executor}, {n_workers} worker{'s' if n_workers > 1 else ''})")
-        jobs = [{"recipe": c.recipe, "cell_dir": str(d), "shared": str(out / "shared"), "axes": c.axes}
-                for c, d in todo]
+        jobs = [{"recipe": c.recipe, "cell_dir": str(d), "shared": str(out / "shared"), "axes": c.axes,
+                 "heal_processes": heal_processes(sw)} for c, d in todo]
         results = ex.map(run_cell, jobs, _done(log)) if jobs else []
         wall = time.perf_counter() - t0
         failed.update({r["key"]: r for r in results if not r["ok"]})
@@ -98,6 +100,11 @@ def sweep(path: str | os.PathLike, out_dir: str | os.PathLike, *, executor: str 
         failed = resolve_pilot(sw, out)
     summary = write_report(sw, out, failed, wall, executor)
     return summary
+
+
+def heal_processes(sw: Sweep) -> int:
+    """Processes a cell heals with: ``executor.heal_processes``, else one per GPU a cell is given."""
+    return int(sw.executor.get("heal_processes") or max(1, int(sw.executor.get("gpus_per_cell", 0))))
 
 
 def _done(log: Any) -> Any:
@@ -117,7 +124,9 @@ def _pilot(sw: Sweep, out: Path, ex: Executor, log: Any) -> dict[str, Any]:
     gs = groups(sw.cells, sw.pilot, lambda c: c.lr_fixed)
     if not gs:
         return {}
-    chosen = run_pilot(gs, sw.pilot, out, lambda jobs: ex.map(run_cell, jobs, _done(log)), log)
+    n = heal_processes(sw)
+    chosen = run_pilot(gs, sw.pilot, out, lambda jobs: ex.map(run_cell, [{**j, "heal_processes": n} for j in jobs],
+                                                               _done(log)), log)
     return apply_pilot(sw, gs, chosen)
 
 

@@ -13,6 +13,7 @@ executor resources and the comparisons to state.
     set: {evaluate.tasks: [piqa]}         # applied to every cell
     pilot: {lrs: [1.0e-4, 1.0e-3], steps: 20, scope: cell}   # learning-rate pilots (sweep/pilot.py)
     executor: {workers: 2, cpus_per_cell: 1, gpus_per_cell: 0, slurm: {partition: gpu, time_min: 120}}
+                                          # heal_processes: N heals each cell under torchrun (default: its GPUs)
     compare:                              # findings stated in the report
       - {axis: prune.metric, baseline: reverse, where: {heal.method: lora}, stage: healed}
 
@@ -36,7 +37,7 @@ from .pilot import PilotSpec
 TOP_KEYS = {"name", "base", "grid", "cells", "set", "executor", "compare", "pilot"}
 COMPARE_KEYS = {"axis", "baseline", "where", "stage"}
 GRID = "grid"  # the report group of the grid's cells
-EXECUTOR_KEYS = {"workers", "cpus_per_cell", "gpus_per_cell", "address", "slurm"}
+EXECUTOR_KEYS = {"workers", "cpus_per_cell", "gpus_per_cell", "heal_processes", "address", "slurm"}
 SLURM_KEYS = {"partition", "time_min", "gpus_per_node", "cpus_per_task", "mem_gb", "cluster"}
 
 
@@ -156,7 +157,7 @@ def build_sweep(data: dict[str, Any], root: Path, overrides: list[str], source: 
     if bad:
         raise LayerpruneError(f"sweep: unknown executor key(s) {bad}; valid: {', '.join(sorted(EXECUTOR_KEYS))}, "
                               f"slurm: {', '.join(sorted(SLURM_KEYS))}")
-    for k in ("workers", "cpus_per_cell"):
+    for k in ("workers", "cpus_per_cell", "heal_processes"):
         if k in ex and (not isinstance(ex[k], int) or ex[k] < 1):
             raise LayerpruneError(f"sweep: executor.{k} must be a whole number >= 1")
     if "gpus_per_cell" in ex and (not isinstance(ex["gpus_per_cell"], (int, float)) or ex["gpus_per_cell"] < 0):
