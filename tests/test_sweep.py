@@ -293,3 +293,14 @@ def test_learning_rate_pilot_chooses_per_cell_or_method_and_resumes(tiny_smol, t
     assert [c["pilot_lr"] for c in s2["cells"]] == [c["pilot_lr"] for c in s["cells"]]
     s3 = sweep(f, out, report_only=True, overrides=[f"data_dir={data_dir}"], log=logs.append)
     assert [c["status"] for c in s3["cells"]] == ["done"] * 3
+
+
+def test_pilot_file_keeps_other_launches_groups(tmp_path):
+    """Two launches with different cells into one folder: each adds its groups to pilot.json."""
+    from layerprune.sweep.pilot import Group, PilotSpec, read_choices, write_pilot
+
+    spec = PilotSpec([1e-3])
+    a, b = Group("a", "a", {}, losses={1e-3: 2.0}), Group("b", "b", {}, losses={1e-3: 3.0})
+    write_pilot(tmp_path, {"a": a}, spec, {"a": 1e-3}, set())
+    write_pilot(tmp_path, {"b": b}, spec, {"b": 1e-3}, set())
+    assert read_choices(tmp_path) == {"a": 1e-3, "b": 1e-3}

@@ -207,11 +207,13 @@ def run_pilot(gs: dict[str, Group], spec: PilotSpec, out: Path, mapper: Callable
 
 def write_pilot(out: Path, gs: dict[str, Group], spec: PilotSpec, chosen: dict[str, float | None],
                 recorded: set[str]) -> None:
-    write_json(out / PILOT_FILE, {
-        "scope": spec.scope, "steps": spec.steps, "warmup_steps": spec.warmup_steps,
-        "groups": {k: {"label": g.label, "cells": g.cells, "val_loss_before": g.val_before, "chosen": chosen[k],
-                       "recorded": k in recorded, "losses": {f"{lr:g}": v for lr, v in sorted(g.losses.items())}}
-                   for k, g in gs.items()}})
+    """Add these groups' results to ``OUT/pilot.json`` (a launch with fewer cells keeps the others' choices)."""
+    old = read_json(out / PILOT_FILE).get("groups", {}) if (out / PILOT_FILE).is_file() else {}
+    new = {k: {"label": g.label, "cells": g.cells, "val_loss_before": g.val_before, "chosen": chosen[k],
+               "recorded": k in recorded, "losses": {f"{lr:g}": v for lr, v in sorted(g.losses.items())}}
+           for k, g in gs.items()}
+    write_json(out / PILOT_FILE, {"scope": spec.scope, "steps": spec.steps, "warmup_steps": spec.warmup_steps,
+                                  "groups": {**old, **new}})
 
 
 def read_choices(out: Path) -> dict[str, float | None]:
