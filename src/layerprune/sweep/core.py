@@ -121,7 +121,7 @@ def _pilot(sw: Sweep, out: Path, ex: Executor, log: Any) -> dict[str, Any]:
     returns the failure records of the cells whose every candidate failed (they are not run)."""
     if sw.pilot is None:
         return {}
-    gs = groups(sw.cells, sw.pilot, lambda c: c.lr_fixed)
+    gs = groups(sw.cells, sw.pilot)
     if not gs:
         return {}
     n = heal_processes(sw)
@@ -135,7 +135,7 @@ def resolve_pilot(sw: Sweep, out: Path) -> dict[str, Any]:
     ones), without running anything; returns the failure records of cells whose pilot found no rate."""
     if sw.pilot is None:
         return {}
-    gs = groups(sw.cells, sw.pilot, lambda c: c.lr_fixed)
+    gs = groups(sw.cells, sw.pilot)
     chosen: dict[str, float | None] = {**recorded_choices(sw.pilot, gs), **read_choices(out)}
     return apply_pilot(sw, gs, chosen)
 

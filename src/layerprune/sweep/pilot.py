@@ -142,13 +142,13 @@ def _pilot_base(recipe: dict[str, Any]) -> dict[str, Any]:
     return r
 
 
-def groups(cells: list[Any], spec: PilotSpec, fixed: Callable[[Any], bool]) -> dict[str, Group]:
-    """The pilot groups of the sweep's cells (``fixed(cell)``: the sweep file sets the cell's rate)."""
+def groups(cells: list[Any], spec: PilotSpec) -> dict[str, Group]:
+    """The pilot groups of the sweep's cells (a cell whose rate the sweep file sets is in none)."""
     from ..recipe.state import fingerprint
 
     out: dict[str, Group] = {}
     for c in cells:
-        if c.recipe["heal"]["method"] == "none" or fixed(c):
+        if c.recipe["heal"]["method"] == "none" or c.lr_fixed:
             continue
         base = _pilot_base(c.recipe)
         key = c.recipe["heal"]["method"] if spec.scope == "method" else fingerprint(base)[:12]
