@@ -304,3 +304,20 @@ def test_pilot_file_keeps_other_launches_groups(tmp_path):
     write_pilot(tmp_path, {"a": a}, spec, {"a": 1e-3}, set())
     write_pilot(tmp_path, {"b": b}, spec, {"b": 1e-3}, set())
     assert read_choices(tmp_path) == {"a": 1e-3, "b": 1e-3}
+
+
+def test_report_has_a_table_per_group_and_states_constant_axes_once(tiny, tmp_path):
+    from layerprune.sweep.report import write_report
+
+    sw = build_sweep({"base": _base(tiny), "cells": {
+        "First": [{"prune.metric": "bi", "prune.num_layers": 2}, {"prune.metric": "angular", "prune.num_layers": 2}],
+        "Second": [{"prune.metric": "reverse"}]}}, tmp_path, [])
+    for c in sw.cells:
+        d = tmp_path / "out" / "cells" / c.key
+        d.mkdir(parents=True)
+        (d / "cell.json").write_text(json.dumps({"ok": True, "seconds": 1.0, "results": {
+            "pruned": {"ppl": {"wikitext2": {"ppl": 100.0, "ppl_stderr": 1.0}}}}}))
+    md = (write_report(sw, tmp_path / "out", {}, None, "local"), (tmp_path / "out" / "sweep.md").read_text())[1]
+    first, second = md.split("## First")[1].split("## Second")
+    assert "Every cell here: prune.num_layers=2." in first and "| prune.metric | model |" in first
+    assert "Every cell here" not in second and "| reverse | pruned | 100 ± 1 |" in second

@@ -158,7 +158,8 @@ def write_report(sw: Sweep, out: Path, failed: dict[str, Any], wall: float | Non
                "findings": stated}
     write_json(out / "sweep.json", summary)
     lines = [f"# Sweep: {sw.name}", "", f"{len(table)} cells, executor {executor}"
-             + (f", wall time {wall:.0f} s" if wall is not None else ""), ""]
+             + (f", wall time {wall:.0f} s" if wall is not None else "")
+             + ". A blank in an axis column: the cell keeps the base recipe's value.", ""]
     dense = next((r.get("dense_ppl") for r in table if r.get("dense_ppl") is not None), None)
     if dense is not None:
         lines += [f"Dense model: PPL {dense:.4g}", ""]
@@ -168,7 +169,12 @@ def write_report(sw: Sweep, out: Path, failed: dict[str, Any], wall: float | Non
     for group, cells in by_group.items():
         if len(by_group) > 1:
             lines += [f"## {group}", ""]
-        lines += [*_table([a for a in sw.axes if any(a in r["axes"] for r in cells)], cells), ""]
+        axes = [a for a in sw.axes if any(a in r["axes"] for r in cells)]
+        # An axis every row of the table sets to one value is said once above it, not repeated in a column.
+        same = [a for a in axes if len(cells) > 1 and len({repr(r["axes"].get(a, "<unset>")) for r in cells}) == 1]
+        if same:
+            lines += ["Every cell here: " + ", ".join(f"{a}={cells[0]['axes'][a]}" for a in same) + ".", ""]
+        lines += [*_table([a for a in axes if a not in same], cells), ""]
     card = next((r["card"] for r in table if r.get("card")), None)
     if card:
         lines += ["", "Perplexity protocol card (the first finished cell's; every cell's is in its eval.json): "
