@@ -1,8 +1,7 @@
 """The reproduction of Lu et al. (2024) at small scale: studies/seed-tables.yaml (SmolLM2-135M, Tables 1-3) and
 studies/gemma3.yaml as sweeps (the package runs, shares, pilots and reports), and their committed records
 (docs/data/reproduce-small/<family>/<name>.json). ``run``: both sweeps, resumable (runs/study-*), then ``check``:
-each finished cell against its record; ``report``: the records through the sweep report (no model runs).
-"""
+each finished cell against its record; ``report``: the records through the sweep report (no model runs)."""
 
 from __future__ import annotations
 
@@ -31,14 +30,15 @@ def record(family: str, recipe: dict[str, Any]) -> dict[str, Any]:
     metric = p["metric"] + (f"-l{p['metric_params']['p']}" if p["metric"] == "magnitude" else "")
     table = "g" if family == "gemma3" else "t3" if lstsq else "t1" if h["method"] == "lora" else "t2"
     name = f"{table}-{metric}{'-lstsq' if lstsq else ''}-{h['layers'] if h['method'] == 'partial' else h['method']}"
-    return {"name": name, **json.loads((RECORDS / family / f"{name}.json").read_text())}
+    return {"name": name, "family": family, **json.loads((RECORDS / family / f"{name}.json").read_text())}
 
 
 def as_results(rec: dict[str, Any]) -> dict[str, Any]:
-    """A record's numbers as a sweep cell's results (accuracy and agreement: the final model's)."""
+    """A record's numbers as a sweep cell's results (accuracy and agreement: the final model's; dense: its own)."""
     zs = {t: {**v, "kind": "task"} for t, v in rec["zero_shot"]["tasks"].items()}
     zs.update({t: {**v, "kind": "group"} for t, v in (rec.get("mmlu") or {}).get("tasks", {}).items()})
     out = {stage: {"ppl": {"wikitext2": v}} for stage, v in rec["ppl"].items()}
+    out["dense"] = {"ppl": {"wikitext2": json.loads((RECORDS / rec["family"] / "dense.json").read_text())["ppl"]}}
     agreement = {"wikitext2": (rec.get("compare") or {}).get("text", {})}
     out[max(rec["ppl"], key=STAGES.index)].update(zero_shot=zs, compare=agreement)
     return out
@@ -47,7 +47,7 @@ def as_results(rec: dict[str, Any]) -> dict[str, Any]:
 def differences(rec: dict[str, Any], results: dict[str, Any]) -> list[str]:
     """How a cell's results differ from its record: perplexity as printed (one decimal), accuracies exactly."""
     out = []
-    for stage, r in as_results(rec).items():
+    for stage, r in ((k, v) for k, v in as_results(rec).items() if k in rec["ppl"]):  # the record's own models
         a, b, got = r["ppl"]["wikitext2"]["ppl"], results[stage]["ppl"]["wikitext2"]["ppl"], results[stage]
         out += [f"{stage} PPL {b:.1f} (record {a:.1f})"] if round(a, 1) != round(b, 1) else []
         out += [f"{stage} {t} {got['zero_shot'][t]['acc']} (record {v['acc']})"
@@ -74,7 +74,7 @@ def report(out: Path, publish: Path | None = RECORDS) -> int:
 
 
 def check(out: Path) -> int:
-    drift = 0  # finished cells whose numbers differ from their record's
+    drift = 0  # finished cells whose numbers differ from their records
     for family in STUDIES:
         for cell in sorted((out / f"study-{family}" / "cells").glob(f"*/{CELL_FILE}")):
             rec = record(family, yaml.safe_load((cell.parent / "run" / "recipe.yaml").read_text()))
@@ -87,7 +87,7 @@ def check(out: Path) -> int:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["run", "check", "report"])
-    ap.add_argument("--out", type=Path, default=REPO / "runs", help="where the sweeps run (runs/study-<family>)")
+    ap.add_argument("--out", type=Path, default=REPO / "runs", help="the sweeps' folder (OUT/study-<family>)")
     ap.add_argument("--executor", default="local", help="local, ray, slurm (the sweeps' executor)")
     args = ap.parse_args()
     for family, study in STUDIES.items() if args.what == "run" else ():

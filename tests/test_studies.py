@@ -73,7 +73,9 @@ def test_the_report_from_the_records_has_their_numbers(rs, tmp_path):
             assert row["ppl"] == rec["ppl"][final]["ppl"] and row["avg_acc"] == pytest.approx(sum(accs) / len(accs))
         assert s["findings"] and all("**" in f for f in s["findings"])
     md = (tmp_path / "records-smollm2" / "sweep.md").read_text()
-    assert "## Table 1" in md and "## Table 3" in md and "| reverse | last3 | 0.003 | healed | 2006 ± 1e+02 |" in md
+    table2 = md.split("## Table 2")[1].split("## Table 3")[0]
+    assert "## Table 1" in md and "Every cell here: prune.metric=reverse." in table2
+    assert "| last3 | 0.003 | healed | 2006 ± 1e+02 |" in table2 and "Dense model: PPL 56.2" in md
 
 
 def test_a_rerun_cell_is_checked_against_its_record(rs, tmp_path):
