@@ -311,7 +311,8 @@ def test_report_has_a_table_per_group_and_states_constant_axes_once(tiny, tmp_pa
 
     sw = build_sweep({"base": _base(tiny), "cells": {
         "First": [{"prune.metric": "bi", "prune.num_layers": 2}, {"prune.metric": "angular", "prune.num_layers": 2}],
-        "Second": [{"prune.metric": "reverse"}]}}, tmp_path, [])
+        "Second": [{"prune.metric": "reverse"}]}, "compare": [{"axis": "prune.num_layers", "baseline": 1}]},
+        tmp_path, [])
     for c in sw.cells:
         d = tmp_path / "out" / "cells" / c.key
         d.mkdir(parents=True)
@@ -321,3 +322,5 @@ def test_report_has_a_table_per_group_and_states_constant_axes_once(tiny, tmp_pa
     first, second = md.split("## First")[1].split("## Second")
     assert "Every cell here: prune.num_layers=2." in first and "| prune.metric | model |" in first
     assert "Every cell here" not in second and "| reverse | pruned | 100 ± 1 |" in second
+    # The compared axis is read from the recipes: the reverse cell inherits the base's 1 and is the baseline.
+    assert "prune.num_layers=2 against prune.num_layers=1" in md and "**within noise**" in md

@@ -110,13 +110,13 @@ def findings(sw: Sweep, table: list[dict[str, Any]]) -> list[str]:
     out = []
     for cmp in sw.compare:
         axis, base, where, stage = cmp["axis"], cmp["baseline"], cmp.get("where") or {}, cmp.get("stage")
-        # ``where`` is matched against the cells' recipes, so it also selects on values a cell inherits.
-        keep = {c.key for c in sw.cells if all(_get(c.recipe, k) == v for k, v in where.items())}
+        # The axis and ``where`` are read from the cells' recipes, so a cell that inherits a value counts with it.
+        recipes = {c.key: c.recipe for c in sw.cells if all(_get(c.recipe, k) == v for k, v in where.items())}
         by: dict[Any, list[dict[str, Any]]] = {}
         for r in table:
-            if r.get("ppl") is not None and axis in r["axes"] and (stage is None or r.get("stage") == stage) \
-                    and r["key"] in keep:
-                by.setdefault(r["axes"][axis], []).append(r)
+            if r.get("ppl") is not None and r["key"] in recipes and (stage is None or r.get("stage") == stage):
+                by.setdefault(_key(_get(recipes[r["key"]], axis)), []).append(r)
+        base = _key(base)
         scope = "".join(f", {k}={v}" for k, v in where.items()) + (f", {stage} models" if stage else "")
         if base not in by:
             out.append(f"{axis}: no finished cell with the baseline {base}{scope}")
@@ -134,6 +134,10 @@ def findings(sw: Sweep, table: list[dict[str, Any]]) -> list[str]:
                          f"points, 2σ = {200 * se:.1f}): **{verdict(diff, se)}**")
             out.append(text)
     return out
+
+
+def _key(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _get(recipe: dict[str, Any], key: str) -> Any:
