@@ -78,14 +78,16 @@ def test_the_report_from_the_records_has_their_numbers(rs, tmp_path):
     assert "| last3 | 0.003 | healed | 2006 ± 1e+02 |" in table2 and "Dense model: PPL 56.2" in md
 
 
-@pytest.mark.parametrize("key,name", [("ade0b435833e", "t3-reverse-lstsq-none"),
-                                      ("6703ad5a34f0", "t3-reverse-lstsq-last3")])
-def test_table4_cells_rerun_table3_records(rs, tmp_path, key, name):
-    """Two cells of Table 4's sweep are Table 3 configurations (one healed): each reproduces its record (the
-    study script's run) to every printed digit -- perplexity, the seven accuracies."""
-    cell = json.loads((REPO / "docs" / "data" / "table4" / f"{key}.json").read_text())
+@pytest.mark.parametrize("path,name", [("table4/ade0b435833e", "t3-reverse-lstsq-none"),
+                                       ("table4/6703ad5a34f0", "t3-reverse-lstsq-last3"),
+                                       ("reproduce-small/rerun/t1-bi-lora", "t1-bi-lora"),
+                                       ("reproduce-small/rerun/t3-reverse-lstsq-distill", "t3-reverse-lstsq-distill")])
+def test_rerun_cells_reproduce_their_records(rs, tmp_path, path, name):
+    """Cells re-run by sweeps (two through Table 4's, two through studies/seed-tables.yaml: untrained, last3,
+    LoRA, distillation from the live teacher) reproduce the study script's records to every printed digit --
+    perplexity, the seven accuracies."""
+    cell = json.loads((REPO / "docs" / "data" / f"{path}.json").read_text())
     recipe = next(c.recipe for c in _cells("smollm2", tmp_path) if rs.record("smollm2", c.recipe)["name"] == name)
-    assert cell["axes"]["prune.metric"] == "reverse" and cell["axes"]["compensate.method"] == "lstsq"
     assert rs.differences(rs.record("smollm2", recipe), cell["results"]) == []
 
 
