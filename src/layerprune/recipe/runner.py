@@ -386,14 +386,21 @@ class RecipeRun:
         return min(running, self.r["workers"] - 1)
 
     def _eval_inputs(self, fp: str) -> dict[str, Any]:
-        return {"model": fp, "evaluate": self.r["evaluate"], "data_dir": self.data_dir}
+        """What one model's evaluation depends on: not on which other models the recipe evaluates, so runs that
+        list different ``evaluate.models`` (a sweep's cells) share the evaluation of the same model."""
+        e = self.r["evaluate"]
+        inputs = {"model": fp, "evaluate": {k: v for k, v in e.items() if k != "models"}, "dtype": self.r["dtype"],
+                  "data_dir": self.data_dir}
+        if e["generative"]["agreement"]:  # its prompts are held out of the healing data
+            inputs["prompts"] = self.r["heal"]["data"]
+        return inputs
 
     def _submit_eval(self, which: str, model_path: str | None, fp: str | None) -> None:
         """Start ``which``'s evaluation in the background pool (``workers`` > 1) unless it is current."""
         if self._pool is None or not model_path or not fp or which not in self.r["evaluate"]["models"]:
             return
         name = f"eval-{which}"
-        if self.state.current(name, self._eval_inputs(fp)):
+        if self.state.current(name, self._eval_inputs(fp)) or self.state.published(name, self._eval_inputs(fp)):
             return
         out = self.dir / BACKGROUND / name
         if out.exists():

@@ -12,7 +12,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ def folder_fingerprint(path: str | os.PathLike) -> str:
 
 # Stages whose output depends on their fingerprinted inputs only (not on the run folder): runs that share a
 # store (the cells of a sweep) compute each of them once per fingerprint.
-SHAREABLE = ("score", "eval-dense", "pruned", "compensated")
+SHAREABLE = ("score", "pruned", "compensated", "eval-dense", "eval-pruned", "eval-compensated", "eval-healed")
 SHARED_RESULT = ".stage-result.json"  # a published stage's result, beside its files
 
 
@@ -70,6 +71,14 @@ class RunState:
         return bool(prev and prev.get("fingerprint") == fingerprint(inputs) and prev.get("done")
                     and ((self.dir / name).is_dir() or not output))
 
+    def published(self, name: str, inputs: dict[str, Any]) -> bool:
+        """Whether another run has published stage ``name`` with these inputs (``run`` would link it)."""
+        store = self._store(name, fingerprint(inputs))
+        return store is not None and (store / SHARED_RESULT).is_file()
+
+    def _store(self, name: str, fp: str, output: bool = True) -> Path | None:
+        return self.shared / f"{name}-{fp}" if self.shared is not None and output and name in SHAREABLE else None
+
     def run(self, name: str, inputs: dict[str, Any], fn: Callable[[Path], dict[str, Any]],
             output: bool = True) -> dict[str, Any]:
         """Run stage ``name`` unless its fingerprint is unchanged; ``fn(tmp_dir)`` writes into a temp folder
@@ -79,34 +88,56 @@ class RunState:
         if self.current(name, inputs, output):
             self.log(f"[skip] {name} (unchanged, fingerprint {fp})")
             return self.stages[name]["result"]
-        store = self.shared / f"{name}-{fp}" if self.shared is not None and output and name in SHAREABLE else None
-        t0 = time.perf_counter()
-        if store is not None and (store / SHARED_RESULT).is_file():
-            self.log(f"[shared] {name} (computed by another run, fingerprint {fp})")
-            with atomic_dir(out, overwrite=True) as tmp:
-                # Hard links: a sweep's cells hold one copy of a shared model, not one each (mtimes kept, so
-                # fingerprints match).
-                shutil.copytree(store, tmp, dirs_exist_ok=True, copy_function=link_or_copy)
-                result = read_json(tmp / SHARED_RESULT)
-                (tmp / SHARED_RESULT).unlink()
-            shared = True
-        else:
-            self.log(f"[run ] {name}")
-            if output:
+        store = self._store(name, fp, output)
+        with self._claim(name, store):
+            t0 = time.perf_counter()
+            if store is not None and (store / SHARED_RESULT).is_file():
+                self.log(f"[shared] {name} (computed by another run, fingerprint {fp})")
                 with atomic_dir(out, overwrite=True) as tmp:
-                    result = fn(tmp)
+                    # Hard links: a sweep's cells hold one copy of a shared model, not one each (mtimes kept, so
+                    # fingerprints match).
+                    shutil.copytree(store, tmp, dirs_exist_ok=True, copy_function=link_or_copy)
+                    result = read_json(tmp / SHARED_RESULT)
+                    (tmp / SHARED_RESULT).unlink()
+                shared = True
             else:
-                result = fn(self.dir)
-            result = dict(result or {})
-            shared = False
-            if store is not None:
-                _publish(out, store, result)
+                self.log(f"[run ] {name}")
+                if output:
+                    with atomic_dir(out, overwrite=True) as tmp:
+                        result = fn(tmp)
+                else:
+                    result = fn(self.dir)
+                result = dict(result or {})
+                shared = False
+                if store is not None:
+                    _publish(out, store, result)
         self.stages[name] = {"fingerprint": fp, "done": True, "seconds": round(time.perf_counter() - t0, 2),
                              "inputs": inputs, "result": result, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
                              "shared": shared}
         self.save()
         return result
 
+    @contextmanager
+    def _claim(self, name: str, store: Path | None) -> Iterator[None]:
+        """Hold the store's lock for one stage fingerprint while computing or linking it: a concurrent run
+        (another cell, on any executor sharing the folder) waits and then reads the published stage instead of
+        computing it again. An OS lock (filelock): released when its holder dies, so a killed cell blocks no one."""
+        if store is None:
+            yield
+            return
+        from filelock import FileLock, Timeout
+
+        store.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(store.parent / f".{store.name}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            self.log(f"[wait] {name} (another run is computing it)")
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
 
 def _publish(out: Path, store: Path, result: dict[str, Any]) -> None:
