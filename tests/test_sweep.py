@@ -203,6 +203,45 @@ def test_killed_sweep_resumes_to_the_same_records(tiny, tmp_path, data_dir, resu
     assert _table(out) == _table(ref)
 
 
+def test_sigterm_stops_a_local_sweep_and_its_workers(tiny, tmp_path, data_dir):
+    """SIGTERM to `layerprune sweep` mid-cell: it exits 143 at once, its worker processes are gone (the pool's
+    own shutdown would wait for them), no cell is marked finished, and --resume runs the sweep to the end."""
+    import time
+
+    import psutil
+
+    f = _sweep_file(tmp_path, tiny, small=True)
+    data = yaml.safe_load(f.read_text())
+    heal = {"method": "partial", "layers": "last1", "max_steps": 4000, "batch_size": 2, "micro_batch_size": 2,
+            "eval_steps": 4000, "val_size": 4, "max_train_samples": 8, "warmup_steps": 1, "cutoff_len": 48}
+    data["base"]["heal"] = heal  # minutes of healing: long enough to be stopped mid-cell
+    f.write_text(yaml.safe_dump(data))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "layerprune", "sweep", str(f), "--out", str(out), "--workers", "2",
+           "--data-dir", str(data_dir)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while len([p for p in out.glob("cells/*/run/.model.checkpoints")]) < 2 and time.time() < deadline:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.5)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        assert len(workers) >= 2
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 143 and "terminated" in (proc.stderr.read() if proc.stderr else "")
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, f"workers left running: {alive}"
+    assert not list(out.glob("cells/*/cell.json"))
+    data["base"]["heal"] = {**heal, "max_steps": 2, "eval_steps": 2}  # resume (a new recipe: fresh cells) finishes
+    f.write_text(yaml.safe_dump(data))
+    assert main(["sweep", str(f), "--out", str(out), "--resume", "--data-dir", str(data_dir)]) == 0
+
+
 @pytest.fixture(scope="module")
 def serial_ref(tiny, tmp_path_factory, data_dir):
     """The two-cell sweep run in this process: what every executor must reproduce."""

@@ -27,7 +27,8 @@ HEAL_KEYS = ("method", "steps", "val_loss_before", "final_val_loss", "best_step"
 
 def run_cell(recipe: dict[str, Any], cell_dir: str, shared: str, axes: dict[str, Any],
              heal_processes: int = 1) -> dict[str, Any]:
-    """Run one cell (in whatever process the executor gives it); returns its record, never raises."""
+    """Run one cell (in whatever process the executor gives it); returns its record (a failure too): raises
+    only on Ctrl-C or SIGTERM, which stop the sweep."""
     out = Path(cell_dir)
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -48,7 +49,11 @@ def run_cell(recipe: dict[str, Any], cell_dir: str, shared: str, axes: dict[str,
                "heal": {k: heal.get(k) for k in HEAL_KEYS} if heal else None}
         write_json(out / CELL_FILE, rec)  # the marker of a finished cell
         return rec
-    except (Exception, KeyboardInterrupt) as e:  # noqa: BLE001 - a cell fails alone
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the sweep stops (the cell resumes on --resume)
+        with log_file.open("a") as fh:
+            fh.write(traceback.format_exc())
+        raise
+    except Exception as e:  # noqa: BLE001 - a cell fails alone
         with log_file.open("a") as fh:
             fh.write(traceback.format_exc())
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -46,6 +46,39 @@ def _threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+def _worker(n: int) -> None:
+    """A local worker: ``n`` threads, and SIGTERM as Ctrl-C (a stopped cell removes its temporary folders)."""
+    import signal
+
+    _threads(n)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
+def _in_worker(fn: Callable[..., dict[str, Any]], job: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return fn(**job)
+    except KeyboardInterrupt:  # stopped (its temporary folders removed on the way here): the worker ends too
+        os._exit(143)
+
+
+def _stop(pool: ProcessPoolExecutor, grace_s: float = 30.0) -> None:
+    """Cancel the queued cells and stop the running ones now (the pool's own shutdown would wait for them, and
+    a stopped sweep would leave its workers running). ``--resume`` continues each where it stopped."""
+    import time
+
+    # ProcessPoolExecutor has no public way to stop busy workers before Python 3.14 (terminate_workers); its
+    # shutdown forgets them, so they are taken first.
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for p in procs:
+        p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+
+
 @register
 class SerialExecutor(Executor):
     """Cells one after another in this process (debugging, profiling; a crash takes the sweep with it)."""
@@ -72,12 +105,17 @@ class LocalExecutor(Executor):
         import multiprocessing as mp
 
         out: list[dict[str, Any] | None] = [None] * len(jobs)
-        with ProcessPoolExecutor(max_workers=min(self.workers, max(1, len(jobs))), mp_context=mp.get_context("spawn"),
-                                 initializer=_threads, initargs=(self.cpus,)) as pool:
-            futures = {pool.submit(fn, **job): i for i, job in enumerate(jobs)}
+        pool = ProcessPoolExecutor(max_workers=min(self.workers, max(1, len(jobs))), mp_context=mp.get_context("spawn"),
+                                   initializer=_worker, initargs=(self.cpus,))
+        try:
+            futures = {pool.submit(_in_worker, fn, job): i for i, job in enumerate(jobs)}
             for f in as_completed(futures):
                 out[futures[f]] = f.result()
                 done(out[futures[f]])  # type: ignore[arg-type]
+        except BaseException:  # Ctrl-C, SIGTERM (the CLI raises it as Ctrl-C), a dead worker
+            _stop(pool)
+            raise
+        pool.shutdown()
         return [r for r in out if r is not None]
 
 
