@@ -307,8 +307,31 @@ def test_report_states_accuracy_groups_agreement_and_the_noise_rule(tiny, tmp_pa
     md = (tmp_path / "out" / "sweep.md").read_text()
     assert "| prune.metric | model | PPL | Avg Acc % (2 tasks) | mmlu % | KL | top-1 % |" in md
     assert "| reverse | healed | 400 ± 16 | 40.0 ± 3.5 | 30.0 ± 4.0 | 1.5 | 40.0 |" in md
-    assert "preset seed, seq_len 128" in md and "Noise rule" in md
+    assert "the same for every cell" in md and "preset seed, seq_len 128" in md and "Noise rule" in md
     assert (verdict(0.11, 0.05), verdict(-0.11, 0.05), verdict(0.09, 0.05)) == ("better", "worse", "within noise")
+
+
+def test_report_states_each_perplexity_protocol_and_compares_only_within_one(tiny, tmp_path):
+    from layerprune.sweep.report import write_report
+
+    sw = build_sweep({"base": _base(tiny), "grid": {"prune.metric": ["reverse", "bi", "angular"]},
+                      "compare": [{"axis": "prune.metric", "baseline": "reverse"}]}, tmp_path, [])
+    cards = {"reverse": 128, "bi": 128, "angular": 256}  # angular's perplexity over longer windows
+    for c in sw.cells:
+        m = c.axes["prune.metric"]
+        card = {"dataset": "wikitext2", "split": "test", "seq_len": cards[m], "tokenizer": f"/cells/{m}"}
+        d = tmp_path / "out" / "cells" / c.key
+        d.mkdir(parents=True)
+        (d / "cell.json").write_text(json.dumps({"ok": True, "results": {"pruned": {"ppl": {"wikitext2": {
+            "ppl": 100.0 if m == "reverse" else 50.0, "ppl_stderr": 1.0, "card": card}}}}}))
+    s = write_report(sw, tmp_path / "out", {}, None, "local")
+    bi, ang = s["findings"]
+    assert "**better**" in bi and "not comparable" not in bi  # same protocol (the tokenizer path aside)
+    assert "**not comparable**" in ang and "better" not in ang
+    md = (tmp_path / "out" / "sweep.md").read_text()
+    assert "protocols differ** (2 protocols)" in md
+    assert "- dataset wikitext2, split test, seq_len 128: prune.metric=reverse; prune.metric=bi" in md
+    assert "- dataset wikitext2, split test, seq_len 256: prune.metric=angular" in md
 
 
 def test_pilot_grows_the_grid_to_a_tested_optimum():

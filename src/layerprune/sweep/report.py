@@ -147,8 +147,45 @@ def _get(recipe: dict[str, Any], key: str) -> Any:
     return value
 
 
+# What makes two perplexities comparable (the card's other fields, e.g. the tokenizer's path, may differ).
+PROTOCOL_KEYS = ("dataset", "split", "preset", "seq_len", "stride", "bos_resolved", "windows", "tokens_scored",
+                 "max_tokens", "file_sha256")
+NOISE_RULE = "Noise rule: a difference is within noise below 2 × the combined stderr (on log-PPL for perplexity)."
+
+
+def protocol(row: dict[str, Any]) -> tuple[tuple[str, Any], ...] | None:
+    """A cell's perplexity protocol (None: no card, e.g. a record from before cards)."""
+    card = row.get("card")
+    return tuple((k, card[k]) for k in PROTOCOL_KEYS if k in card) if card else None
+
+
+def _protocol_lines(table: list[dict[str, Any]]) -> list[str]:
+    """The perplexity protocol of the cells: stated once when every cell used the same, else each with its
+    cells (perplexities under different protocols are not compared)."""
+    by: dict[tuple[tuple[str, Any], ...], list[dict[str, Any]]] = {}
+    for r in table:
+        p = protocol(r)
+        if p is not None:
+            by.setdefault(p, []).append(r)
+    text = [", ".join(f"{k} {v}" for k, v in p) for p in by]
+    if len(by) == 1:
+        return ["", f"Perplexity protocol card (the same for every cell; each cell's full card is in its "
+                    f"eval.json): {text[0]}. {NOISE_RULE}"]
+    if not by:
+        return ["", NOISE_RULE]
+    return ["", f"**The cells' perplexity protocols differ** ({len(by)} protocols): perplexities under different "
+                "protocols are not comparable, and the findings do not compare them.", "",
+            *[f"- {t}: {'; '.join(_label(r) for r in rs)}" for t, rs in zip(text, by.values())], "", NOISE_RULE]
+
+
+def _label(row: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in row["axes"].items()) or "base"
+
+
 def _ppl_verdict(a: dict[str, Any], b: dict[str, Any]) -> str:
     """Perplexity of ``a`` against ``b`` by the noise rule on log-perplexity."""
+    if protocol(a) and protocol(b) and protocol(a) != protocol(b):
+        return f"PPL {a['ppl']:.4g} vs {b['ppl']:.4g}: **not comparable** (different perplexity protocols)"
     se = math.hypot((a.get("ppl_stderr") or 0) / a["ppl"], (b.get("ppl_stderr") or 0) / b["ppl"])
     diff = math.log(b["ppl"]) - math.log(a["ppl"])  # positive: a is better (lower)
     return (f"PPL {a['ppl']:.4g} vs {b['ppl']:.4g} (ratio {a['ppl'] / b['ppl']:.2f}): **{verdict(diff, se)}**")
@@ -179,14 +216,7 @@ def write_report(sw: Sweep, out: Path, failed: dict[str, Any], wall: float | Non
         if same:
             lines += ["Every cell here: " + ", ".join(f"{a}={cells[0]['axes'][a]}" for a in same) + ".", ""]
         lines += [*_table([a for a in axes if a not in same], cells), ""]
-    card = next((r["card"] for r in table if r.get("card")), None)
-    if card:
-        lines += ["", "Perplexity protocol card (the first finished cell's; every cell's is in its eval.json): "
-                  + ", ".join(f"{k} {card[k]}" for k in ("dataset", "split", "preset", "seq_len", "stride",
-                                                         "bos_resolved", "windows", "tokens_scored", "max_tokens",
-                                                         "file_sha256") if k in card)
-                  + ". Noise rule: a difference is within noise below 2 × the combined stderr (on log-PPL for "
-                  "perplexity)."]
+    lines += _protocol_lines(table)
     pilot = read_json(out / PILOT_FILE) if sw.pilot and (out / PILOT_FILE).is_file() else None
     if pilot:
         summary["pilot"] = pilot
