@@ -203,14 +203,16 @@ def test_killed_sweep_resumes_to_the_same_records(tiny, tmp_path, data_dir, resu
     assert _table(out) == _table(ref)
 
 
-def test_sigterm_stops_a_local_sweep_and_its_workers(tiny, tmp_path, data_dir):
-    """SIGTERM to `layerprune sweep` mid-cell: it exits 143 at once, its worker processes are gone (the pool's
-    own shutdown would wait for them), no cell is marked finished, and --resume runs the sweep to the end."""
+@pytest.mark.parametrize("executor", RESUME_ON)
+def test_sigterm_stops_a_sweep_and_its_workers(tiny, tmp_path, data_dir, executor):
+    """SIGTERM to `layerprune sweep` mid-cell: it exits 143 at once, the processes running its cells are gone
+    (local: the pool's own shutdown would wait for them; slurm: the array's jobs are cancelled; ray: the local
+    instance is shut down), no cell is marked finished, and --resume runs the sweep to the end."""
     import time
 
     import psutil
 
-    f = _sweep_file(tmp_path, tiny, small=True)
+    f = _sweep_file(tmp_path, tiny, small=True, executor={"slurm": {"cluster": "local", "time_min": 10}})
     data = yaml.safe_load(f.read_text())
     heal = {"method": "partial", "layers": "last1", "max_steps": 4000, "batch_size": 2, "micro_batch_size": 2,
             "eval_steps": 4000, "val_size": 4, "max_train_samples": 8, "warmup_steps": 1, "cutoff_len": 48}
@@ -218,7 +220,7 @@ def test_sigterm_stops_a_local_sweep_and_its_workers(tiny, tmp_path, data_dir):
     f.write_text(yaml.safe_dump(data))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "layerprune", "sweep", str(f), "--out", str(out), "--workers", "2",
-           "--data-dir", str(data_dir)]
+           "--data-dir", str(data_dir), "--executor", executor]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:

@@ -63,7 +63,11 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled as Ctrl-C: every atomic output removes its temporary folder on the way out."""
 
 
+_sigterm = threading.Event()  # set on SIGTERM: a library that re-raises Ctrl-C as its own (Ray) loses the class
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
+    _sigterm.set()
     raise Terminated()
 
 
@@ -86,6 +90,7 @@ def is_main_rank() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _sigterm.clear()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
     parser = build_parser()
@@ -109,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         if main_rank:
             print(f"layerprune: error: {one_line}", file=sys.stderr)
         return 2
-    except Terminated:
-        print("layerprune: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)
-        return 143
     except KeyboardInterrupt:
+        if _sigterm.is_set():
+            print("layerprune: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)
+            return 143
         print("layerprune: interrupted", file=sys.stderr)
         return 130
 

@@ -4,8 +4,11 @@ another. Adding one: a class with ``name`` and ``map(fn, jobs)`` and a :func:`re
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
@@ -48,7 +51,6 @@ def _threads(n: int) -> None:
 
 def _worker(n: int) -> None:
     """A local worker: ``n`` threads, and SIGTERM as Ctrl-C (a stopped cell removes its temporary folders)."""
-    import signal
 
     _threads(n)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -147,21 +149,40 @@ class RayExecutor(Executor):
             os.environ.setdefault("RAY_worker_niceness", "0")
         if started:
             kw: dict[str, Any] = {"address": address} if address else {"num_cpus": self.workers * self.cpus}
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kw)
+            with _own_sigterm():
+                ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False, **kw)
         try:
             task = ray.remote(num_cpus=self.cpus, num_gpus=self.gpus)(_in_ray(fn, self.cpus))
             refs = {task.remote(**job): i for i, job in enumerate(jobs)}
             out: list[dict[str, Any] | None] = [None] * len(jobs)
             pending = list(refs)
-            while pending:
-                ready, pending = ray.wait(pending, num_returns=1)
-                r = ray.get(ready[0])
-                out[refs[ready[0]]] = r
-                done(r)
+            try:
+                while pending:
+                    ready, pending = ray.wait(pending, num_returns=1)
+                    r = ray.get(ready[0])
+                    out[refs[ready[0]]] = r
+                    done(r)
+            except BaseException:  # Ctrl-C / SIGTERM: stop this sweep's tasks (also on a cluster it joined)
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                raise
             return [r for r in out if r is not None]
         finally:
             if started:
                 ray.shutdown()
+
+
+@contextlib.contextmanager
+def _own_sigterm() -> Iterator[None]:
+    """Keep this process's SIGTERM handler across ``ray.init`` (which installs one that exits at once): the
+    CLI's stops the sweep like Ctrl-C, and the ``finally`` below shuts the local instance down."""
+    main = threading.current_thread() is threading.main_thread()
+    prev = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, prev)
 
 
 def _in_ray(fn: Callable[..., dict[str, Any]], cpus: int) -> Callable[..., dict[str, Any]]:
@@ -202,10 +223,15 @@ class SlurmExecutor(Executor):
         ex.update_parameters(**params)
         submitted = ex.map_array(_call, [fn] * len(jobs), jobs)
         out = []
-        for j in submitted:
-            r = j.result()
-            done(r)
-            out.append(r)
+        try:
+            for j in submitted:
+                r = j.result()
+                done(r)
+                out.append(r)
+        except BaseException:  # Ctrl-C / SIGTERM: the array's jobs are cancelled too (scancel); --resume goes on
+            for j in submitted:
+                j.cancel(check=False)
+            raise
         return out
 
 
