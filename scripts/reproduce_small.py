@@ -1,10 +1,7 @@
-"""The reproduction of Lu et al. (2024) at small scale: studies/seed-tables.yaml (SmolLM2-135M, Tables 1-3) and
-studies/gemma3.yaml as sweeps (the package runs, shares, pilots and reports), and their committed records
-(docs/data/reproduce-small/<family>/<name>.json). ``run``: both sweeps, resumable (runs/study-*), then ``check``:
-each finished cell against its record; ``report``: the records through the sweep report (no model runs)."""
-
-from __future__ import annotations
-
+"""Lu et al. (2024) at small scale: studies/seed-tables.yaml (SmolLM2-135M, Tables 1-3) and studies/gemma3.yaml as
+sweeps, and their committed records (docs/data/reproduce-small/<family>/<name>.json). ``run``: both sweeps,
+resumable (runs/study-*), then ``check``: each finished cell against its record (a match is kept as the tests'
+evidence, in rerun/<family>/); ``report``: the records through the sweep report (no model runs)."""
 import argparse
 import json
 import shutil
@@ -15,8 +12,7 @@ import yaml
 
 from layerprune.run_manifest import STAGES
 from layerprune.sweep import load_sweep, sweep
-from layerprune.sweep.core import PLAN_FILE, resolve_pilot
-from layerprune.sweep.report import CELL_FILE
+from layerprune.sweep.core import CELL_FILE, PLAN_FILE, resolve_pilot
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDS = REPO / "docs" / "data" / "reproduce-small"
@@ -73,14 +69,18 @@ def report(out: Path, publish: Path | None = RECORDS) -> int:
     return 0
 
 
-def check(out: Path) -> int:
-    drift = 0  # finished cells whose numbers differ from their records
+def check(out: Path, keep: Path | None = None) -> int:
+    """Each finished cell against its record; ``keep``: the cells that match, as keep/<family>/<record>.json."""
+    drift = 0
     for family in STUDIES:
         for cell in sorted((out / f"study-{family}" / "cells").glob(f"*/{CELL_FILE}")):
             rec = record(family, yaml.safe_load((cell.parent / "run" / "recipe.yaml").read_text()))
             diff = differences(rec, json.loads(cell.read_text())["results"])
-            drift += bool(diff)
+            drift += bool(diff)  # the cells whose numbers differ from their records
             print(f"{'DRIFT' if diff else 'same '} {family}/{rec['name']}" + "".join(f"; {d}" for d in diff))
+            if keep and not diff:
+                (keep / family).mkdir(parents=True, exist_ok=True)
+                shutil.copy(cell, keep / family / f"{rec['name']}.json")
     return 1 if drift else 0
 
 
@@ -92,7 +92,7 @@ def main() -> int:
     args = ap.parse_args()
     for family, study in STUDIES.items() if args.what == "run" else ():
         sweep(REPO / "studies" / study, args.out / f"study-{family}", executor=args.executor, resume=True)
-    return report(args.out) if args.what == "report" else check(args.out)
+    return report(args.out) if args.what == "report" else check(args.out, RECORDS / "rerun")
 
 
 if __name__ == "__main__":

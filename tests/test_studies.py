@@ -78,17 +78,21 @@ def test_the_report_from_the_records_has_their_numbers(rs, tmp_path):
     assert "| last3 | 0.003 | healed | 2006 ± 1e+02 |" in table2 and "Dense model: PPL 56.2" in md
 
 
-@pytest.mark.parametrize("path,name", [("table4/ade0b435833e", "t3-reverse-lstsq-none"),
-                                       ("table4/6703ad5a34f0", "t3-reverse-lstsq-last3"),
-                                       ("reproduce-small/rerun/t1-bi-lora", "t1-bi-lora"),
-                                       ("reproduce-small/rerun/t3-reverse-lstsq-distill", "t3-reverse-lstsq-distill")])
-def test_rerun_cells_reproduce_their_records(rs, tmp_path, path, name):
-    """Cells re-run by sweeps (two through Table 4's, two through studies/seed-tables.yaml: untrained, last3,
-    LoRA, distillation from the live teacher) reproduce the study script's records to every printed digit --
-    perplexity, the seven accuracies."""
-    cell = json.loads((REPO / "docs" / "data" / f"{path}.json").read_text())
-    recipe = next(c.recipe for c in _cells("smollm2", tmp_path) if rs.record("smollm2", c.recipe)["name"] == name)
-    assert rs.differences(rs.record("smollm2", recipe), cell["results"]) == []
+# Cells re-run by sweeps: two through Table 4's, the rest through the studies (RECORDS/rerun/<family>/<record>.json,
+# each a finished cell's cell.json).
+RERUN = [("table4/ade0b435833e.json", "smollm2", "t3-reverse-lstsq-none"),
+         ("table4/6703ad5a34f0.json", "smollm2", "t3-reverse-lstsq-last3"),
+         *[(str(f.relative_to(REPO / "docs" / "data")), f.parent.name, f.stem)
+           for f in sorted((RECORDS / "rerun").glob("*/*.json"))]]
+
+
+@pytest.mark.parametrize("path,family,name", RERUN, ids=[f"{f}/{n}" for _, f, n in RERUN])
+def test_rerun_cells_reproduce_their_records(rs, tmp_path, path, family, name):
+    """Each re-run cell reproduces the study script's record to every printed digit (perplexity of every model
+    the record has, the seven accuracies)."""
+    cell = json.loads((REPO / "docs" / "data" / path).read_text())
+    recipe = next(c.recipe for c in _cells(family, tmp_path) if rs.record(family, c.recipe)["name"] == name)
+    assert rs.differences(rs.record(family, recipe), cell["results"]) == []
 
 
 def test_a_rerun_cell_is_checked_against_its_record(rs, tmp_path):
