@@ -13,6 +13,7 @@ import yaml
 from layerprune.run_manifest import STAGES
 from layerprune.sweep import load_sweep, sweep
 from layerprune.sweep.core import CELL_FILE, PLAN_FILE, resolve_pilot
+from layerprune.sweep.report import changes
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDS = REPO / "docs" / "data" / "reproduce-small"
@@ -41,14 +42,8 @@ def as_results(rec: dict[str, Any]) -> dict[str, Any]:
 
 
 def differences(rec: dict[str, Any], results: dict[str, Any]) -> list[str]:
-    """How a cell's results differ from its record: perplexity as printed (one decimal), accuracies exactly."""
-    out = []
-    for stage, r in ((k, v) for k, v in as_results(rec).items() if k in rec["ppl"]):  # the record's own models
-        a, b, got = r["ppl"]["wikitext2"]["ppl"], results[stage]["ppl"]["wikitext2"]["ppl"], results[stage]
-        out += [f"{stage} PPL {b:.1f} (record {a:.1f})"] if round(a, 1) != round(b, 1) else []
-        out += [f"{stage} {t} {got['zero_shot'][t]['acc']} (record {v['acc']})"
-                for t, v in r.get("zero_shot", {}).items() if abs(v["acc"] - got["zero_shot"][t]["acc"]) > 1e-9]
-    return out
+    """How a cell's results differ from its record (the record's own models), with the noise rule's verdicts."""
+    return changes(as_results(rec), results, rec["ppl"], "record")
 
 
 def report(out: Path, publish: Path | None = RECORDS) -> int:
@@ -70,15 +65,17 @@ def report(out: Path, publish: Path | None = RECORDS) -> int:
 
 
 def check(out: Path, keep: Path | None = None) -> int:
-    """Each finished cell against its record; ``keep``: the cells that match, as keep/<family>/<record>.json."""
+    """Each finished cell against its record: same, noise (only changes within the noise rule) or DRIFT (exit 1);
+    ``keep``: the cells that are not DRIFT, as keep/<family>/<record>.json (the tests' evidence)."""
     drift = 0
     for family in STUDIES:
         for cell in sorted((out / f"study-{family}" / "cells").glob(f"*/{CELL_FILE}")):
             rec = record(family, yaml.safe_load((cell.parent / "run" / "recipe.yaml").read_text()))
             diff = differences(rec, json.loads(cell.read_text())["results"])
-            drift += bool(diff)  # the cells whose numbers differ from their records
-            print(f"{'DRIFT' if diff else 'same '} {family}/{rec['name']}" + "".join(f"; {d}" for d in diff))
-            if keep and not diff:
+            status = "DRIFT" if any("within noise" not in d for d in diff) else "noise" if diff else "same "
+            drift += status == "DRIFT"
+            print(f"{status} {family}/{rec['name']}" + "".join(f"; {d}" for d in diff))
+            if keep and status != "DRIFT":
                 (keep / family).mkdir(parents=True, exist_ok=True)
                 shutil.copy(cell, keep / family / f"{rec['name']}.json")
     return 1 if drift else 0

@@ -86,13 +86,21 @@ RERUN = [("table4/ade0b435833e.json", "smollm2", "t3-reverse-lstsq-none"),
            for f in sorted((RECORDS / "rerun").glob("*/*.json"))]]
 
 
+# Today's forward passes differ from the records' in float rounding (up to ~3e-6 relative on un-healed models,
+# e.g. t1-random-lora's PPL 358.66189 -> 358.66069; the records predate the dependency lock, the cause is not
+# isolated), invisible in the printed digits except where a cell amplifies it: the reverse cut starts LoRA at
+# validation loss 17.9 (un-healed PPL 1.4e9) at lr 9e-3, and its 64 steps end at 4.4720 instead of 4.4650.
+NOISE = {"t1-reverse-lora"}
+
+
 @pytest.mark.parametrize("path,family,name", RERUN, ids=[f"{f}/{n}" for _, f, n in RERUN])
 def test_rerun_cells_reproduce_their_records(rs, tmp_path, path, family, name):
     """Each re-run cell reproduces the study script's record to every printed digit (perplexity of every model
-    the record has, the seven accuracies)."""
+    the record has, the seven accuracies), except the cells in NOISE, whose changes are within the noise rule."""
     cell = json.loads((REPO / "docs" / "data" / path).read_text())
     recipe = next(c.recipe for c in _cells(family, tmp_path) if rs.record(family, c.recipe)["name"] == name)
-    assert rs.differences(rs.record(family, recipe), cell["results"]) == []
+    diff = rs.differences(rs.record(family, recipe), cell["results"])
+    assert all("within noise" in d for d in diff) and bool(diff) == (name in NOISE), diff
 
 
 def test_a_rerun_cell_is_checked_against_its_record(rs, tmp_path):
@@ -107,10 +115,19 @@ def test_a_rerun_cell_is_checked_against_its_record(rs, tmp_path):
     (folder / "run").mkdir(parents=True)
     (folder / "run" / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     (folder / "cell.json").write_text(json.dumps(cell))
+    keep = tmp_path / "kept"
+    assert rs.check(tmp_path, keep) == 0 and (keep / "smollm2" / "t3-reverse-lstsq-none.json").is_file()
+    # A change in the printed digits within the noise rule is "noise" (exit 0, kept); beyond it, DRIFT (exit 1).
+    noisy = copy.deepcopy(cell)
+    noisy["results"]["compensated"]["ppl"]["wikitext2"]["ppl"] += 0.2  # 1358.5 ± 69.9
+    noisy["results"]["compensated"]["zero_shot"]["piqa"]["acc"] += 0.01  # ± 0.05
+    diff = rs.differences(rec, noisy["results"])
+    assert len(diff) == 2 and all("within noise" in d for d in diff)
+    (folder / "cell.json").write_text(json.dumps(noisy))
     assert rs.check(tmp_path) == 0
     drifted = copy.deepcopy(cell)
-    drifted["results"]["compensated"]["ppl"]["wikitext2"]["ppl"] += 0.2
-    drifted["results"]["compensated"]["zero_shot"]["piqa"]["acc"] += 0.01
+    drifted["results"]["compensated"]["ppl"]["wikitext2"]["ppl"] *= 0.7
+    drifted["results"]["compensated"]["zero_shot"]["piqa"]["acc"] -= 0.2
+    assert [d.split(": ")[-1] for d in rs.differences(rec, drifted["results"])] == ["better)", "worse)"]
     (folder / "cell.json").write_text(json.dumps(drifted))
     assert rs.check(tmp_path) == 1
-    assert len(rs.differences(rec, drifted["results"])) == 2

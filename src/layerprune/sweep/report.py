@@ -12,6 +12,7 @@ Noise rule: a difference is within noise when it is smaller than twice the combi
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,28 @@ def _compare(stage: dict[str, Any]) -> tuple[float | None, float | None]:
 def verdict(diff: float, se: float) -> str:
     """The noise rule on a difference (positive: better) with combined stderr ``se``."""
     return "better" if diff > 2 * se else "worse" if -diff > 2 * se else "within noise"
+
+
+def changes(ref: dict[str, Any], got: dict[str, Any], stages: Iterable[str] | None = None,
+            ref_name: str = "reference") -> list[str]:
+    """How results ``got`` differ from ``ref`` (both a cell's ``results``: stage -> ppl / zero_shot) for the
+    models in ``stages`` (default: all of ``ref``'s): each perplexity as printed (one decimal) and each accuracy
+    exactly, with the noise rule's verdict on the change (perplexity on log-PPL)."""
+    out = []
+    for stage in stages or ref:
+        r, g = ref[stage], got[stage]
+        for ds, a in (r.get("ppl") or {}).items():
+            b = g["ppl"][ds]
+            if round(a["ppl"], 1) != round(b["ppl"], 1):
+                se = math.hypot((a.get("ppl_stderr") or 0) / a["ppl"], (b.get("ppl_stderr") or 0) / b["ppl"])
+                out.append(f"{stage} PPL {b['ppl']:.1f} ({ref_name} {a['ppl']:.1f}: "
+                           f"{verdict(math.log(a['ppl'] / b['ppl']), se)})")
+        for t, a in (r.get("zero_shot") or {}).items():
+            b = g["zero_shot"][t]
+            if abs(a["acc"] - b["acc"]) > 1e-9:
+                se = math.hypot(a.get("acc_stderr") or 0, b.get("acc_stderr") or 0)
+                out.append(f"{stage} {t} {b['acc']} ({ref_name} {a['acc']}: {verdict(b['acc'] - a['acc'], se)})")
+    return out
 
 
 def rows(sw: Sweep, out: Path, failed: dict[str, Any]) -> list[dict[str, Any]]:
