@@ -90,7 +90,13 @@ RERUN = [("table4/ade0b435833e.json", "smollm2", "t3-reverse-lstsq-none"),
 # e.g. t1-random-lora's PPL 358.66189 -> 358.66069; the records predate the dependency lock, the cause is not
 # isolated), invisible in the printed digits except where a cell amplifies it: the reverse cut starts LoRA at
 # validation loss 17.9 (un-healed PPL 1.4e9) at lr 9e-3, and its 64 steps end at 4.4720 instead of 4.4650.
-NOISE = {"t1-reverse-lora"}
+# Where healing starts from a broken model (validation loss 10.6-17.9) at lr 9e-3, the rounding differences
+# (step 1's loss equal to 1e-5) grow through training: t1-magnitude-l2's 64 steps end at 6.743 instead of 6.788
+# (its PPL within noise), t1-magnitude-l1's diverge from step 10 (8.417 vs 8.519) and end at 6.455 instead of
+# 7.071: healed PPL 4983.7 against 3649.8, beyond the evaluation's noise (DRIFT, explained in docs/sweeps.md; its
+# un-healed model is within noise).
+NOISE = {"t1-reverse-lora", "t1-magnitude-l2-lora"}
+DRIFT = {"t1-magnitude-l1-lora"}
 
 
 @pytest.mark.parametrize("path,family,name", RERUN, ids=[f"{f}/{n}" for _, f, n in RERUN])
@@ -100,6 +106,10 @@ def test_rerun_cells_reproduce_their_records(rs, tmp_path, path, family, name):
     cell = json.loads((REPO / "docs" / "data" / path).read_text())
     recipe = next(c.recipe for c in _cells(family, tmp_path) if rs.record(family, c.recipe)["name"] == name)
     diff = rs.differences(rs.record(family, recipe), cell["results"])
+    if name in DRIFT:  # the un-healed model reproduces; healing does not
+        assert all("within noise" in d for d in diff if d.startswith("pruned")) and \
+            any("within noise" not in d for d in diff if d.startswith("healed")), diff
+        return
     assert all("within noise" in d for d in diff) and bool(diff) == (name in NOISE), diff
 
 
