@@ -93,8 +93,9 @@ def sweep(path: str | os.PathLike, out_dir: str | os.PathLike, *, executor: str 
             log(f"  {len(failed)} cell(s) not run: their learning-rate pilot failed (see {out / 'pilot'})")
         log(f"sweep {sw.name}: {len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run "
             f"({executor}, {n_workers} worker{'s' if n_workers > 1 else ''})")
+        n = heal_processes(sw)
         jobs = [{"recipe": c.recipe, "cell_dir": str(d), "shared": str(out / "shared"), "axes": c.axes,
-                 "heal_processes": heal_processes(sw)} for c, d in todo]
+                 "heal_processes": n} for c, d in todo]
         results = ex.map(run_cell, jobs, _done(log)) if jobs else []
         wall = time.perf_counter() - t0
         failed.update({r["key"]: r for r in results if not r["ok"]})
