@@ -8,6 +8,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -51,7 +52,6 @@ def _threads(n: int) -> None:
 
 def _worker(n: int) -> None:
     """A local worker: ``n`` threads, and SIGTERM as Ctrl-C (a stopped cell removes its temporary folders)."""
-
     _threads(n)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
 
@@ -66,8 +66,6 @@ def _in_worker(fn: Callable[..., dict[str, Any]], job: dict[str, Any]) -> dict[s
 def _stop(pool: ProcessPoolExecutor, grace_s: float = 30.0) -> None:
     """Cancel the queued cells and stop the running ones now (the pool's own shutdown would wait for them, and
     a stopped sweep would leave its workers running). ``--resume`` continues each where it stopped."""
-    import time
-
     # ProcessPoolExecutor has no public way to stop busy workers before Python 3.14 (terminate_workers); its
     # shutdown forgets them, so they are taken first.
     procs = list((getattr(pool, "_processes", None) or {}).values())
