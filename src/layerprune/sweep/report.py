@@ -89,9 +89,7 @@ def changes(ref: dict[str, Any], got: dict[str, Any], stages: Iterable[str] | No
         for ds, a in (r.get("ppl") or {}).items():
             b = g["ppl"][ds]
             if round(a["ppl"], 1) != round(b["ppl"], 1):
-                se = math.hypot((a.get("ppl_stderr") or 0) / a["ppl"], (b.get("ppl_stderr") or 0) / b["ppl"])
-                out.append(f"{stage} PPL {b['ppl']:.1f} ({ref_name} {a['ppl']:.1f}: "
-                           f"{verdict(math.log(a['ppl'] / b['ppl']), se)})")
+                out.append(f"{stage} PPL {b['ppl']:.1f} ({ref_name} {a['ppl']:.1f}: {verdict(*_ppl_change(b, a))})")
         for t, a in (r.get("zero_shot") or {}).items():
             b = g["zero_shot"][t]
             if abs(a["acc"] - b["acc"]) > 1e-9:
@@ -209,9 +207,14 @@ def _ppl_verdict(a: dict[str, Any], b: dict[str, Any]) -> str:
     """Perplexity of ``a`` against ``b`` by the noise rule on log-perplexity."""
     if protocol(a) and protocol(b) and protocol(a) != protocol(b):
         return f"PPL {a['ppl']:.4g} vs {b['ppl']:.4g}: **not comparable** (different perplexity protocols)"
-    se = math.hypot((a.get("ppl_stderr") or 0) / a["ppl"], (b.get("ppl_stderr") or 0) / b["ppl"])
-    diff = math.log(b["ppl"]) - math.log(a["ppl"])  # positive: a is better (lower)
-    return (f"PPL {a['ppl']:.4g} vs {b['ppl']:.4g} (ratio {a['ppl'] / b['ppl']:.2f}): **{verdict(diff, se)}**")
+    return (f"PPL {a['ppl']:.4g} vs {b['ppl']:.4g} (ratio {a['ppl'] / b['ppl']:.2f}): "
+            f"**{verdict(*_ppl_change(a, b))}**")
+
+
+def _ppl_change(new: dict[str, Any], old: dict[str, Any]) -> tuple[float, float]:
+    """How much lower ``new``'s perplexity is than ``old``'s on log-PPL (positive: better), and its stderr."""
+    se = math.hypot((new.get("ppl_stderr") or 0) / new["ppl"], (old.get("ppl_stderr") or 0) / old["ppl"])
+    return math.log(old["ppl"]) - math.log(new["ppl"]), se
 
 
 def write_report(sw: Sweep, out: Path, failed: dict[str, Any], wall: float | None, executor: str) -> dict[str, Any]:
