@@ -432,3 +432,58 @@ def test_report_has_a_table_per_group_and_states_constant_axes_once(tiny, tmp_pa
     assert "Every cell here" not in second and "| reverse | pruned | 100 ± 1 |" in second
     # The compared axis is read from the recipes: the reverse cell inherits the base's 1 and is the baseline.
     assert "prune.num_layers=2 against prune.num_layers=1" in md and "**within noise**" in md
+
+
+def test_only_runs_the_selected_cells_and_their_pilots_and_reports_every_cell(tiny_smol, tmp_path, data_dir):
+    """``--only``: the selected cells run (with only their own pilot groups); the others are listed as not run;
+    a later launch of the whole sweep keeps the selected cells (same folders) and runs the rest."""
+    f = _healing_sweep(tmp_path, tiny_smol, "cell")
+    out, logs = tmp_path / "out", []
+    s = sweep(f, out, executor="serial", only=["prune.metric=magnitude"], overrides=[f"data_dir={data_dir}"],
+              log=logs.append)
+    status = {json.dumps(c["axes"], sort_keys=True): c["status"] for c in s["cells"]}
+    assert sorted(status.values()) == ["done", "not run", "not run"]
+    assert status['{"prune.metric": "magnitude"}'] == "done"
+    assert len(json.loads((out / "pilot.json").read_text())["groups"]) == 1  # the reverse cell's group: not piloted
+    assert "1 to run (1 selected by --only)" in " ".join(logs)
+    assert "| not run |" in (out / "sweep.md").read_text()
+    done = next(c["key"] for c in s["cells"] if c["status"] == "done")
+    logs.clear()
+    s2 = sweep(f, out, executor="serial", resume=True, overrides=[f"data_dir={data_dir}"], log=logs.append)
+    assert [c["status"] for c in s2["cells"]] == ["done"] * 3
+    assert "1 finished, 2 to run" in " ".join(logs) and done in {c["key"] for c in s2["cells"]}
+    assert len(json.loads((out / "pilot.json").read_text())["groups"]) == 2
+
+
+@pytest.mark.parametrize("only,needle", [
+    (["prune.metric"], "must look like KEY=VALUE"),
+    (["prune.nosuch=1"], "no cell's recipe has the key 'prune.nosuch'"),
+    (["prune.metric=bi"], "no cell of the sweep matches"),
+    (["prune.metric=reverse", "prune.num_layers=3"], "no cell of the sweep matches"),
+])
+def test_only_refuses_a_selection_of_nothing_before_any_work(only, needle, tiny, tmp_path):
+    with pytest.raises(LayerpruneError, match=needle):
+        sweep(_sweep_file(tmp_path, tiny), tmp_path / "out", only=only, log=lambda m: None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_only_selects_by_recipe_values(tiny, tmp_path):
+    from layerprune.sweep.spec import select
+
+    cells = load_sweep(_sweep_file(tmp_path, tiny)).cells
+    assert len(select(cells, [])) == 4
+    assert {(c.recipe["prune"]["metric"], c.recipe["prune"]["num_layers"])
+            for c in select(cells, ["prune.num_layers=2"])} == {("reverse", 2), ("magnitude", 2)}
+    # A key given twice: either value; different keys: both.
+    assert len(select(cells, ["prune.metric=reverse", "prune.metric=magnitude", "prune.num_layers=1"])) == 2
+    assert len(select(cells, ["heal.method=none"])) == 4  # a value the cells inherit from the base counts
+
+
+def test_cli_only_with_report_is_refused(tiny, tmp_path, capsys):
+    f = _sweep_file(tmp_path, tiny)
+    capsys.readouterr()
+    assert main(["sweep", str(f), "--out", str(tmp_path / "o"), "--report", "--only", "prune.metric=reverse"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--only" in err[0]
+    assert main(["sweep", str(f), "--out", str(tmp_path / "o"), "--only", "prune.metric"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err and not (tmp_path / "o").exists()

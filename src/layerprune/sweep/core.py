@@ -19,7 +19,7 @@ from ..io import write_json
 from .executors import Executor, make_executor
 from .pilot import groups, read_choices, recorded_choices, run_pilot
 from .report import CELL_FILE, write_report
-from .spec import Cell, Sweep, load_sweep
+from .spec import Cell, Sweep, load_sweep, select
 
 PLAN_FILE = "plan.json"
 HEAL_KEYS = ("method", "steps", "val_loss_before", "final_val_loss", "best_step", "wall_s", "tokens_per_s")
@@ -68,11 +68,15 @@ def plan(sw: Sweep, out: Path) -> list[tuple[Cell, Path, bool]]:
 
 def sweep(path: str | os.PathLike, out_dir: str | os.PathLike, *, executor: str = "local", workers: int | None = None,
           resume: bool = False, overwrite: bool = False, report_only: bool = False,
-          overrides: list[str] | None = None, log: Any = print) -> dict[str, Any]:
-    """Run (or, with ``report_only``, only report) the sweep in ``path`` into ``out_dir``; returns the summary."""
+          overrides: list[str] | None = None, only: list[str] | None = None, log: Any = print) -> dict[str, Any]:
+    """Run (or, with ``report_only``, only report) the sweep in ``path`` into ``out_dir``; returns the summary.
+    ``only`` (``KEY=VALUE`` items, :func:`~layerprune.sweep.spec.select`) runs part of the cells (and the pilots
+    they need); the report covers every cell, finished or not."""
     from ..io import check_out_dir
 
     sw = load_sweep(path, overrides)
+    selected = select(sw.cells, only)
+    chosen = {id(c) for c in selected}  # by identity: a cell's key changes when the pilot gives it its rate
     out = Path(out_dir)
     n_workers = int(workers or sw.executor.get("workers", 1))
     if n_workers < 1:
@@ -84,15 +88,17 @@ def sweep(path: str | os.PathLike, out_dir: str | os.PathLike, *, executor: str 
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        failed = _pilot(sw, out, ex, log)
+        failed = _pilot(sw, out, ex, log, {c.key for c in selected})
         cells = [(c, d, done_) for c, d, done_ in plan(sw, out) if c.key not in failed]
         write_json(out / PLAN_FILE, {"name": sw.name, "source": sw.source, "executor": executor,
                                      "cells": [{"key": c.key, "axes": c.axes} for c, _, _ in cells]})
-        todo = [(c, d) for c, d, finished in cells if not finished]
+        todo = [(c, d) for c, d, finished in cells if not finished and id(c) in chosen]
         if failed:
             log(f"  {len(failed)} cell(s) not run: their learning-rate pilot failed (see {out / 'pilot'})")
-        log(f"sweep {sw.name}: {len(cells)} cells, {len(cells) - len(todo)} finished, {len(todo)} to run "
-            f"({executor}, {n_workers} worker{'s' if n_workers > 1 else ''})")
+        done = sum(finished for _, _, finished in cells)
+        log(f"sweep {sw.name}: {len(cells)} cells, {done} finished, {len(todo)} to run"
+            + (f" ({len(selected)} selected by --only)" if only else "")
+            + f" ({executor}, {n_workers} worker{'s' if n_workers > 1 else ''})")
         n = heal_processes(sw)
         jobs = [{"recipe": c.recipe, "cell_dir": str(d), "shared": str(out / "shared"), "axes": c.axes,
                  "heal_processes": n} for c, d in todo]
@@ -122,12 +128,13 @@ def _done(log: Any) -> Any:
     return done
 
 
-def _pilot(sw: Sweep, out: Path, ex: Executor, log: Any) -> dict[str, Any]:
-    """Run the learning-rate pilots (if the sweep file asks for them) and give each piloted cell its rate;
-    returns the failure records of the cells whose every candidate failed (they are not run)."""
+def _pilot(sw: Sweep, out: Path, ex: Executor, log: Any, keys: set[str]) -> dict[str, Any]:
+    """Run the learning-rate pilots of the groups that hold any of the cells ``keys`` (if the sweep file asks for
+    pilots) and give those groups' cells their rates; returns the failure records of the cells whose every
+    candidate failed (they are not run)."""
     if sw.pilot is None:
         return {}
-    gs = groups(sw.cells, sw.pilot)
+    gs = {k: g for k, g in groups(sw.cells, sw.pilot).items() if keys & set(g.cells)}
     if not gs:
         return {}
     n = heal_processes(sw)

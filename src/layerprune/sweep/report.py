@@ -19,7 +19,7 @@ from typing import Any
 from ..io import read_json, write_json, write_text
 from ..run_manifest import DENSE, STAGES
 from .pilot import PILOT_FILE
-from .spec import Sweep
+from .spec import Sweep, recipe_value
 
 CELL_FILE = "cell.json"
 
@@ -103,7 +103,7 @@ def rows(sw: Sweep, out: Path, failed: dict[str, Any]) -> list[dict[str, Any]]:
     for c in sw.cells:
         d = out / "cells" / c.key
         rec = read_json(d / CELL_FILE) if (d / CELL_FILE).is_file() else failed.get(c.key)
-        row: dict[str, Any] = {"key": c.key, "axes": c.axes, "group": c.group, "status": "missing",
+        row: dict[str, Any] = {"key": c.key, "axes": c.axes, "group": c.group, "status": "not run",
                                "pilot_lr": c.pilot_lr, "method": c.recipe["heal"]["method"]}
         if rec:
             row["status"] = "done" if rec.get("ok") else f"failed: {rec.get('error')}"
@@ -132,11 +132,11 @@ def findings(sw: Sweep, table: list[dict[str, Any]]) -> list[str]:
     for cmp in sw.compare:
         axis, base, where, stage = cmp["axis"], cmp["baseline"], cmp.get("where") or {}, cmp.get("stage")
         # The axis and ``where`` are read from the cells' recipes, so a cell that inherits a value counts with it.
-        recipes = {c.key: c.recipe for c in sw.cells if all(_get(c.recipe, k) == v for k, v in where.items())}
+        recipes = {c.key: c.recipe for c in sw.cells if all(recipe_value(c.recipe, k) == v for k, v in where.items())}
         by: dict[Any, list[dict[str, Any]]] = {}
         for r in table:
             if r.get("ppl") is not None and r["key"] in recipes and (stage is None or r.get("stage") == stage):
-                by.setdefault(_key(_get(recipes[r["key"]], axis)), []).append(r)
+                by.setdefault(_key(recipe_value(recipes[r["key"]], axis)), []).append(r)
         base = _key(base)
         scope = "".join(f", {k}={v}" for k, v in where.items()) + (f", {stage} models" if stage else "")
         if base not in by:
@@ -159,13 +159,6 @@ def findings(sw: Sweep, table: list[dict[str, Any]]) -> list[str]:
 
 def _key(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
-
-
-def _get(recipe: dict[str, Any], key: str) -> Any:
-    value: Any = recipe
-    for part in key.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
 
 
 # What makes two perplexities comparable (the card's other fields, e.g. the tokenizer's path, may differ).

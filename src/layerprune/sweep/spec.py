@@ -203,4 +203,37 @@ def _compare(value: Any, axes: set[str]) -> list[dict[str, Any]]:
     return compare
 
 
-__all__ = ["Cell", "Sweep", "build_sweep", "load_sweep"]
+_MISSING = object()
+
+
+def recipe_value(recipe: dict[str, Any], key: str, default: Any = None) -> Any:
+    """A recipe's value at a dotted key (``heal.method``); ``default`` where the recipe has no such key."""
+    value: Any = recipe
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return default
+        value = value[part]
+    return value
+
+
+def select(cells: list[Cell], only: list[str] | None) -> list[Cell]:
+    """The cells whose recipes match every ``KEY=VALUE`` of ``only`` (a key given twice: either value); all of
+    them when ``only`` is empty. Raises on a malformed item, a key no recipe has, or a selection of no cell."""
+    from ..options import parse_scalar
+
+    wanted: dict[str, list[Any]] = {}
+    for item in only or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise LayerpruneError(f"--only '{item}' must look like KEY=VALUE (e.g. prune.metric=angular)")
+        wanted.setdefault(key.strip(), []).append(parse_scalar(value))
+    for key in wanted:
+        if all(recipe_value(c.recipe, key, _MISSING) is _MISSING for c in cells):
+            raise LayerpruneError(f"--only: no cell's recipe has the key '{key}'")
+    chosen = [c for c in cells if all(recipe_value(c.recipe, k) in vs for k, vs in wanted.items())]
+    if not chosen:
+        raise LayerpruneError(f"--only {' '.join(only or [])}: no cell of the sweep matches")
+    return chosen
+
+
+__all__ = ["Cell", "Sweep", "build_sweep", "load_sweep", "recipe_value", "select"]
