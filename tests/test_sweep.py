@@ -158,6 +158,37 @@ def test_a_stage_claimed_by_another_run_is_waited_for_not_recomputed(tmp_path):
     assert (tmp_path / "b" / "score" / "f.txt").read_text() == "x"
 
 
+def test_a_cell_evaluates_its_own_models_while_another_evaluates_a_shared_one(tiny, tmp_path, data_dir):
+    """A cell whose dense evaluation another run is computing evaluates its pruned model first, then links the
+    dense one (instead of idling on the lock)."""
+    import threading
+
+    from filelock import FileLock
+
+    from layerprune.recipe.runner import run_recipe
+
+    shared, logs = tmp_path / "shared", []
+    recipe = {**_base(tiny), "data_dir": str(data_dir)}
+    recipe["evaluate"] = {**recipe["evaluate"], "models": ["dense", "pruned"]}
+    run_recipe(recipe, tmp_path / "a", log=lambda m: None, shared=shared)
+    store = next(shared.glob("eval-dense-*"))
+    lock = FileLock(str(store.parent / f".{store.name}.lock"))
+    lock.acquire()  # as if another cell were evaluating the dense model now
+    other = {**recipe, "prune": {**recipe["prune"], "metric": "magnitude"}}
+    t = threading.Thread(target=lambda: run_recipe(other, tmp_path / "b", log=logs.append, shared=shared))
+    t.start()
+    for _ in range(600):
+        if any(m.startswith("[wait] eval-dense") for m in logs):
+            break
+        t.join(0.1)
+    lock.release()
+    t.join(60)
+    assert not t.is_alive()
+    order = [m.split(" (")[0] for m in logs if "eval-" in m]
+    # (on the old code: [wait] eval-dense, then eval-pruned after it)
+    assert order == ["[run ] eval-pruned", "[wait] eval-dense", "[shared] eval-dense"]  # linked, not recomputed
+
+
 RESUME_ON = [pytest.param("local", id="local"),
              pytest.param("ray", id="ray", marks=[pytest.mark.slow, pytest.mark.skipif(
                  importlib.util.find_spec("ray") is None, reason="ray not installed")]),

@@ -603,11 +603,14 @@ class RecipeRun:
             paths.pop(HEALED)
             if p["iterative"]:
                 paths[PRUNED], fps[PRUNED] = str(self.dir / FINAL), final_fp
+        evals = {w: (path, fp) for w in self.r["evaluate"]["models"] if (path := paths.get(w)) and (fp := fps.get(w))}
+        # A model another run (a sweep's other cell) is evaluating now goes last: this run evaluates its own
+        # models meanwhile, then links the published evaluation instead of idling on its lock.
+        later = [w for w, (_, fp) in evals.items() if self.state.claimed(f"eval-{w}", self._eval_inputs(fp))]
         results: dict[str, Any] = {}
-        for which in self.r["evaluate"]["models"]:
-            path, fp = paths.get(which), fps.get(which)
-            if path and fp:
-                results[which] = {"eval": self._evaluate(which, path, fp)}
+        for which in [w for w in evals if w not in later] + later:
+            results[which] = {"eval": self._evaluate(which, *evals[which])}
+        results = {w: results[w] for w in evals}
         bench = None
         if self.r["measure"]["enabled"]:
             # Healing can change the size (an untied head), so every model is measured on its own.

@@ -76,6 +76,21 @@ class RunState:
         store = self._store(name, fingerprint(inputs))
         return store is not None and (store / SHARED_RESULT).is_file()
 
+    def claimed(self, name: str, inputs: dict[str, Any]) -> bool:
+        """Whether another run holds stage ``name`` with these inputs right now (``run`` would wait for it)."""
+        store = self._store(name, fingerprint(inputs))
+        if store is None or not store.parent.is_dir():
+            return False
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(str(_lock_path(store)))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return True
+        lock.release()
+        return False
+
     def _store(self, name: str, fp: str, output: bool = True) -> Path | None:
         return self.shared / f"{name}-{fp}" if self.shared is not None and output and name in SHAREABLE else None
 
@@ -128,7 +143,7 @@ class RunState:
         from filelock import FileLock, Timeout
 
         store.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(store.parent / f".{store.name}.lock"))
+        lock = FileLock(str(_lock_path(store)))
         try:
             lock.acquire(timeout=0)
         except Timeout:
@@ -138,6 +153,10 @@ class RunState:
             yield
         finally:
             lock.release()
+
+
+def _lock_path(store: Path) -> Path:
+    return store.parent / f".{store.name}.lock"
 
 
 def _publish(out: Path, store: Path, result: dict[str, Any]) -> None:
