@@ -189,11 +189,27 @@ def test_a_cell_evaluates_its_own_models_while_another_evaluates_a_shared_one(ti
     assert order == ["[run ] eval-pruned", "[wait] eval-dense", "[shared] eval-dense"]  # linked, not recomputed
 
 
-RESUME_ON = [pytest.param("local", id="local"),
-             pytest.param("ray", id="ray", marks=[pytest.mark.slow, pytest.mark.skipif(
-                 importlib.util.find_spec("ray") is None, reason="ray not installed")]),
-             pytest.param("slurm", id="slurm", marks=[pytest.mark.slow, pytest.mark.skipif(
-                 importlib.util.find_spec("submitit") is None, reason="submitit not installed")])]
+def _executors() -> list:
+    """Every registered executor but the in-process one; those on an outside engine (their own ``check``) run
+    in the slow suite, and are skipped, saying why, where the engine is not installed."""
+    from layerprune.sweep.executors import EXECUTORS
+
+    out = []
+    for name, cls in EXECUTORS.items():
+        if name == "serial":  # runs cells in this process: the reference the others are compared with
+            continue
+        try:
+            cls.check()
+            missing = None
+        except LayerpruneError as e:
+            missing = str(e)
+        outside = "check" in vars(cls)  # it checks for an engine of its own
+        marks = [pytest.mark.slow] * outside + [pytest.mark.skip(reason=missing)] * bool(missing)
+        out.append(pytest.param(name, id=name, marks=marks))
+    return out
+
+
+RESUME_ON = _executors()
 
 
 @pytest.mark.parametrize("resume_on", RESUME_ON)
