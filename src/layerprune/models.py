@@ -98,10 +98,27 @@ def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
     """An embedded model (``default``: SmolLM2-135M-Instruct; ``gemma3-270m``) as an fp32 safetensors HF
     checkpoint with tokenizer, converted once from its GGUF (de-quantised by transformers) into the user cache
     and reused after."""
+    from filelock import FileLock
+
     spec = EMBEDDED[name]
     out = cache_dir() / spec.name
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
-        return out
+    if not _converted(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # One conversion however many processes ask at once (a sweep's first cells): a second one would replace
+        # the folder under the first, and the runs' fingerprints of the model (names, sizes, mtimes) would differ,
+        # so they would share nothing.
+        with FileLock(str(out.parent / f".{spec.name}.lock")):
+            if not _converted(out):
+                _convert_gguf(name, out)
+    return out
+
+
+def _converted(out: Path) -> bool:
+    return (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+
+def _convert_gguf(name: str, out: Path) -> None:
+    spec = EMBEDDED[name]
     src = gguf_path(name)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -120,7 +137,6 @@ def embedded_model_path(name: str = DEFAULT_MODEL) -> Path:
         tok.save_pretrained(tmp)
         write_json(tmp / "SOURCE.json", {"converted_from": str(src), "package": spec.pip.split("--no-deps ")[1],
                                           "note": spec.note})
-    return out
 
 
 def default_model_path() -> Path:
