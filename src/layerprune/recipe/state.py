@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from ..io import atomic_dir, link_or_copy, read_json, write_json
 
 STATE_FILE = "state.json"
@@ -81,9 +83,7 @@ class RunState:
         store = self._store(name, fingerprint(inputs))
         if store is None or not store.parent.is_dir():
             return False
-        from filelock import FileLock, Timeout
-
-        lock = FileLock(str(_lock_path(store)))
+        lock = _lock(store)
         try:
             lock.acquire(timeout=0)
         except Timeout:
@@ -140,10 +140,8 @@ class RunState:
         if store is None:
             yield
             return
-        from filelock import FileLock, Timeout
-
         store.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(_lock_path(store)))
+        lock = _lock(store)
         try:
             lock.acquire(timeout=0)
         except Timeout:
@@ -155,8 +153,9 @@ class RunState:
             lock.release()
 
 
-def _lock_path(store: Path) -> Path:
-    return store.parent / f".{store.name}.lock"
+def _lock(store: Path) -> FileLock:
+    """The OS lock of one shared stage fingerprint (beside its store folder)."""
+    return FileLock(str(store.parent / f".{store.name}.lock"))
 
 
 def _publish(out: Path, store: Path, result: dict[str, Any]) -> None:
