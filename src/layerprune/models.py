@@ -135,8 +135,45 @@ def _convert_gguf(name: str, out: Path) -> None:
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        write_json(tmp / "SOURCE.json", {"converted_from": str(src), "package": spec.pip.split("--no-deps ")[1],
-                                          "note": spec.note})
+        _write_source(tmp, {"converted_from": str(src), "note": spec.note},
+                      identity={"package": spec.pip.split("--no-deps ")[1], "transformers": _version("transformers"),
+                                "torch": torch.__version__.split("+")[0]})
+
+
+SOURCE = "SOURCE.json"
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
+
+
+def _file_stats(folder: Path) -> dict[str, list[int]]:
+    stats = {str(f.relative_to(folder)): f.stat() for f in sorted(folder.rglob("*"))
+             if f.is_file() and f.name != SOURCE and not f.name.startswith(".")}
+    return {name: [st.st_size, st.st_mtime_ns] for name, st in stats.items()}
+
+
+def _write_source(folder: Path, info: dict[str, Any], identity: dict[str, str]) -> None:
+    """``SOURCE.json`` of a converted model: where it came from, plus an identity that holds on any machine (the
+    package pin and the converting library versions) and each file's size and mtime as written."""
+    write_json(folder / SOURCE, {**info, "identity": identity, "files": _file_stats(folder)})
+
+
+def source_identity(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """A converted embedded model's machine-independent identity (package pin, converter versions, file names and
+    sizes) while its files are exactly as converted (same names, sizes, mtimes); ``None`` for any other folder or
+    once a file was changed. Two machines that convert the same package then fingerprint the model the same."""
+    path = Path(folder) / SOURCE
+    try:
+        source = json.loads(path.read_text())
+        identity, files = source["identity"], source["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if _file_stats(Path(folder)) != files:
+        return None
+    return {**identity, "files": {name: size for name, (size, _) in files.items()}}
 
 
 def default_model_path() -> Path:

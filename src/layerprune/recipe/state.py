@@ -20,6 +20,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from ..io import atomic_dir, link_or_copy, read_json, write_json
+from ..models import source_identity
 
 STATE_FILE = "state.json"
 
@@ -38,6 +39,9 @@ def folder_fingerprint(path: str | os.PathLike) -> str:
         return fingerprint([p.name, st.st_size, int(st.st_mtime)])
     if not p.is_dir():
         return fingerprint(str(p))  # a Hub id
+    identity = source_identity(p)
+    if identity is not None:  # a converted embedded model: the same on every machine that converts it
+        return fingerprint(["converted", identity])
     items = []
     for f in sorted(p.rglob("*")):
         if f.is_file() and not f.name.startswith("."):
