@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -136,17 +137,11 @@ def _convert_gguf(name: str, out: Path) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         _write_source(tmp, {"converted_from": str(src), "note": spec.note},
-                      identity={"package": spec.pip.split("--no-deps ")[1], "transformers": _version("transformers"),
+                      identity={"package": spec.pip.split("--no-deps ")[1], "transformers": importlib.metadata.version("transformers"),
                                 "torch": torch.__version__.split("+")[0]})
 
 
 SOURCE = "SOURCE.json"
-
-
-def _version(package: str) -> str:
-    from importlib.metadata import version
-
-    return version(package)
 
 
 def _file_stats(folder: Path) -> dict[str, list[int]]:
