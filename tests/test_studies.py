@@ -100,7 +100,8 @@ RERUN = [("table4/ade0b435833e.json", "smollm2", "t3-reverse-lstsq-none"),
 # training curves kept): today's runs give healed PPL 2706.4 against 2975.5 ± 140.9 (g-reverse-last3) and 3209.6
 # against 3427.9 ± 170.0 (g-reverse-lstsq-last3), both within noise. The reverse cut of Gemma-3 is angular's
 # (layers 14-17), and g-reverse-lstsq-last3 now equals g-angular-lstsq-last3 in every number (the test below):
-# the records' 3427.9 / 3209.6 for one configuration were two code states, not run-to-run variation.
+# the records' 3427.9 / 3209.6 for one configuration came from two runs of the study (their software states not
+# recorded), not from run-to-run variation.
 NOISE = {"t1-reverse-lora", "t1-magnitude-l2-lora", "t1-angular-lora", "g-reverse-last3", "g-reverse-lstsq-last3"}
 DRIFT = {"t1-magnitude-l1-lora"}
 

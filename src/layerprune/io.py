@@ -167,6 +167,12 @@ def replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def file_stats(folder: Path) -> dict[str, os.stat_result]:
+    """Every file under ``folder`` except hidden ones (locks, temporaries), by relative path, in sorted order."""
+    return {str(f.relative_to(folder)): f.stat() for f in sorted(folder.rglob("*"))
+            if f.is_file() and not f.name.startswith(".")}
+
+
 def link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     """Hard-link a file (free, same bytes and mtime), falling back to a copy across file systems. For stage
     outputs, which are never written in place once finished (a file that must change is unlinked and

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .errors import LayerpruneError
-from .io import atomic_dir, check_out_dir, write_json
+from .io import atomic_dir, check_out_dir, file_stats, write_json
 
 DEFAULT_MODEL = "default"
 MANIFEST = "layerprune.json"
@@ -136,18 +136,16 @@ def _convert_gguf(name: str, out: Path) -> None:
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        _write_source(tmp, {"converted_from": str(src), "note": spec.note},
-                      identity={"package": spec.pip.split("--no-deps ")[1], "transformers": importlib.metadata.version("transformers"),
-                                "torch": torch.__version__.split("+")[0]})
+        identity = {"package": spec.pip.split("--no-deps ")[1], "torch": torch.__version__.split("+")[0],
+                    "transformers": importlib.metadata.version("transformers")}
+        _write_source(tmp, {"converted_from": str(src), "note": spec.note}, identity)
 
 
 SOURCE = "SOURCE.json"
 
 
 def _file_stats(folder: Path) -> dict[str, list[int]]:
-    stats = {str(f.relative_to(folder)): f.stat() for f in sorted(folder.rglob("*"))
-             if f.is_file() and f.name != SOURCE and not f.name.startswith(".")}
-    return {name: [st.st_size, st.st_mtime_ns] for name, st in stats.items()}
+    return {name: [st.st_size, st.st_mtime_ns] for name, st in file_stats(folder).items() if name != SOURCE}
 
 
 def _write_source(folder: Path, info: dict[str, Any], identity: dict[str, str]) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from ..io import atomic_dir, link_or_copy, read_json, write_json
+from ..io import atomic_dir, file_stats, link_or_copy, read_json, write_json
 from ..models import source_identity
 
 STATE_FILE = "state.json"
@@ -42,12 +42,7 @@ def folder_fingerprint(path: str | os.PathLike) -> str:
     identity = source_identity(p)
     if identity is not None:  # a converted embedded model: the same on every machine that converts it
         return fingerprint(["converted", identity])
-    items = []
-    for f in sorted(p.rglob("*")):
-        if f.is_file() and not f.name.startswith("."):
-            st = f.stat()
-            items.append([str(f.relative_to(p)), st.st_size, int(st.st_mtime)])
-    return fingerprint(items)
+    return fingerprint([[name, st.st_size, int(st.st_mtime)] for name, st in file_stats(p).items()])
 
 
 # Stages whose output depends on their fingerprinted inputs only (not on the run folder): runs that share a
